@@ -1,0 +1,417 @@
+"""Tests of data.py: every loader on a fixture in its real schema, ties, rankings, bad input, the toy world."""
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from data import DataError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def png_bytes(color, size=(8, 8), mode="RGB"):
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_png(path, color, size=(8, 8)):
+    Image.new("RGB", size, color).save(path)
+    return os.path.basename(path)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def to_parquet(path, columns, images=(), image_lists=()):
+    """A parquet file in the `datasets` layout: image columns use the Image feature with embedded bytes."""
+    import datasets
+    feats = {}
+    for k, v in columns.items():
+        if k in images:
+            feats[k] = datasets.Image()
+        elif k in image_lists:
+            feats[k] = datasets.List(datasets.Image())
+        else:
+            feats[k] = datasets.Dataset.from_dict({k: v}).features[k]
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(feats))
+    ds.to_parquet(str(path))
+    return str(path)
+
+
+def img(color):
+    return {"bytes": png_bytes(color), "path": None}
+
+
+def rgb(ref):
+    return tuple(np.asarray(data.load_image(ref))[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+
+def test_editreward_training_json(tmp_path):
+    for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0))]:
+        write_png(tmp_path / f"{n}.png", c)
+    base = {"prompt": "make it red", "path_src": "s.png", "path1": "a.png", "path2": "b.png", "confidence": 0.9}
+    rows = [dict(base, model1_dim1_score=4, model1_dim2_score=3, model1_overall_score=7,
+                 model2_dim1_score=2, model2_dim2_score=3, model2_overall_score=5, tie_case=0),
+            # tied overall, dimensions disagree: tie-disentanglement makes two samples
+            dict(base, model1_dim1_score=4, model1_dim2_score=1, model1_overall_score=5,
+                 model2_dim1_score=1, model2_dim2_score=4, model2_overall_score=5, tie_case=1)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    pairs = data.load_pairs(str(tmp_path / "train.json"))
+    assert len(pairs) == 3
+    p = pairs[0]
+    assert p.prefs == {"instruction_following": 1, "visual_quality": 0, "overall": 1} and not p.tie
+    assert rgb(p.preferred) == (255, 0, 0) and rgb(p.sources[0]) == (0, 0, 0)
+    by_dim = {list(q.prefs)[0]: q for q in pairs[1:]}
+    assert rgb(by_dim["instruction_following"].preferred) == (255, 0, 0)
+    assert rgb(by_dim["visual_quality"].preferred) == (0, 255, 0)
+    assert all(q.prefs == {d: 1} and not q.tie for d, q in by_dim.items())
+    kept = data.load_pairs(str(tmp_path / "train.json"), disentangle=False)
+    assert len(kept) == 2 and kept[1].tie and kept[1].prefs["overall"] == 0
+
+
+def test_editreward_data_parquet_with_embedded_images(tmp_path):
+    cols = {"instruction": ["add a hat", "remove the dog"],
+            "source_img": [img((0, 0, 0))] * 2,
+            "left_output_image": [img((255, 0, 0))] * 2, "right_output_image": [img((0, 0, 255))] * 2,
+            "left_instruction_following_score": [2, 3], "left_quality_aesthetic_score": [2, 3],
+            "left_overall_score": [4, 6], "right_instruction_following_score": [4, 3],
+            "right_quality_aesthetic_score": [3, 3], "right_overall_score": [7, 6],
+            "vote_type": ["rightvote", "tie"]}
+    path = to_parquet(tmp_path / "d.parquet", cols, images=("source_img", "left_output_image", "right_output_image"))
+    pairs = data.load_pairs(path)
+    assert len(pairs) == 2
+    assert rgb(pairs[0].preferred) == (0, 0, 255)  # right scored higher, so it is the preferred image
+    assert pairs[0].prefs == {"instruction_following": 1, "visual_quality": 1, "overall": 1}
+    assert pairs[1].tie and pairs[1].prefs == {"instruction_following": 0, "visual_quality": 0, "overall": 0}
+    assert pairs[0].origin.endswith(":0") and pairs[1].origin.endswith(":1")
+
+
+def test_editscore_bench(tmp_path):
+    cols = {"key": [["k1", "k2"], ["k1", "k2"]], "instruction": ["make the sky pink"] * 2,
+            "input_image": [img((1, 1, 1))] * 2, "output_images": [[img((9, 9, 9)), img((200, 0, 0))]] * 2,
+            "task_type": ["color_alter", "color_alter"], "dimension": ["prompt_following", "overall"]}
+    path = to_parquet(tmp_path / "b.parquet", cols, images=("input_image",), image_lists=("output_images",))
+    pairs = data.load_pairs(path)
+    assert [p.prefs for p in pairs] == [{"prompt_following": 1}, {"overall": 1}]
+    assert rgb(pairs[0].preferred) == (9, 9, 9) and pairs[0].category == "color_alter"
+    assert pairs[0].id != pairs[1].id  # one image pair judged on two dimensions stays two items
+
+
+def test_tiger_bench_groups_with_ties(tmp_path):
+    cols = {"id": ["g1", "g2"], "instruction": ["turn it blue"] * 2, "source_image": [img((0, 0, 0))] * 2,
+            "candidate_1": [img((10, 0, 0))] * 2, "candidate_2": [img((20, 0, 0))] * 2,
+            "candidate_3": [img((30, 0, 0))] * 2, "ranking": ["B>A=C", "A>B, A>C, C>B"],
+            "comparison_type": ["3pair"] * 2, "dataset": ["x"] * 2}
+    path = to_parquet(tmp_path / "t.parquet", cols, images=("source_image", "candidate_1", "candidate_2", "candidate_3"))
+    groups = data.load_groups(path)
+    assert [g.ranks for g in groups] == [[1, 0, 1], [0, 2, 1]]
+    pairs = groups[0].to_pairs()
+    assert len(pairs) == 3
+    ties = [p for p in pairs if p.tie]
+    assert len(ties) == 1 and {rgb(ties[0].preferred), rgb(ties[0].rejected)} == {(10, 0, 0), (30, 0, 0)}
+    assert all(rgb(p.preferred) == (20, 0, 0) for p in pairs if not p.tie)
+    assert len(data.load_pairs(path)) == 6
+
+
+def test_parse_ranking_by_hand():
+    assert data.parse_ranking("A>B", 2) == [0, 1]
+    assert data.parse_ranking("B>A", 2) == [1, 0]
+    assert data.parse_ranking("A=B", 2) == [0, 0]
+    assert data.parse_ranking("C>A=B>D", 4) == [1, 1, 0, 2]
+    assert data.parse_ranking(["A<B", "B>C", "A=C"], 3) == [1, 0, 1]
+    for bad in ["A>B>A", "A>B", "A>B, C>B", "A>E>B>C", "A?B>C"]:
+        with pytest.raises(DataError, match="row 7"):
+            data.parse_ranking(bad, 3, origin="row 7")
+
+
+def test_group_to_pairs_by_hand():
+    g = data.CandidateGroup("g", "x", ["s"], ["a", "b", "c"], [1, 0, 1],
+                            scores=[{"q": 2, "overall": 3}, {"q": 1, "overall": 5}, {"q": 2, "overall": 3}])
+    pairs = g.to_pairs()
+    got = {(p.preferred, p.rejected): (p.tie, p.prefs) for p in pairs}
+    assert got == {("b", "a"): (False, {"overall": 1, "q": -1}),
+                   ("a", "c"): (True, {"overall": 0, "q": 0}),
+                   ("b", "c"): (False, {"overall": 1, "q": -1})}
+
+
+def test_genai_bench_votes(tmp_path):
+    votes = ["leftvote", "rightvote", "tie", "bothbad_vote"]
+    cols = {"source_prompt": ["a cat"] * 4, "target_prompt": ["a dog"] * 4, "instruct_prompt": ["make it a dog"] * 4,
+            "source_image": [img((0, 0, 0))] * 4, "left_model": ["m1"] * 4, "right_model": ["m2"] * 4,
+            "left_output_image": [img((255, 0, 0))] * 4, "right_output_image": [img((0, 255, 0))] * 4,
+            "vote_type": votes}
+    path = to_parquet(tmp_path / "g.parquet", cols, images=("source_image", "left_output_image", "right_output_image"))
+    pairs = data.load_pairs(path)
+    assert [p.tie for p in pairs] == [False, False, True, True]
+    assert rgb(pairs[0].preferred) == (255, 0, 0) and rgb(pairs[1].preferred) == (0, 255, 0)
+    assert pairs[1].meta["models"] == ("m2", "m1") and pairs[3].meta["vote_type"] == "bothbad_vote"
+
+
+def test_rl_prompt_sets(tmp_path):
+    os.makedirs(tmp_path / "imgs")
+    write_png(tmp_path / "imgs" / "a.png", (1, 2, 3))
+    write_png(tmp_path / "imgs" / "b.png", (4, 5, 6))
+    path = write_jsonl(tmp_path / "rl.jsonl", [
+        {"instruction": "add a tree", "input_images": ["imgs/a.png", "imgs/b.png"], "task_type": "subject_add"}])
+    (p,) = data.load_prompts(path)
+    assert len(p.sources) == 2 and rgb(p.sources[1]) == (4, 5, 6) and p.category == "subject_add"
+    cols = {"key": ["g1"], "task_type": ["style"], "instruction": ["in van gogh style"],
+            "instruction_language": ["en"], "input_image": [img((7, 8, 9))]}
+    gpath = to_parquet(tmp_path / "gedit.parquet", cols, images=("input_image",))
+    (q,) = data.load_prompts(gpath)
+    assert q.id == "g1" and rgb(q.sources[0]) == (7, 8, 9) and q.meta["instruction_language"] == "en"
+
+
+def test_local_folder_through_datasets(tmp_path):
+    os.makedirs(tmp_path / "bench" / "data")
+    cols = {"key": ["g1"], "task_type": ["style"], "instruction": ["x"], "instruction_language": ["en"],
+            "input_image": [img((7, 8, 9))]}
+    to_parquet(tmp_path / "bench" / "data" / "train-00000.parquet", cols, images=("input_image",))
+    (q,) = data.load_prompts(str(tmp_path / "bench"), split="train")
+    assert rgb(q.sources[0]) == (7, 8, 9)
+
+
+def test_project_jsonl_all_kinds(tmp_path):
+    for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0))]:
+        write_png(tmp_path / f"{n}.png", c)
+    path = write_jsonl(tmp_path / "mine.jsonl", [
+        {"id": "p", "instruction": "i", "source": "s.png", "preferred": "a.png", "rejected": "b.png",
+         "prefs": {"instruction_following": 1, "visual_quality": -1, "overall": 0}},
+        {"id": "g", "instruction": "i", "source": ["s.png"], "candidates": ["a.png", "b.png"], "ranking": "B>A"}])
+    items = data.load_items(path)
+    assert isinstance(items[0], data.PreferencePair) and items[0].tie
+    assert isinstance(items[1], data.CandidateGroup) and items[1].ranks == [1, 0]
+    pairs = data.load_pairs(path)
+    assert len(pairs) == 3  # the tied pair is disentangled into two, the group gives one
+    tpath = write_jsonl(tmp_path / "t.jsonl", [{"id": "t", "instruction": "i", "source": "s.png",
+                                               "edited": "a.png", "response": "ok"}])
+    assert data.load_traces(tpath)[0].response == "ok"
+    with pytest.raises(DataError, match="t.jsonl:1"):
+        data.load_pairs(tpath)
+
+
+def test_tie_disentanglement_by_hand():
+    mk = lambda prefs, tie: data.PreferencePair("x", "i", ["s"], "A", "B", prefs, tie)
+    out = data.disentangle_ties([
+        mk({"if": 1, "vq": -1, "overall": 0}, True),   # split: A wins if, B wins vq
+        mk({"if": 0, "vq": 0, "overall": 0}, True),    # tied everywhere: kept as a tie
+        mk({"if": 1, "vq": 0, "overall": 0}, True),    # tied overall, one dimension decided: kept
+        mk({"if": 1, "vq": -1, "overall": 1}, False)])  # strict overall: kept
+    assert [(p.preferred, p.rejected, p.prefs, p.tie) for p in out] == [
+        ("A", "B", {"if": 1}, False), ("B", "A", {"vq": 1}, False),
+        ("A", "B", {"if": 0, "vq": 0, "overall": 0}, True), ("A", "B", {"if": 1, "vq": 0, "overall": 0}, True),
+        ("A", "B", {"if": 1, "vq": -1, "overall": 1}, False)]
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def corpus(tmp_path):
+    """The bad-input corpus: every row of bad.jsonl is broken in its own way, except row 1."""
+    write_png(tmp_path / "ok.png", (10, 20, 30))
+    (tmp_path / "trunc.png").write_bytes(png_bytes((1, 2, 3), (64, 64))[:60])
+    row = lambda **kw: {"id": "r", "instruction": "edit it", "source": "ok.png", "preferred": "ok.png",
+                        "rejected": "ok.png", **kw}
+    rows = [row(), row(preferred="missing.png"), row(rejected="trunc.png"), '{"id": "x", "instruction": ',
+            {"id": "y", "instruction": "no source", "preferred": "ok.png", "rejected": "ok.png"}, row(instruction="  ")]
+    return write_jsonl(tmp_path / "bad.jsonl", rows)
+
+
+@pytest.mark.parametrize("line, pattern", [
+    (2, r"one.jsonl:2: image file not found: .*missing.png"),
+    (3, r"one.jsonl:3: corrupt image .*trunc.png"),
+    (4, r"one.jsonl:4: malformed JSON line"),
+    (5, r"one.jsonl:5: missing column 'source'"),
+    (6, r"one.jsonl:6: column 'instruction' must be a non-empty string")])
+def test_bad_rows_stop_with_file_and_row(corpus, tmp_path, line, pattern):
+    src = open(corpus).read().splitlines()  # good rows up to `line`, which is the one broken row
+    path = write_jsonl(tmp_path / "one.jsonl", [src[0]] * (line - 1) + [src[line - 1]])
+    with pytest.raises(DataError, match=pattern):
+        data.load_pairs(path)
+
+
+def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
+    pairs = data.load_pairs(corpus, skip_bad=True)
+    assert len(pairs) == 1
+    assert [o.rsplit(":", 1)[1] for o, _ in pairs.skipped] == ["2", "3", "4", "5", "6"]
+    err = capsys.readouterr().err
+    assert "skipped 5 bad row(s)" in err and "bad.jsonl:6" in err
+
+
+def test_decoding_a_corrupt_embedded_image_names_the_row(tmp_path):
+    cols = {"key": ["g1"], "task_type": ["style"], "instruction": ["x"], "instruction_language": ["en"],
+            "input_image": [{"bytes": png_bytes((1, 1, 1), (32, 32))[:50], "path": None}]}
+    path = to_parquet(tmp_path / "c.parquet", cols, images=("input_image",))
+    with pytest.raises(DataError, match=r"c.parquet:0: corrupt image"):
+        data.load_prompts(path)
+    (p,) = data.load_prompts(path, check_images=False)  # lazily: the error comes at decode time, same message
+    with pytest.raises(DataError, match=r"c.parquet:0: cannot decode image"):
+        data.load_image(p.sources[0], p.origin)
+
+
+def test_odd_image_modes_become_correct_rgb(tmp_path):
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", quality=100)
+    r, g, b = rgb(str(tmp_path / "cmyk.jpg"))
+    assert r > 230 and g < 30 and b < 30  # pure red in CMYK
+    Image.fromarray(np.full((4, 4), 128 * 257, np.uint16)).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert rgb(str(tmp_path / "g16.png")) == (128, 128, 128)  # scaled from 16 bits, not clipped to white
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "rgba.png")
+    assert rgb(str(tmp_path / "rgba.png")) == (255, 255, 255)  # fully transparent -> the white background
+    Image.new("P", (4, 4), 3).save(tmp_path / "p.png")
+    assert data.load_image(str(tmp_path / "p.png")).mode == "RGB"
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (6, 2), (0, 0, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert data.load_image(str(tmp_path / "rot.jpg")).size == (2, 6)
+
+
+def test_fit_pixels_budget_and_multiple():
+    for w, h in [(1000, 700), (50, 40), (3000, 200), (448, 448)]:
+        out = data.fit_pixels(Image.new("RGB", (w, h)), max_pixels=200704, min_pixels=3136, multiple=28)
+        ow, oh = out.size
+        assert ow % 28 == 0 and oh % 28 == 0 and ow * oh <= 200704
+        assert ow * oh >= 3136 or (w * h < 3136 and ow * oh >= 28 * 28)
+    assert data.fit_pixels(Image.new("RGB", (448, 448)), 448 * 448).size == (448, 448)
+
+
+# ---------------------------------------------------------------------------------------------------- order, shards
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_partition_exactly(world_size):
+    items = list(range(23))
+    shards = [data.shard(items, r, world_size) for r in range(world_size)]
+    flat = sorted(x for s in shards for x in s)
+    assert flat == items
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shuffled_is_deterministic_per_seed():
+    a, b, c = data.shuffled(range(50), 1), data.shuffled(range(50), 1), data.shuffled(range(50), 2)
+    assert a == b and a != c and sorted(a) == list(range(50))
+
+
+# ---------------------------------------------------------------------------------------------------- toy world
+
+def test_toy_oracle_on_hand_made_edits():
+    scene = {"bg": "white", "shapes": [("circle", "red", "left"), ("square", "blue", "top right")]}
+    src = data.render_scene(scene)
+    instr = "make the red circle green"
+    perfect = data.render_scene({"bg": "white", "shapes": [("circle", "green", "left"), ("square", "blue", "top right")]})
+    s = data.toy_oracle(src, instr, perfect)
+    assert s["instruction_following"] == 1.0 and s["visual_quality"] == 1.0 and s["overall"] == 1.0
+    s = data.toy_oracle(src, instr, src)
+    assert s["instruction_following"] == 0.0 and s["visual_quality"] == 1.0
+    noisy = np.clip(perfect + np.random.default_rng(0).normal(0, 20, perfect.shape), 0, 255).astype(np.uint8)
+    s = data.toy_oracle(src, instr, noisy)
+    assert s["instruction_following"] == 1.0 and s["visual_quality"] < 0.8  # noise lowers quality only
+    over = data.render_scene({"bg": "black", "shapes": [("circle", "green", "left"), ("square", "blue", "top right")]})
+    s = data.toy_oracle(src, instr, over)
+    assert s["change"] == 1.0 and s["instruction_following"] < 0.2  # done, but the background changed too
+    # scoring works at another size than the source (the editor may output a different resolution)
+    big = Image.fromarray(perfect).resize((112, 112), Image.NEAREST)
+    assert data.toy_oracle(src, instr, big)["instruction_following"] > 0.9
+
+
+@pytest.mark.parametrize("instruction, expect", [
+    ("remove the red circle", {"bg": "white", "shapes": [("square", "blue", "top right")]}),
+    ("add a cyan triangle at the center", {"bg": "white", "shapes": [("circle", "red", "left"),
+                                                                      ("square", "blue", "top right"),
+                                                                      ("triangle", "cyan", "center")]}),
+    ("move the red circle to the bottom", {"bg": "white", "shapes": [("circle", "red", "bottom"),
+                                                                      ("square", "blue", "top right")]}),
+    ("change the background to gray", {"bg": "gray", "shapes": [("circle", "red", "left"),
+                                                                ("square", "blue", "top right")]})])
+def test_toy_target_matches_the_rendered_edit(instruction, expect):
+    scene = {"bg": "white", "shapes": [("circle", "red", "left"), ("square", "blue", "top right")]}
+    assert np.array_equal(data.toy_target(data.render_scene(scene), instruction), data.render_scene(expect))
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+def test_toy_world_is_deterministic_and_loads(tmp_path):
+    kw = dict(n_train=8, n_val=4, n_rl=4, n_rl_test=2, n_editor=6)
+    data.make_toy(str(tmp_path / "a"), seed=3, **kw)
+    data.make_toy(str(tmp_path / "b"), seed=3, **kw)
+    data.make_toy(str(tmp_path / "c"), seed=4, **kw)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
+    a = str(tmp_path / "a")
+    groups = data.load_groups(f"{a}/bench.jsonl")
+    assert len(groups) == 4 and all(len(g.candidates) == 4 and min(g.ranks) == 0 for g in groups)
+    pairs = data.load_pairs(f"{a}/pairs_train.jsonl")
+    assert pairs and all(set(p.prefs) <= {"instruction_following", "visual_quality", "overall"} for p in pairs)
+    # the human-like labels agree with the oracle: the preferred image is never worse overall
+    for g in groups:
+        for p in g.to_pairs():
+            i, j = g.candidates.index(p.preferred), g.candidates.index(p.rejected)
+            assert g.scores[i]["overall"] >= g.scores[j]["overall"]
+    traces = data.load_traces(f"{a}/cot_train.jsonl")
+    assert traces and traces[0].response.count("\n") == 1 and '"score":' in traces[0].response
+    ed = data.load_prompts(f"{a}/editor_train.jsonl")
+    assert all(p.target is not None for p in ed)
+    for p in ed:  # correct targets really are the oracle's perfect edit
+        if p.meta["correct"]:
+            s = data.toy_oracle(data.load_image(p.sources[0]), p.instruction, data.load_image(p.target))
+            assert s["overall"] == 1.0
+    rl = data.load_prompts(f"{a}/rl_test.jsonl")
+    assert len(rl) == 2 and all(p.target is None for p in rl)
+
+
+def test_toy_candidates_are_factorial():
+    """Quality must not be guessable from what the edit does: noise level and outcome are independent."""
+    import random
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        scene = data._random_scene(rng)
+        instr = data._random_instruction(rng, scene)
+        outcome, level = rng.choice(data.OUTCOMES), rng.randrange(4)
+        c = data.toy_candidate(rng, scene, instr, outcome, level, 56)
+        s = data.toy_oracle(data.render_scene(scene), instr, c)
+        seen.add((outcome, data.toy_level(s["visual_quality"])))
+    for outcome in data.OUTCOMES:  # every outcome appears at both the top and a low quality rating
+        assert (outcome, 4) in seen and any((outcome, q) in seen for q in (1, 2))
+
+
+def test_cli_toy_and_inspect(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    out = tmp_path / "toy"
+    r = subprocess.run([sys.executable, "data.py", "--toy", "--out", str(out), "--n_train", "8", "--n_val", "4",
+                        "--n_rl", "4", "--n_rl_test", "2", "--n_editor", "4"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "toy world written" in r.stdout
+    sheet = tmp_path / "sheet.png"
+    r = subprocess.run([sys.executable, "data.py", "--inspect", str(out / "bench.jsonl"), "--sheet", str(sheet)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "4 rows 4 CandidateGroup" in r.stdout and "tied overall" in r.stdout
+    assert Image.open(sheet).size[0] == 5 * 128
+    r = subprocess.run([sys.executable, "data.py", "--inspect", str(tmp_path / "nope.jsonl")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "nope.jsonl" in r.stderr
