@@ -580,7 +580,8 @@ def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check
 
 def disentangle_ties(pairs):
     """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree (A better at following
-    the instruction, B better looking) becomes one strict single-dimension sample per disagreeing dimension.
+    the instruction, B better looking) becomes one strict single-dimension sample per disagreeing dimension
+    (with "overall": 0 in its prefs, so that no consumer reads it as an overall preference).
     Pairs tied on every dimension stay as ties for tie-aware losses and metrics."""
     out = []
     for p in pairs:
@@ -592,7 +593,7 @@ def disentangle_ties(pairs):
             w, l = (p.preferred, p.rejected) if v > 0 else (p.rejected, p.preferred)
             sc = p.scores and ({"preferred": p.scores["preferred"], "rejected": p.scores["rejected"]} if v > 0 else
                                {"preferred": p.scores["rejected"], "rejected": p.scores["preferred"]})
-            out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1}, tie=False,
+            out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0}, tie=False,
                                            scores=sc, meta={**p.meta, "disentangled": True}))
     return out
 

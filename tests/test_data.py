@@ -75,10 +75,10 @@ def test_editreward_training_json(tmp_path):
     p = pairs[0]
     assert p.prefs == {"instruction_following": 1, "visual_quality": 0, "overall": 1} and not p.tie
     assert rgb(p.preferred) == (255, 0, 0) and rgb(p.sources[0]) == (0, 0, 0)
-    by_dim = {list(q.prefs)[0]: q for q in pairs[1:]}
+    by_dim = {next(d for d in q.prefs if d != "overall"): q for q in pairs[1:]}
     assert rgb(by_dim["instruction_following"].preferred) == (255, 0, 0)
     assert rgb(by_dim["visual_quality"].preferred) == (0, 255, 0)
-    assert all(q.prefs == {d: 1} and not q.tie for d, q in by_dim.items())
+    assert all(q.prefs == {d: 1, "overall": 0} and not q.tie for d, q in by_dim.items())
     kept = data.load_pairs(str(tmp_path / "train.json"), disentangle=False)
     assert len(kept) == 2 and kept[1].tie and kept[1].prefs["overall"] == 0
 
@@ -212,7 +212,7 @@ def test_tie_disentanglement_by_hand():
         mk({"if": 1, "vq": 0, "overall": 0}, True),    # tied overall, one dimension decided: kept
         mk({"if": 1, "vq": -1, "overall": 1}, False)])  # strict overall: kept
     assert [(p.preferred, p.rejected, p.prefs, p.tie) for p in out] == [
-        ("A", "B", {"if": 1}, False), ("B", "A", {"vq": 1}, False),
+        ("A", "B", {"if": 1, "overall": 0}, False), ("B", "A", {"vq": 1, "overall": 0}, False),
         ("A", "B", {"if": 0, "vq": 0, "overall": 0}, True), ("A", "B", {"if": 1, "vq": 0, "overall": 0}, True),
         ("A", "B", {"if": 1, "vq": -1, "overall": 1}, False)]
 

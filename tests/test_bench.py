@@ -1,0 +1,326 @@
+"""bench.py: metrics on hand-worked cases, the EditScore aggregation, smoke runs on a tiny fixture of every
+benchmark format, and kill-and-resume. Fixtures are written here, in each format's real schema."""
+import io
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bench  # noqa: E402
+from bench import (editscore_bench_table, group_accuracy, pairwise_accuracy,  # noqa: E402
+                   tie_calibrated_accuracy)
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def brute_tie_calibrated(h, d):
+    """The definition, spelled out: try eps = 0 and every |diff|, keep the best (smallest eps on a tie)."""
+    best = (-1.0, 0.0)
+    for eps in sorted({0.0, *map(abs, d)}):
+        pred = [0 if abs(x) <= eps else (1 if x > 0 else -1) for x in d]
+        acc = sum(p == y for p, y in zip(pred, h)) / len(h)
+        if acc > best[0]:
+            best = (acc, eps)
+    return best
+
+
+def test_worked_example_with_and_without_ties():
+    # 6 ordered pairs, 5 right; 3 human ties, one of them with a small model gap (0.05)
+    h = [1, 1, 1, -1, -1, -1, 0, 0, 0]
+    d = [0.5, 0.4, 0.3, -0.6, -0.2, 0.1, 0.05, -0.8, 0.7]
+    acc, eps = tie_calibrated_accuracy(h, d)
+    assert (round(acc, 4), eps) == (0.6667, 0.05)                 # calling |d| <= 0.05 a tie gains one pair
+    assert round(pairwise_accuracy(h, d, include_ties=False), 4) == 0.8333
+    assert pairwise_accuracy(h, d) == pytest.approx(5 / 9)        # eps = 0: no tie is ever predicted
+
+
+def test_tie_calibrated_edge_cases():
+    acc, eps = tie_calibrated_accuracy([], [])
+    assert math.isnan(acc) and eps == 0.0
+    assert tie_calibrated_accuracy([0, 0, 0], [0.3, -0.1, 0.2]) == (1.0, 0.3)   # all ties: widest eps
+    assert tie_calibrated_accuracy([0, 0], [0.0, 0.0]) == (1.0, 0.0)
+    assert tie_calibrated_accuracy([1, -1], [0.2, -0.3]) == (1.0, 0.0)          # eps = 0 must be tried
+    assert tie_calibrated_accuracy([1, -1], [0.0, 0.0]) == (0.0, 0.0)           # equal scores never win
+    # duplicate |diff|: both pairs at |0.2| flip to "tie" together; calling only the first one a tie (1.0)
+    # is a state no eps produces
+    assert tie_calibrated_accuracy([0, 1], [0.2, 0.2]) == (0.5, 0.0)
+    assert tie_calibrated_accuracy([0, 1, 1], [-0.2, 0.2, 0.5]) == pytest.approx((2 / 3, 0.0))
+    assert tie_calibrated_accuracy([0, 0, 1], [-0.2, 0.2, 0.5]) == pytest.approx((1.0, 0.2))
+    # an unscorable image (nan) is wrong whatever eps, and nan is never an eps candidate
+    assert tie_calibrated_accuracy([0, 1, 0], [math.nan, 0.5, 0.1]) == pytest.approx((2 / 3, 0.1))
+    assert pairwise_accuracy([0, 1], [math.nan, math.nan]) == 0.0
+    with pytest.raises(ValueError):
+        tie_calibrated_accuracy([1], [0.1, 0.2])
+
+
+def test_tie_calibrated_matches_definition_on_random_inputs():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 12))
+        h = rng.integers(-1, 2, n).tolist()
+        d = np.round(rng.normal(size=n), 1).tolist()              # rounding makes duplicate |diff| common
+        acc, eps = tie_calibrated_accuracy(h, d)
+        assert (acc, eps) == pytest.approx(brute_tie_calibrated(h, d))
+
+
+def test_pairwise_accuracy():
+    assert pairwise_accuracy([1, -1, 0, 1], [0.2, -0.1, 0.0, 0.0]) == 0.75      # tie right only at diff 0
+    assert pairwise_accuracy([1, -1, 0, 1], [0.2, -0.1, 0.0, 0.0], include_ties=False) == pytest.approx(2 / 3)
+    assert math.isnan(pairwise_accuracy([0, 0], [1.0, 2.0], include_ties=False))  # all ties, dropped
+    assert math.isnan(pairwise_accuracy([], []))
+
+
+def test_group_accuracy():
+    ranks = [[0, 1, 2], [0, 1, 2], [0, 0, 1], [1, 0, 2, 3]]
+    scores = [[3, 2, 1], [3, 1, 2], [5, 5.05, 1], [1, 2, 0.5, 0]]
+    assert group_accuracy(ranks, scores) == 0.5                   # group 2 misorders, group 3 misses a tie
+    assert group_accuracy(ranks, scores, eps=0.1) == 0.75         # the 0.05 gap now reads as a tie
+    assert group_accuracy([[0, 0]], [[1.0, 1.0]]) == 1.0
+    assert math.isnan(group_accuracy([], []))
+
+
+def test_editscore_aggregation():
+    # (task, dimension, score[preferred] - score[rejected]); task names as the hub and scripts spell them
+    rows = [("subject-add", "overall", 1.0), ("subject_add", "overall", 0.0),            # tie is wrong
+            ("subject_remove", "overall", 2.0), ("style_change", "overall", -1.0),
+            ("color_alter", "overall", 1.0), ("color_alter", "prompt_following", 1.0),
+            ("ps_human", "consistency", 0.5), ("ps_human", "consistency", -0.5)]
+    t = editscore_bench_table(*zip(*rows))
+    assert t["tasks"]["subject_add"] == {"overall": 0.5}
+    assert t["tasks"]["style"] == {"overall": 0.0}
+    assert t["groups"]["object"] == {"overall": 0.75}                        # mean of 0.5 and 1.0
+    assert t["groups"]["appearance"] == {"overall": 0.5, "prompt_following": 1.0}
+    assert t["groups"]["advanced"] == {"consistency": 0.5}
+    assert "scene" not in t["groups"]
+    assert t["overall"]["overall"] == pytest.approx((0.5 + 1 + 0 + 1) / 4)  # unweighted over tasks
+    assert t["overall"]["consistency"] == 0.5
+
+
+# ----------------------------------------------------------------------------- fixtures in the real schemas
+
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (120, 120, 120)]
+
+
+def img(i, size=32):
+    """A small distinct image: colour from the list, a grey square whose place depends on i."""
+    a = np.full((size, size, 3), COLORS[i % len(COLORS)], np.uint8)
+    o = (i * 5) % (size - 8)
+    a[o:o + 8, o:o + 8] = 128
+    return Image.fromarray(a)
+
+
+def png_bytes(i):
+    buf = io.BytesIO()
+    img(i).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_parquet(path, columns, image_cols=(), list_image_cols=()):
+    """A parquet file with embedded images, typed as the hub's `datasets.Image` columns are."""
+    import datasets
+    ds = datasets.Dataset.from_dict(columns)
+    for name in image_cols:
+        ds = ds.cast_column(name, datasets.Image())
+    for name in list_image_cols:
+        ds = ds.cast_column(name, datasets.List(datasets.Image()))
+    ds.to_parquet(str(path))
+    return str(path)
+
+
+def embedded(i):
+    return {"bytes": png_bytes(i), "path": None}
+
+
+def project_pairs(tmp, n=6):
+    os.makedirs(tmp / "images", exist_ok=True)
+    rows = []
+    for i in range(n):
+        for j, name in enumerate(("src", "a", "b")):
+            img(3 * i + j).save(tmp / "images" / f"{i}_{name}.png")
+        prefs = {"instruction_following": 1, "visual_quality": [1, -1, 0][i % 3], "overall": 0 if i == 2 else 1}
+        rows.append({"id": f"p{i}", "instruction": f"edit {i}", "source": f"images/{i}_src.png",
+                     "preferred": f"images/{i}_a.png", "rejected": f"images/{i}_b.png", "prefs": prefs,
+                     "category": "color"})
+    return write_jsonl(tmp / "pairs_val.jsonl", rows)
+
+
+def project_groups(tmp, n=4):
+    # the toy bench.jsonl schema: ranks (0 = best, equal = tie) and per-candidate human scores
+    os.makedirs(tmp / "images", exist_ok=True)
+    rows = []
+    for i in range(n):
+        for j in range(4):
+            img(40 + 4 * i + j).save(tmp / "images" / f"g{i}_{j}.png")
+        follow, quality = [[3, 2, 1], [2, 3, 2], [1, 1, 3], [1, 2, 3]][i], [1, 2, 1]
+        overall = [f + q for f, q in zip(follow, quality)]
+        rows.append({"id": f"g{i}", "instruction": f"group edit {i}", "source": f"images/g{i}_0.png",
+                     "candidates": [f"images/g{i}_{j}.png" for j in (1, 2, 3)],
+                     "ranks": [sorted(set(overall), reverse=True).index(o) for o in overall],
+                     "scores": [{"instruction_following": f, "visual_quality": q, "overall": o}
+                                for f, q, o in zip(follow, quality, overall)], "category": "add"})
+    return write_jsonl(tmp / "bench.jsonl", rows)
+
+
+def editscore_bench(tmp):
+    # each image pair appears under every dimension, as in the hub data: 2 tasks x 2 pairs x 3 dimensions
+    cols = {k: [] for k in ("key", "instruction", "input_image", "output_images", "task_type", "dimension")}
+    for t, task in enumerate(("subject-add", "background_change")):
+        for i in range(2):
+            for dim in ("prompt_following", "consistency", "overall"):
+                base = 10 * t + 3 * i
+                cols["key"].append([f"k{base}", f"k{base + 1}"])
+                cols["instruction"].append(f"{task} {i}")
+                cols["input_image"].append(embedded(base + 2))
+                cols["output_images"].append([embedded(base), embedded(base + 1)])
+                cols["task_type"].append(task)
+                cols["dimension"].append(dim)
+    return write_parquet(tmp / "editscore.parquet", cols, {"input_image"}, {"output_images"})
+
+
+def tiger_bench(tmp):
+    cols = {"id": ["t0", "t1"], "instruction": ["make it red", "add a cat"],
+            "source_image": [embedded(60), embedded(61)], "candidate_1": [embedded(62), embedded(63)],
+            "candidate_2": [embedded(64), embedded(65)], "candidate_3": [embedded(66), embedded(67)],
+            "ranking": ["A>B>C", "B>A=C"], "comparison_type": ["3pair", "3pair"], "dataset": ["x", "y"]}
+    return write_parquet(tmp / "tiger3.parquet", cols, {"source_image", "candidate_1", "candidate_2", "candidate_3"})
+
+
+def genai_bench(tmp):
+    votes = ["leftvote", "rightvote", "tie", "bothbad_vote"]
+    cols = {"source_prompt": ["a dog"] * 4, "target_prompt": ["a red dog"] * 4,
+            "instruct_prompt": [f"make it red {i}" for i in range(4)],
+            "source_image": [embedded(70 + i) for i in range(4)],
+            "left_model": ["m1"] * 4, "right_model": ["m2"] * 4,
+            "left_output_image": [embedded(74 + i) for i in range(4)],
+            "right_output_image": [embedded(78 + i) for i in range(4)],
+            "vote_type": votes}
+    return write_parquet(tmp / "genai.parquet", cols, {"source_image", "left_output_image", "right_output_image"})
+
+
+def editreward_data(tmp):
+    # EditReward-Data rows: per side 1..4 scores per dimension, overall = their sum; row 1 is tied overall
+    cols = {"instruction": ["add a hat", "remove the car"], "source_img": [embedded(90), embedded(91)],
+            "left_output_image": [embedded(92), embedded(93)], "right_output_image": [embedded(94), embedded(95)],
+            "left_instruction_following_score": [4, 3], "left_quality_aesthetic_score": [2, 2],
+            "left_overall_score": [6, 5], "right_instruction_following_score": [1, 2],
+            "right_quality_aesthetic_score": [3, 3], "right_overall_score": [4, 5], "vote_type": ["left", "tie"]}
+    return write_parquet(tmp / "editreward_data.parquet", cols,
+                         ("source_img", "left_output_image", "right_output_image"))
+
+
+def run_bench(tmp, data, *extra):
+    out = tmp / f"report_{os.path.basename(data)}.json"
+    bench.main(["--bench", data, "--model", "tiny", "--device", "cpu", "--cache_dir", str(tmp / "cache"),
+                "--out", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+# ----------------------------------------------------------------------------- smoke runs
+
+
+def test_smoke_every_format(tmp_path, capsys):
+    r = run_bench(tmp_path, project_pairs(tmp_path), "--report_images", str(tmp_path / "worst.png"))
+    assert set(r["pairwise"]) == {"instruction_following", "visual_quality", "overall"}
+    assert r["pairwise"]["overall"]["human_ties"] == 1 and r["images"] == 12
+    assert Image.open(tmp_path / "worst.png").size[0] > 0
+
+    r = run_bench(tmp_path, project_groups(tmp_path))
+    assert r["groups"]["groups"] == 4 and r["groups"]["sizes"] == [3] and r["pairwise"]["overall"]["pairs"] == 12
+    assert r["pairwise"]["overall"]["human_ties"] == 3                 # groups 0, 1 and 3 hold one tie each
+    assert r["pairwise"]["visual_quality"]["human_ties"] == 4          # per-dimension labels from the scores
+
+    r = run_bench(tmp_path, editscore_bench(tmp_path))
+    assert r["images"] == 8                                     # 12 rows x 2 images, shared across dimensions
+    assert set(r["editscore"]["tasks"]) == {"subject_add", "background_change"}
+    assert set(r["editscore"]["groups"]) == {"object", "scene"}
+    assert "| Object |" in capsys.readouterr().out
+
+    r = run_bench(tmp_path, tiger_bench(tmp_path))
+    assert r["groups"]["groups"] == 2 and r["pairwise"]["overall"]["human_ties"] == 1
+
+    r = run_bench(tmp_path, editreward_data(tmp_path))
+    assert r["pairwise"]["visual_quality"]["score_key"] == "visual_quality"
+    assert r["pairwise"]["overall"]["human_ties"] == 1
+
+    r = run_bench(tmp_path, genai_bench(tmp_path), "--limit", "3")
+    assert r["items"] == 3 and r["pairwise"]["overall"]["human_ties"] == 1
+    assert r["unparsed"]["passes"] == 0
+
+
+def test_cache_shares_images_and_skips_rescoring(tmp_path):
+    data = editscore_bench(tmp_path)
+    first = run_bench(tmp_path, data)
+    second = run_bench(tmp_path, data)
+    assert (first["scored_now"], second["scored_now"]) == (8, 0)
+    assert first["editscore"] == second["editscore"]
+
+
+def cached_keys(cache):
+    keys = []
+    for p in cache.glob("*.jsonl"):
+        for line in open(p):
+            try:
+                keys.append(json.loads(line)["key"])
+            except json.JSONDecodeError:
+                pass  # the torn line a SIGKILL can leave
+    return keys
+
+
+def test_kill_and_resume_and_torchrun(tmp_path):
+    """SIGKILL a run once it has cached a few images; the rerun scores only the rest, and reports the same
+    numbers as an uninterrupted run sharded over two torchrun ranks (gloo). One image per scoring call in
+    both, so that padding cannot move a score by a rounding error and an epsilon with it."""
+    data = project_pairs(tmp_path, n=30)
+    flags = ["bench.py", "--bench", data, "--model", "tiny", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([sys.executable, *flags, "--batch_size", "1", "--cache_dir", str(cache),
+                             "--out", str(tmp_path / "a.json")],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while len(cached_keys(cache)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(cached_keys(cache))
+    assert 0 < done < 60, "the run was not interrupted halfway"
+
+    resumed = run_bench(tmp_path, data, "--batch_size", "1")            # same cache dir, in-process
+    keys = cached_keys(cache)
+    assert resumed["scored_now"] == 60 - done
+    assert len(keys) == len(set(keys)) == 60                             # every image scored exactly once
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *flags, "--batch_size=2",
+                    "--cache_dir", str(tmp_path / "fresh"), "--out", str(tmp_path / "b.json")],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    fresh = json.loads((tmp_path / "b.json").read_text())
+    assert len(list((tmp_path / "fresh").glob("*.jsonl"))) == 2 and fresh["scored_now"] == 60
+    assert resumed["pairwise"] == fresh["pairwise"]
+
+
+def test_matches_rewardmodel_heldout_accuracy(tmp_path):
+    """bench.py's accuracy without ties is rewardmodel.py's held-out accuracy: same RewardModel.score, same
+    pairs (read without tie-disentanglement, so a tied pair counts as a tie in every dimension)."""
+    from data import load_pairs
+    from rewardmodel import RewardModel, evaluate
+    data = project_pairs(tmp_path)
+    report = run_bench(tmp_path, data)
+    expected = evaluate(RewardModel.from_pretrained("tiny"), load_pairs(data, disentangle=False), batch_size=5)
+    assert {d: report["pairwise"][d]["without_ties"] for d in expected} == expected

@@ -1,0 +1,208 @@
+"""rewardmodel.py (Gaussian mode): losses against closed forms and reference values, pooling under left and
+right padding, checkpoint round trips, a resumed run that matches an uninterrupted one exactly, torchrun."""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import rewardmodel as R  # noqa: E402
+from data import load_pairs, make_toy  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+torch.set_num_threads(1)  # as rewardmodel.py does on CPU: spinning OpenMP threads crawl on a shared machine
+
+
+def phi_cdf(x):
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def t(*xs, dtype=torch.float64):
+    return [torch.tensor([x], dtype=dtype) for x in xs]
+
+
+# ----------------------------------------------------------------------------- losses
+
+@pytest.mark.parametrize("mu_w,s_w,mu_l,s_l", [(0, 0, 0, 0), (1, -1, 0, -1), (2, 0.5, -1, 0), (-0.3, 0.2, 0.4, -0.7)])
+def test_gaussian_ranking_loss_closed_form(mu_w, s_w, mu_l, s_l):
+    want = -math.log(phi_cdf((mu_w - mu_l) / math.sqrt(math.exp(2 * s_w) + math.exp(2 * s_l))))
+    assert R.gaussian_ranking_loss(*t(mu_w, s_w, mu_l, s_l)).item() == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gaussian_ranking_loss_far_wrong_pair_is_finite(dtype):
+    # dmu = -40 over scale sqrt(2): Phi underflows to 0 in float32, -log Phi(-x) ~ x^2/2 + log x + log sqrt(2 pi)
+    mu_w, s_w, mu_l, s_l = t(0.0, 0.0, 40.0, 0.0, dtype=dtype)
+    mu_w.requires_grad_(True)
+    loss = R.gaussian_ranking_loss(mu_w, s_w, mu_l, s_l)
+    loss.backward()
+    x = 40 / math.sqrt(2)
+    assert loss.dtype == dtype and torch.isfinite(loss).all()
+    assert loss.item() == pytest.approx(x * x / 2 + math.log(x) + 0.5 * math.log(2 * math.pi) - 1 / x ** 2, rel=1e-4)
+    # d loss / d mu_w = -(phi/Phi)(-x) / sqrt(2), and the Mills ratio phi/Phi(-x) ~ x + 1/x - 2/x^3
+    assert mu_w.grad.item() == pytest.approx(-(x + 1 / x - 2 / x ** 3) / math.sqrt(2), rel=1e-4)
+    big = R.gaussian_ranking_loss(*t(40.0, 0.0, 0.0, 0.0, dtype=dtype))  # right by a mile: loss ~ 0, not nan
+    assert torch.isfinite(big).all() and 0 <= big.item() < 1e-30
+
+
+def test_gaussian_ranking_loss_large_sigma_softens_a_wrong_pair():
+    wrong_sure = R.gaussian_ranking_loss(*t(0.0, -2.0, 1.0, -2.0))
+    wrong_unsure = R.gaussian_ranking_loss(*t(0.0, 1.0, 1.0, 1.0))
+    assert wrong_unsure < wrong_sure
+
+
+@pytest.mark.parametrize("args,want", [((0, 0, 0, 0), 0.902662), ((1, -1, 0, -1), 0.339532), ((2, 0.5, -1, 0), 0.171080)])
+def test_mc_ranking_loss_reference_values(args, want):
+    torch.manual_seed(0)
+    assert R.mc_ranking_loss(*t(*args), num_samples=1000).item() == pytest.approx(want, abs=0.05)   # EditReward's 1000
+    assert R.mc_ranking_loss(*t(*args), num_samples=2_000_000).item() == pytest.approx(want, abs=3e-3)  # converges (4 std errors)
+
+
+def test_bt_loss_and_fusion():
+    assert R.bt_loss(*t(1.0, 0.0)).item() == pytest.approx(math.log(1 + math.exp(-1)))
+    mu = torch.tensor([[1.0, 3.0], [2.0, -1.0]])
+    log_sigma = torch.log(torch.tensor([[3.0, 4.0], [1.0, 2.0]]))
+    m, s = R.fuse_gaussians(mu, log_sigma, "mean")
+    assert torch.allclose(m, torch.tensor([2.0, 0.5])) and torch.allclose(s.exp(), torch.tensor([2.5, math.sqrt(5) / 2]))
+    m, s = R.fuse_gaussians(mu, log_sigma, "min")
+    assert torch.equal(m, torch.tensor([1.0, -1.0])) and torch.allclose(s.exp(), torch.tensor([3.0, 2.0]))
+
+
+def test_preference_loss_orients_skips_and_weights():
+    mu_a, mu_b = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.0, 1.0, 2.0]])
+    ls = torch.zeros(1, 3)
+    total, n = R.preference_loss(mu_a, ls, mu_b, ls, torch.tensor([[1, -1, 0]]), torch.tensor([1.0, 2.0, 5.0]))
+    right = R.gaussian_ranking_loss(*t(1.0, 0.0, 0.0, 0.0, dtype=torch.float32))  # both orientations are "right by 1"
+    assert n.item() == 3 and total.item() == pytest.approx(3 * right.item())  # n = sum of the weights used
+
+
+def test_pairwise_accuracy_and_schedule():
+    right, total = R.pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0, 5.0]), torch.tensor([0.0, 1.0, 2.0, 5.0]),
+                                       torch.tensor([1, -1, 1, 0]))
+    assert (right, total) == (2, 3)  # an exact score tie is wrong, a human tie is not counted
+    assert R.lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert R.lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert R.lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1) == R.lr_factor(500, 10, 100, 0.1)
+
+
+def test_step_indices_split_ranks_and_cover_epochs():
+    n, bs = 10, 4
+    seen = [i for s in range(5) for r in range(2) for i in R.step_indices(s, n, bs, r, 2, seed=1)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # epochs are permutations
+    assert R.step_indices(3, n, bs, 1, 2, seed=1) == R.step_indices(3, n, bs, 1, 2, seed=1)
+
+
+# ----------------------------------------------------------------------------- pooling and the model
+
+def test_pool_hidden_left_and_right_padding():
+    hidden = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 5, 1)
+    ids = torch.tensor([[0, 0, 7, 9, 4], [7, 3, 9, 0, 0]])  # 9 = reward token, 0 = pad
+    mask = (ids != 0).long()
+    assert R.pool_hidden(hidden, ids, mask, token_id=9).squeeze(-1).tolist() == [3.0, 7.0]
+    assert R.pool_hidden(hidden, ids, mask).squeeze(-1).tolist() == [4.0, 7.0]  # last attended token
+    with pytest.raises(ValueError):
+        R.pool_hidden(hidden, torch.zeros_like(ids), mask, token_id=9)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    make_toy(str(out), n_train=6, n_val=3, n_rl=1, n_rl_test=1, n_editor=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return R.RewardModel.from_pretrained("tiny")
+
+
+def test_tiny_scores_every_key_and_padding_side_does_not_matter(tiny, toy):
+    pairs = load_pairs(str(toy / "pairs_val.jsonl"))[:3]
+    src, ins = [p.sources for p in pairs], [p.instruction + " please" * i for i, p in enumerate(pairs)]
+    ed = [p.preferred for p in pairs]
+    out = tiny.score(src, ins, ed, batch_size=3)  # one padded batch of unequal lengths
+    assert set(out) == {"overall", *tiny.dims, *(f"sigma_{d}" for d in tiny.dims + ["overall"])}
+    assert all(v.shape == (3,) and v.dtype == torch.float32 for v in out.values())
+    alone = [tiny.score(src[i:i + 1], ins[i:i + 1], ed[i:i + 1])["overall"] for i in range(3)]
+    assert torch.allclose(torch.cat(alone), out["overall"], atol=1e-5)
+    tiny.processor.tokenizer.padding_side = "right"
+    try:
+        assert torch.allclose(tiny.score(src, ins, ed, batch_size=3)["overall"], out["overall"], atol=1e-5)
+    finally:
+        tiny.processor.tokenizer.padding_side = "left"
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune):
+    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--micro_batch=4", "--batch_size=4"])
+    rm = R.RewardModel({**vars(args), "model": "tiny", "head_hidden": 32})
+    pairs = load_pairs(str(toy / "pairs_train.jsonl"))
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):  # move every trained weight (LoRA B starts at zero) away from its init
+        R.train_step(rm, rm, opt, [pairs[4 * step:4 * step + 4]], args)
+    R.save_checkpoint(str(tmp_path / "ck"), rm, opt, 2)
+    val = load_pairs(str(toy / "pairs_val.jsonl"))[:4]
+    items = ([p.sources for p in val], [p.instruction for p in val], [p.rejected for p in val])
+    want = rm.score(*items)
+    got = R.RewardModel.from_pretrained(str(tmp_path / "ck")).score(*items)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["args.json", "backbone", "head.safetensors", "train_state.pt"]
+
+
+def test_per_dim_layout_gives_one_column_per_prompt(tiny, toy):
+    pairs = load_pairs(str(toy / "pairs_val.jsonl"))[:2]
+    src, ins, ed = [p.sources for p in pairs], [p.instruction for p in pairs], [p.preferred for p in pairs]
+    batches = tiny.encode(src, ins, ed, per_dim=True)
+    assert len(batches) == len(tiny.dims)
+    mu, _ = tiny(batches)
+    for d, b in enumerate(batches):
+        assert torch.allclose(mu[:, d], tiny([b])[0][:, d], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run(args, cmd=None):
+    proc = subprocess.run((cmd or [sys.executable]) + [os.path.join(ROOT, "rewardmodel.py")] + args, cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def step_lines(out):
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"^step (\d+)/\d+ \| (loss \S+)", out, re.M)}
+
+
+def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
+    flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
+             "--micro_batch=2", "--log_interval=1", "--eval_interval=3", "--warmup_steps=2", "--lr_decay_steps=6",
+             "--lora_rank=4", "--head_hidden=32", "--val_max=4"]
+    full = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/a"])
+    first = run(flags + ["--max_steps", "3", "--out_dir", f"{tmp_path}/b"])
+    second = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/b", "--resume"])
+    assert "from step 3" in second and "final held-out accuracy | instruction_following" in second
+    assert step_lines(full) == {**step_lines(first), **step_lines(second)} and len(step_lines(full)) == 6
+    for name in ["head.safetensors", "backbone/adapter_model.safetensors"]:
+        a, b = load_file(f"{tmp_path}/a/{name}"), load_file(f"{tmp_path}/b/{name}")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
+    out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=8",
+               "--micro_batch=2", "--max_steps=3", "--log_interval=1", "--head_hidden=32", "--val_max=4",
+               f"--out_dir={tmp_path}/ddp"],
+              cmd=[os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"])
+    assert "world 2 | grad accum 2" in out and "ranks in sync: True" in out
+    assert len(step_lines(out)) == 3 and "final held-out accuracy" in out
+
+
+def test_benchmark_prints_both_layouts(toy, tmp_path):
+    out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--benchmark=1",
+               "--batch_size=4", "--micro_batch=4", f"--out_dir={tmp_path}/bm"])
+    assert re.search(r"benchmark \| one prompt [\d.]+ pairs/s \| per-dimension prompts [\d.]+ pairs/s \| ratio [\d.]+x", out)

@@ -1,0 +1,292 @@
+"""Verifier mode: parsers, EditScore aggregation, GCPO math by hand, shared-prefill sampling, and subprocess
+smoke runs (SFT, GCPO with exact resume, torchrun on CPU) of the tiny model."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from rm_verifier import (VerifierRM, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
+                         group_advantages, parse_editscore_output, parse_verifier_output, response_logprobs,
+                         sample_shared_prefill, verifier_prompt)
+from rewardmodel import load_backbone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "rm_verifier.py")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+TOY = 'recolor: follow 3/4; keep 4/4; quality 3/4\n{"follow": 3, "keep": 4, "quality": 3, "score": 6}'
+
+# ----------------------------------------------------------------------------------------------------------
+# parsing
+
+
+@pytest.mark.parametrize("text, score, principles", [
+    (TOY, 6.0, {"follow": 3.0, "keep": 4.0, "quality": 3.0}),
+    ('```json\n{"follow": 2, "score": 4}\n```\nHope this helps!', 4.0, {"follow": 2.0}),
+    ('reasoning... {"score": 7} and then some trailing words }', 7.0, {}),
+    ("{'follow': 3, 'score': 5}", 5.0, {"follow": 3.0}),                      # single quotes
+    ('{"follow": 3, "score": 5,}', 5.0, {"follow": 3.0}),                      # trailing comma
+    ('{"follow": 2, "keep": 4}', 3.0, {"follow": 2.0, "keep": 4.0}),           # missing score -> mean
+    ('{"follow": 2, "keep": 4, "score": 85}', 3.0, {"follow": 2.0, "keep": 4.0}),  # out of range: dropped
+    ('{"follow": "high", "score": "7"}', 7.0, {}),                             # numeric string, word dropped
+    ('{"score": "7/10"}', 7.0, {}),
+    ('{"score": "3/4"}', 7.5, {}),                                             # a fraction is rescaled
+    ('{"follow": 4, "keep": 3, "sc', 3.5, {"follow": 4.0, "keep": 3.0}),       # truncated generation
+    ('an example {"score": 2} ... final: {"score": 9}', 9.0, {}),              # the last object wins
+    ('{"principles": {"follow": 4, "keep": 2}, "score": 6}', 6.0, {"follow": 4.0, "keep": 2.0}),
+    ('{"reasoning": "the {x} stays", "Score": 4}', 4.0, {}),                   # braces in a string, key case
+    ("The edit is fine. Final score: 8/10", 8.0, {}),                          # free text with an explicit score
+    ('{"score": 0}', 0.0, {}),
+])
+def test_parse_verifier_output(text, score, principles):
+    out = parse_verifier_output(text)
+    assert out["score"] == pytest.approx(score)
+    assert out["principles"] == pytest.approx(principles)
+
+
+@pytest.mark.parametrize("text", [None, "", "looks good to me", '{"score": 85}', '{"score": -1}', '{"score": "high"}',
+                                  '{"score": NaN}', '{"score": true}', '{"reasoning": "fine"}', "{", "score: eleven"])
+def test_parse_verifier_output_none(text):
+    assert parse_verifier_output(text) is None
+
+
+@pytest.mark.parametrize("text, want", [
+    ('{"reasoning": "ok", "score": [20, 15]}', [20.0, 15.0]),
+    ('```json\n{"reasoning": "a [b] c", "score": [25, 0]}\n```\nDone.', [25.0, 0.0]),
+    ("{'reasoning': 'ok', 'score': [3, 4]}", [3.0, 4.0]),                      # not JSON: regex reader
+    ('{"score": [20]}', None), ('{"score": [26, 3]}', None), ('{"score": [5, "x"]}', None), ("no json", None),
+])
+def test_parse_editscore_output(text, want):
+    assert parse_editscore_output(text) == want
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EditScore aggregation by hand
+
+def test_editscore_aggregate_k1():
+    out = editscore_aggregate(torch.tensor([[[20.0, 15.0]]]), torch.tensor([[[18.0, 22.0]]]))
+    # PF = 8, C = 6, PQ = min(7.2, 8.8) = 7.2, overall = sqrt(min(8, 6) * 7.2)
+    assert out["prompt_following"].item() == pytest.approx(8.0)
+    assert out["consistency"].item() == pytest.approx(6.0)
+    assert out["perceptual_quality"].item() == pytest.approx(7.2)
+    assert out["overall"].item() == pytest.approx(math.sqrt(6 * 7.2))
+    assert out["unparsed"].item() == 0
+
+
+def test_editscore_aggregate_k4_with_failed_passes():
+    nan = float("nan")
+    sc = torch.tensor([[[20, 15], [25, 25], [nan, nan], [10, 5]]])
+    pq = torch.tensor([[[18, 22], [25, 20], [20, 20], [nan, nan]]])
+    out = editscore_aggregate(sc, pq)
+    assert out["prompt_following"].item() == pytest.approx((8 + 10 + 4) / 3)
+    assert out["consistency"].item() == pytest.approx((6 + 10 + 2) / 3)
+    assert out["perceptual_quality"].item() == pytest.approx((7.2 + 8 + 8) / 3)
+    assert out["overall"].item() == pytest.approx((math.sqrt(6 * 7.2) + math.sqrt(10 * 8)) / 2)  # passes 0, 1
+    assert out["unparsed"].item() == 2
+    assert editscore_aggregate(torch.full((1, 2, 2), nan), torch.full((1, 2, 2), nan))["overall"].isnan().all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GCPO math by hand
+
+def test_gcpo_rewards_with_ties():
+    r_w, r_l = gcpo_rewards(torch.tensor([3.0, 5.0, 5.0]), torch.tensor([5.0, 1.0]))
+    # r_w[j] = mean_k 1[t_w[j] > t_l[k]] (tie = 1/2): 3 -> (0 + 1)/2; 5 -> (1/2 + 1)/2
+    assert r_w.tolist() == pytest.approx([0.5, 0.75, 0.75])
+    # r_l[j] = mean_k 1[t_l[j] < t_w[k]]: 5 -> (0 + 1/2 + 1/2)/3; 1 -> 1
+    assert r_l.tolist() == pytest.approx([1 / 3, 1.0])
+
+
+def test_gcpo_rewards_unparseable():
+    nan = float("nan")
+    r_w, r_l = gcpo_rewards(torch.tensor([4.0, nan]), torch.tensor([2.0, nan, 6.0]))
+    assert r_w.tolist() == pytest.approx([2 / 3, 0.0])       # 4 beats 2 and the broken trace, loses to 6
+    assert r_l.tolist() == pytest.approx([1.0, 0.0, 0.5])    # 2 < 4 and beats the broken trace; 6 > 4
+    r_w, r_l = gcpo_rewards(torch.full((2,), nan), torch.full((2,), nan))
+    assert r_w.tolist() == [0.0, 0.0] and r_l.tolist() == [0.0, 0.0]
+
+
+def test_group_advantages():
+    r = torch.tensor([0.5, 0.75, 0.75])
+    std = math.sqrt(((0.5 - 2 / 3) ** 2 + 2 * (0.75 - 2 / 3) ** 2) / 3)
+    want = [(x - 2 / 3) / (std + 1e-4) for x in (0.5, 0.75, 0.75)]
+    assert group_advantages(r).tolist() == pytest.approx(want, rel=1e-5)
+    assert group_advantages(torch.tensor([0.4, 0.4])).tolist() == [0.0, 0.0]
+
+
+def test_gcpo_loss_equals_hand_ppo_surrogate():
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]])
+    d = torch.tensor([[0.5, -0.1], [0.3, 9.0]])  # logp - old_logp; the last token is padding
+    logp, adv, mask = old + d, torch.tensor([1.0, -2.0]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # A = +1: ratio e^0.5 = 1.65 is clipped to 1.2 -> -1.2; ratio e^-0.1 = 0.905 is inside -> -0.905
+    # A = -2: ratio e^0.3 = 1.35 -> max(2 * 1.35, 2 * 1.2) = 2 * e^0.3
+    want = (-1.2 - math.exp(-0.1) + 2 * math.exp(0.3)) / 3
+    assert gcpo_loss(logp, old, adv, mask, clip_eps=0.2).item() == pytest.approx(want, rel=1e-6)
+    ref = logp - torch.tensor([[0.2, 0.0], [-0.1, 5.0]])  # ref - logp = [-0.2, 0, 0.1]
+    k3 = sum(math.exp(x) - x - 1 for x in (-0.2, 0.0, 0.1))
+    got = gcpo_loss(logp, old, adv, mask, 0.2, ref_logp=ref, beta=0.5, num_tokens=6).item()
+    assert got == pytest.approx((want * 3 + 0.5 * k3) / 6, rel=1e-6)
+
+
+def test_filter_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda x: torch.isfinite(x)[0].tolist()
+    assert kept(filter_logits(logits, 1.0, top_k=2)) == [True, True, False, False]
+    assert kept(filter_logits(logits, 1.0, top_p=0.7)) == [True, True, False, False]   # 0.5 < 0.7 <= 0.8
+    assert kept(filter_logits(logits, 1.0, top_p=0.9)) == [True, True, True, False]
+    assert torch.allclose(filter_logits(logits, 0.5), logits / 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling and teacher forcing on the tiny model
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.set_num_threads(1)
+    model, processor = load_backbone("tiny", max_pixels=56 * 56)
+    return model.eval(), processor
+
+
+def _img(seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (56, 56, 3), dtype=np.uint8))
+
+
+def test_shared_prefill_same_tokens_as_independent(tiny):
+    model, processor = tiny
+    enc = verifier_prompt(processor, [_img(0)], "make the red circle blue", _img(1))
+    seeds = [42, 43, 44, 45]
+    toks, logp, mask = sample_shared_prefill(model, enc, seeds, eos_id=-1, max_new_tokens=16, temperature=0.7,
+                                             top_k=20, top_p=0.9)
+    assert toks.shape == (4, 16) and mask.all()
+    assert len({tuple(t.tolist()) for t in toks}) > 1  # the passes really differ
+    for i, s in enumerate(seeds):
+        t1, l1, _ = sample_shared_prefill(model, enc, [s], eos_id=-1, max_new_tokens=16, temperature=0.7,
+                                          top_k=20, top_p=0.9)
+        assert torch.equal(t1[0], toks[i])
+        assert torch.allclose(l1[0], logp[i], atol=1e-5)
+
+
+def test_old_logprobs_match_teacher_forcing_with_padding(tiny):
+    """The sampler's log-probs equal the trainer's on left/right-padded batches, so GCPO's first ratio is 1."""
+    model, processor = tiny
+    eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    encs = [verifier_prompt(processor, [_img(2)], "remove the square", _img(3)),
+            verifier_prompt(processor, [_img(4), _img(5)], "add a small green triangle at the top", _img(6))]
+    rows, olds = [], []
+    for enc, seeds in zip(encs, ([1, 2], [3])):
+        toks, old, mask = sample_shared_prefill(model, enc, seeds, eos, 12)
+        for t, o, m in zip(toks, old, mask):
+            n = int(m.sum())
+            rows.append((enc, t[:n].tolist()))
+            olds.append(o[:n])
+    inputs, resp, rmask = collate([r[0] for r in rows], [r[1] for r in rows], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        lp = response_logprobs(model, inputs, resp)
+    for b, o in enumerate(olds):
+        assert torch.allclose(lp[b, :len(o)], o, atol=1e-4)
+        assert rmask[b].sum() == len(o)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# subprocess smoke runs: SFT, GCPO + exact resume, torchrun
+
+@pytest.fixture(scope="module")
+def toy_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vtoy")
+    for i in range(6):
+        _img(10 + i).save(d / f"im{i}.png")
+    with open(d / "traces.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"id": f"t{i}", "instruction": "make the red circle blue", "source": "im0.png",
+                                "edited": f"im{1 + i % 5}.png", "response": TOY.replace("6}", f"{i}}}")}) + "\n")
+    with open(d / "pairs.jsonl", "w") as f:
+        for i in range(4):
+            f.write(json.dumps({"id": f"p{i}", "instruction": "remove the square", "source": "im0.png",
+                                "preferred": f"im{1 + i}.png", "rejected": f"im{2 + i}.png",
+                                "prefs": {"overall": 1}}) + "\n")
+    return d
+
+
+def _run(args, torchrun=False):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
+           else [sys.executable]) + [SCRIPT] + args
+    p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+GCPO = ["--stage", "gcpo", "--pairs_per_step", "2", "--num_traces", "2", "--max_new_tokens", "16", "--kl_beta", "0.1",
+        "--lr", "1e-2", "--save_interval", "1", "--log_interval", "1", "--max_pixels", "3136"]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(toy_files):
+    out = toy_files / "sft"
+    log = _run(["--stage", "sft", "--model", "tiny", "--train", str(toy_files / "traces.jsonl"), "--out_dir", str(out),
+                "--max_steps", "3", "--batch_size", "4", "--lr", "1e-2", "--log_interval", "1", "--max_pixels", "3136"])
+    assert "step 3/3 | loss" in log
+    return out
+
+
+def test_sft_smoke(sft_dir):
+    meta = json.loads((sft_dir / "verifier.json").read_text())
+    assert meta["step"] == 3 and meta["parent"] is None and meta["principles"] == ["follow", "keep", "quality"]
+    assert (sft_dir / "adapter_model.safetensors").exists()
+    rm = VerifierRM.from_pretrained(str(sft_dir), max_new_tokens=8)
+    out = rm.score([_img(0), _img(1)], ["remove the square"] * 2, [_img(2), _img(3)], num_samples=2)
+    assert rm.dims == ["follow", "keep", "quality"] and set(out) >= {"overall", "unparsed", *rm.dims}
+    assert all(v.shape == (2,) for v in out.values())
+    assert ((out["unparsed"] == 2) == out["overall"].isnan()).all()  # NaN exactly where no pass parsed
+
+
+def test_eval_stage_smoke(toy_files, sft_dir):
+    log = _run(["--stage", "eval", "--init", str(sft_dir), "--val", str(toy_files / "pairs.jsonl"), "--eval_pairs", "2",
+                "--eval_samples", "2", "--max_new_tokens", "8", "--time_avgk"])
+    assert "pair acc" in log and "on 2 |" in log and "Avg@2" in log and "independent generations" in log
+
+
+def test_editscore_rubric_counts_unparsed(tiny):
+    """A random model never answers in the rubric's format: every pass is counted, no score is invented."""
+    rm = VerifierRM(*tiny, {}, rubric="editscore", max_new_tokens=4)
+    out = rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=3)
+    assert out["unparsed"].tolist() == [3.0] and out["overall"].isnan().all()
+
+
+@pytest.fixture(scope="module")
+def gcpo_run(toy_files, sft_dir):
+    """GCPO flags from the SFT checkpoint, and the directory of an uninterrupted 2-step run."""
+    flags = GCPO + ["--init", str(sft_dir), "--train", str(toy_files / "pairs.jsonl")]
+    log = _run(flags + ["--out_dir", str(toy_files / "gcpo_a"), "--max_steps", "2"])
+    assert "step 2/2 | win" in log
+    return flags, toy_files / "gcpo_a"
+
+
+def _adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_gcpo_resumes_exactly(toy_files, sft_dir, gcpo_run):
+    flags, straight = gcpo_run
+    split = toy_files / "gcpo_b"
+    _run(flags + ["--out_dir", str(split), "--max_steps", "1"])
+    log = _run(flags + ["--out_dir", str(split), "--max_steps", "2", "--resume"])
+    assert "step 1/2" not in log and "step 2/2" in log
+    a, b = _adapter(straight), _adapter(split)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((straight / "verifier.json").read_text())["parent"] == str(sft_dir)
+
+
+def test_torchrun_gcpo_matches_one_process(toy_files, gcpo_run):
+    """2 ranks x 1 pair == 1 rank x 2 pairs: same seeds per pair, gradients summed over the global tokens."""
+    flags, straight = gcpo_run
+    out = toy_files / "gcpo_ddp"
+    log = _run(flags + ["--out_dir", str(out), "--max_steps", "2"], torchrun=True)
+    assert "step 2/2 | win" in log
+    a, b = _adapter(straight), _adapter(out)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
