@@ -337,25 +337,27 @@ class RewardModel(nn.Module):
         backbone, self.processor = load_backbone(flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"],
                                                  flags["max_pixels"], os.path.join(weights, "backbone") if weights and full else None)
         self.reward_id = None
-        if self.mode == "gaussian" and flags["pool"] == "reward":
-            tok = self.processor.tokenizer
-            tok.add_special_tokens({"additional_special_tokens": [self.REWARD_TOKEN]}, replace_extra_special_tokens=False)
-            self.reward_id = tok.convert_tokens_to_ids(self.REWARD_TOKEN)
-            if self.reward_id >= backbone.get_input_embeddings().num_embeddings:
-                backbone.resize_token_embeddings(len(tok), mean_resizing=False)
-            # the reward token's embedding is its own parameter (the only trainable row): a hook puts it in place
-            self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[self.reward_id].detach().float().clone())
-            backbone.get_input_embeddings().register_forward_hook(self._insert_reward_row)
-        if full:
-            backbone.requires_grad_(True)
-            out_emb = backbone.get_output_embeddings()  # unused by the head; DDP rejects trainable unused weights
-            if self.mode == "gaussian" and out_emb.weight is not backbone.get_input_embeddings().weight:
-                out_emb.requires_grad_(False)
-            if flags["vision"] != "train":
-                backbone.model.visual.requires_grad_(False)
-        else:
-            backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
-                                  flags["lora_targets"], flags["vision"])
+        with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
+            torch.manual_seed(flags["seed"])
+            if self.mode == "gaussian" and flags["pool"] == "reward":
+                tok = self.processor.tokenizer
+                tok.add_special_tokens({"additional_special_tokens": [self.REWARD_TOKEN]}, replace_extra_special_tokens=False)
+                self.reward_id = tok.convert_tokens_to_ids(self.REWARD_TOKEN)
+                if self.reward_id >= backbone.get_input_embeddings().num_embeddings:
+                    backbone.resize_token_embeddings(len(tok), mean_resizing=False)
+                # the reward token's embedding is its own parameter (the only trainable row): a hook puts it in place
+                self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[self.reward_id].detach().float().clone())
+                backbone.get_input_embeddings().register_forward_hook(self._insert_reward_row)
+            if full:
+                backbone.requires_grad_(True)
+                out_emb = backbone.get_output_embeddings()  # unused by the head; DDP rejects trainable unused weights
+                if self.mode == "gaussian" and out_emb.weight is not backbone.get_input_embeddings().weight:
+                    out_emb.requires_grad_(False)
+                if flags["vision"] != "train":
+                    backbone.model.visual.requires_grad_(False)
+            else:
+                backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
+                                      flags["lora_targets"], flags["vision"])
         if device.type == "cuda" and flags["grad_ckpt"]:  # non-reentrant: works with frozen inputs and LoRA
             backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.backbone, self.head = backbone, None

@@ -206,3 +206,16 @@ def test_benchmark_prints_both_layouts(toy, tmp_path):
     out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--benchmark=1",
                "--batch_size=4", "--micro_batch=4", f"--out_dir={tmp_path}/bm"])
     assert re.search(r"benchmark \| one prompt [\d.]+ pairs/s \| per-dimension prompts [\d.]+ pairs/s \| ratio [\d.]+x", out)
+
+
+def test_tiny_model_is_identical_in_every_process():
+    """The added reward-token rows and the LoRA init come from a seeded RNG, not from whatever the global
+    RNG holds: two processes that drew different random numbers first still build the same model."""
+    code = ("import sys, torch; sys.path.insert(0, '.'); torch.manual_seed(int(sys.argv[1])); torch.rand(7)\n"
+            "import rewardmodel as R\n"
+            "rm = R.RewardModel.from_pretrained('tiny')\n"
+            "print(sum(float(p.double().sum()) for p in rm.state_dict().values() if p.is_floating_point()))")
+    sums = [subprocess.run([sys.executable, "-c", code, str(s)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           timeout=120) for s in (1, 2)]
+    assert all(r.returncode == 0 for r in sums), sums[0].stderr[-2000:]
+    assert sums[0].stdout.strip() == sums[1].stdout.strip() != ""
