@@ -18,7 +18,9 @@ with its rival; a benchmark dimension the scorer has no output for is ranked by 
 
   python bench.py --bench data/toy/bench.jsonl --model tiny --limit 20             # CPU, seconds
   python bench.py --bench data/toy/pairs_val.jsonl --model out/rm_toy              # toy held-out accuracy
-  python bench.py --bench EditScore/EditReward-Bench --model out/verifier --k 4    # one GPU: Avg@4
+  python bench.py --bench EditScore/EditReward-Bench --model out/verifier --k 4    # one GPU: a verifier, Avg@4
+  python bench.py --bench EditScore/EditReward-Bench --model Qwen/Qwen2.5-VL-7B-Instruct --rubric editscore \\
+      --k 4 --max_new_tokens 512                                                   # EditScore-style, zero-shot
   torchrun --standalone --nproc_per_node=8 bench.py --bench TIGER-Lab/EditReward-Bench --config 4pair \\
       --model out/rm                                                               # 8 GPUs, NCCL
   python bench.py --bench TIGER-Lab/GenAI-Bench --config image_edition --split test --model out/rm \\
@@ -346,12 +348,11 @@ def worst_disagreements(comps, units, scores, path, n, size=160):
 
 
 def score_batch(rm, units, keys, k, seed):
-    """Scores of one batch of units as {key: {name: float}}. The generator is reset per batch so a sampled
-    (verifier) score does not depend on how many batches ran before it."""
+    """Scores of one batch of units as {key: {name: float}}. A sampled (verifier) pass i of every image uses
+    seed + i, so a score does not depend on the batch or the rank it was scored in."""
     srcs = [[load_image(s, units[u][3]) for s in units[u][0]] for u in keys]
     edited = [load_image(units[u][2], units[u][3]) for u in keys]
-    torch.manual_seed(seed)
-    out = rm.score(srcs, [units[u][1] for u in keys], edited, num_samples=k, batch_size=len(keys))
+    out = rm.score(srcs, [units[u][1] for u in keys], edited, num_samples=k, batch_size=len(keys), seed=seed)
     return {u: {name: float(v[i]) for name, v in out.items()} for i, u in enumerate(keys)}
 
 
@@ -377,7 +378,12 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="only the first N items (pairs / groups / rows); 0 = all")
     p.add_argument("--skip_bad", action="store_true", help="skip and count bad rows instead of stopping")
     # --- scorer
-    p.add_argument("--model", default="tiny", help="reward model checkpoint dir, or 'tiny' (random, for tests)")
+    p.add_argument("--model", default="tiny", help="reward model checkpoint dir (either mode), or 'tiny' (random, for tests); "
+                   "with --rubric also any instruct VLM (hub name or folder)")
+    p.add_argument("--rubric", default=None, choices=("verifier", "editscore"),
+                   help="score generatively with this prompt (verifier mode): the verifier's own, or EditScore's "
+                   "rubric, zero-shot on any instruct VLM (default: as the checkpoint was trained)")
+    p.add_argument("--max_new_tokens", type=int, default=0, help="longest generated answer (verifier mode; 0 = the checkpoint's)")
     p.add_argument("--k", type=int, default=1, help="Avg@K self-ensemble: sampled passes averaged per image")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (EditScore: pass i uses seed + i); global seed at build")
     p.add_argument("--batch_size", type=int, default=8, help="edited images per scoring step, all ranks together")
@@ -391,8 +397,9 @@ def main(argv=None):
     for name in ("k", "batch_size", "report_n"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.limit < 0:
-        p.error(f"--limit must be >= 0, got {args.limit}")
+    for name in ("limit", "max_new_tokens"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name} must be >= 0, got {getattr(args, name)}")
 
     # one script for python and torchrun: ranks split the images, rank 0 reports
     ddp = "RANK" in os.environ
@@ -416,7 +423,10 @@ def main(argv=None):
         raise SystemExit(f"{bad[0]}: bench.py evaluates preference pairs and candidate groups, not this row")
     skipped = len(items.skipped)
     items = items[:args.limit] if args.limit else list(items)
-    units, comps, groups = plan(items, scorer_id(args.model), args.k, args.seed)
+    # the flags that change a generative scorer's answers are part of its name in the cache key
+    overrides = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens)) if v}
+    scorer = scorer_id(args.model) + (json.dumps(overrides, sort_keys=True) if overrides else "")
+    units, comps, groups = plan(items, scorer, args.k, args.seed)
     cache = read_cache(args.cache_dir)
     # shard all units (not only the uncached ones) so every rank agrees on the split whatever the cache holds
     todo = [u for u in shard(list(units), rank, world) if u not in cache]
@@ -428,7 +438,8 @@ def main(argv=None):
     if todo:
         from rewardmodel import RewardModel  # transformers & co. load only when there is something to score
         torch.manual_seed(args.seed)  # anything the model draws at build time is then the same on every rank
-        rm = RewardModel.from_pretrained(args.model, device=device)
+        rm = RewardModel.from_pretrained(args.model, device=device, **overrides,
+                                         **({"mode": "verifier"} if args.rubric else {}))
         with open_cache(args.cache_dir, rank) as f, tqdm(total=len(todo), disable=not master, desc="scoring") as bar:
             for i in range(0, len(todo), batch):
                 keys = todo[i:i + batch]

@@ -1,33 +1,65 @@
 """
-rewardmodel.py: a vision-language reward model for instruction-guided image editing, and its training.
+rewardmodel.py: vision-language reward models for instruction-guided image editing, and their training.
+Two modes share the backbone loading, LoRA, distributed setup, checkpoints and RewardModel.score.
 
-Gaussian mode (EditReward, arXiv 2509.26346, done right; REFERENCE.md section 2): a VLM reads one chat
+--mode gaussian (EditReward, arXiv 2509.26346, done right; REFERENCE.md section 2): a VLM reads one chat
 prompt holding the source image(s), the edited image and the instruction, ending in a learned reward token.
 An MLP head on that token's final hidden state gives a Gaussian (mu, sigma) for every reward dimension at
 once, and the dimensions are fused into an "overall" Gaussian. Training maximises the probit (Thurstone)
 likelihood of human preferences, P(w > l) = Phi((mu_w - mu_l) / sqrt(sigma_w^2 + sigma_l^2)), in closed
-form, per dimension and on the fused overall.
-
-What differs from the public EditReward code, and why:
+form, per dimension and on the fused overall. What differs from the public EditReward code, and why:
   - one forward per (source, edited) yields every dimension; EditReward runs one prompt per dimension
     (--per_dim_prompts reproduces that layout; --benchmark times both);
   - the closed-form loss replaces a 1000-sample Monte-Carlo estimate of E[-log sigmoid(z)] (--loss mc),
     which always pushes sigma down; here a large sigma really softens a wrong pair;
   - per-dimension human preferences are used, and ties are disentangled (data.py);
   - LoRA (peft) with separate learning rates for backbone and head, instead of full fine-tuning only.
-Simplified: no tie likelihood term (tied pairs only enter through disentanglement), one prompt template.
+  Simplified: no tie likelihood term (tied pairs only enter through disentanglement), one prompt template.
 
-  python data.py --toy --out data/toy                  # the toy editing world (rewardmodel --toy makes it too)
-  python rewardmodel.py --toy                          # tiny random Qwen2.5-VL, 1 CPU thread, ~3 min
+--mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
+must satisfy, verifies each, and ends with one JSON object: a 0..10 number per principle and "score", e.g.
+(data.toy_cot_response)  recolor: follow 4/4; keep 4/4; quality 2/4
+                          {"follow": 4, "keep": 4, "quality": 2, "score": 7}
+An answer that does not parse is counted ("unparsed"), never replaced by a random or middle score.
+  - Edit-R1 verifier (Guo et al., "Leveraging Verifier-Based RL in Image Editing"; REFERENCE.md section 7):
+    SFT cold start on CoT traces (--stage sft), then GCPO, Group Contrastive Preference Optimization
+    (--stage gcpo): for a human pair sample N traces for the preferred and N for the rejected edit, reward
+    each trace by how often its score lies on the right side of the other group's scores, normalise
+    advantages within each group, PPO-clipped token-level surrogate, KL to the SFT model.
+  - EditScore (arXiv 2509.23909; section 4): the two-prompt rubric (--rubric editscore) that makes any
+    instruct VLM a zero-shot scorer, and the Avg@K self-ensemble (mean of K sampled passes). Avg@K is cheap:
+    the K passes share ONE prefill of the long image prompt (its KV cache is repeated K times) and decode
+    as one batch.
+  Simplified: prompts are sampled one at a time (their K passes are the batch), no sequence packing, LoRA
+  only (+ optionally the full vision tower).
+
+Toy numbers (tiny random Qwen2.5-VL, 2 CPU cores). gaussian --toy: 600 steps in ~90 s, held-out accuracy
+instruction following 0.53, visual quality 0.88, overall 0.71. verifier --toy, ~10 min: SFT learns the answer
+format (held-out parse rate 1.000) but barely learns to look at the images: on 128 held-out pairs (Avg@4)
+strict accuracy 0.211, 0.586 with ties counted 1/2 (chance: 0.5); 40 GCPO steps do not help (0.133 strict,
+0.516 ties 1/2, parse rate 0.980). Avg@4 costs 1.27x Avg@1, against 3.92x for 4 independent generations.
+The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% -> 78.2%).
+
+  python data.py --toy --out data/toy                  # the toy editing world (--toy writes it if missing)
+  python rewardmodel.py --toy                          # Gaussian: tiny random Qwen2.5-VL, 1 CPU thread, ~2 min
   python rewardmodel.py --toy --benchmark 20           # pairs/s of one prompt vs one prompt per dimension
   torchrun --standalone --nproc_per_node=2 rewardmodel.py --toy          # same, data-parallel (gloo on CPU)
   torchrun --nproc_per_node=8 rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct \\
       --train data/editreward_train.parquet --val data/val.jsonl --batch_size 64 --micro_batch 2 \\
       --lr 1e-4 --head_lr 1e-4 --max_pixels 200704 --max_steps 3000 --out_dir out/rm7b   # GPUs (NCCL, bf16)
+  python rewardmodel.py --mode verifier --toy          # SFT, eval, GCPO, eval, Avg@K timing (CPU, ~10 min)
+  python rewardmodel.py --mode verifier --stage sft --train data/toy/cot_train.jsonl --out_dir out/sft
+  python rewardmodel.py --mode verifier --stage gcpo --init out/sft --train data/toy/gcpo_train.jsonl --out_dir out/gcpo
+  torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/sft --out_dir out/gcpo
+  python rewardmodel.py --mode verifier --stage eval --init out/gcpo --eval_samples 4 --time_avgk
+  python rewardmodel.py --mode verifier --stage eval --model Qwen/Qwen2.5-VL-7B-Instruct --rubric editscore \\
+      --max_new_tokens 512 --val <pairs>                                  # zero-shot EditScore rubric, one GPU
 
 From other scripts:
-  rm = RewardModel.from_pretrained("out/rm")          # or "tiny": a random untrained tiny model
-  out = rm.score(sources, instructions, edited)        # {"overall", dim..., "sigma_<dim>", "sigma_overall"}
+  rm = RewardModel.from_pretrained("out/rm")    # a checkpoint of either mode, or "tiny" (random Gaussian model)
+  rm = RewardModel.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct", mode="verifier", rubric="editscore")
+  out = rm.score(sources, instructions, edited, num_samples=4)   # num_samples: Avg@K, verifier mode only
+  # gaussian: {"overall", dim..., "sigma_<dim>", "sigma_overall"}; verifier: {"overall", principle..., "unparsed"}
 """
 import argparse
 import functools
@@ -35,6 +67,7 @@ from contextlib import nullcontext
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -45,48 +78,72 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import DIMS, load_image, load_pairs
+from data import DIMS, load_image, load_pairs, load_traces
 
-MODES = ("gaussian",)  # the CoT verifier (issue 4) joins as "verifier"
+MODES = ("gaussian", "verifier")
 
 # ----------------------------------------------------------------------------------------------------------
 # flags
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 # --- model
-parser.add_argument("--mode", default="gaussian", choices=MODES, help="gaussian: MLP head on a reward token")
+parser.add_argument("--mode", default="gaussian", choices=MODES, help="gaussian: MLP head on a reward token | verifier: CoT judge")
 parser.add_argument("--model", default="tiny", help="hub name, local folder, or 'tiny' (random tiny Qwen2.5-VL)")
-parser.add_argument("--dims", default=",".join(DIMS), help="comma-separated reward dimensions (names as in the data)")
+parser.add_argument("--dims", default=",".join(DIMS), help="comma-separated reward dimensions (names as in the data);\n"
+                    "verifier: the principles its answers score ('' = those of the SFT traces)")
+parser.add_argument("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
+parser.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="largest image area (256 tokens of 28x28 px)")
+parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+parser.add_argument("--grad_ckpt", type=int, default=1, choices=[0, 1], help="gradient checkpointing on CUDA (1 = on)")
+# --- gaussian: head and loss
 parser.add_argument("--pool", default="reward", choices=["reward", "last"], help="head reads the added reward token, or the last token")
 parser.add_argument("--fuse", default="mean", choices=["mean", "min"], help="overall = mean of the dimension Gaussians, or the worst one")
 parser.add_argument("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
 parser.add_argument("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
 parser.add_argument("--head_dropout", type=float, default=0.05, help="dropout inside the head")
 parser.add_argument("--sigma_floor", type=float, default=0.05, help="sigma = floor + softplus(raw), never a hard clamp")
-parser.add_argument("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
-parser.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="largest image area (256 tokens of 28x28 px)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
-parser.add_argument("--grad_ckpt", type=int, default=1, choices=[0, 1], help="gradient checkpointing on CUDA (1 = on)")
+parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
+parser.add_argument("--mc_samples", type=int, default=1000, help="draws per pair for --loss mc")
+parser.add_argument("--overall_weight", type=float, default=1.0, help="weight of the fused overall term (a dimension has 1)")
 # --- fine-tuning
-parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA adapters (peft) or all weights")
+parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA adapters (peft) or all weights (gaussian only)")
 parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank")
 parser.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / rank)")
 parser.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
 parser.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated names of the linear layers that get adapters")
 parser.add_argument("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower: frozen, LoRA (lora only), trained in full")
-# --- loss
-parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
-parser.add_argument("--mc_samples", type=int, default=1000, help="draws per pair for --loss mc")
-parser.add_argument("--overall_weight", type=float, default=1.0, help="weight of the fused overall term (a dimension has 1)")
+# --- verifier: stages, GCPO, scoring (EditScore's sampling defaults)
+parser.add_argument("--stage", default="sft", choices=["sft", "gcpo", "eval"], help="SFT cold start, GCPO, or evaluate held-out pairs")
+parser.add_argument("--rubric", default="verifier", choices=["verifier", "editscore"],
+                    help="scoring prompt: the verifier's own, or EditScore's two-prompt rubric (zero-shot)")
+parser.add_argument("--init", default=None, help="gcpo: the SFT checkpoint to start from; eval: the checkpoint to evaluate")
+parser.add_argument("--pairs_per_step", type=int, default=4, help="human pairs per GCPO step, all ranks together")
+parser.add_argument("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
+parser.add_argument("--temperature", type=float, default=1.0, help="GCPO sampling temperature (policy = sampler)")
+parser.add_argument("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
+parser.add_argument("--ppo_epochs", type=int, default=2, help="optimizer steps per GCPO rollout batch")
+parser.add_argument("--kl_beta", type=float, default=0.0, help="KL weight to the SFT model (the adapter disabled)")
+parser.add_argument("--eval_samples", type=int, default=4, help="K of Avg@K in --stage eval")
+parser.add_argument("--score_temperature", type=float, default=0.7, help="scoring temperature (0 = greedy)")
+parser.add_argument("--top_p", type=float, default=0.9, help="scoring nucleus")
+parser.add_argument("--top_k", type=int, default=20, help="scoring top-k")
+parser.add_argument("--score_seed", type=int, default=42, help="scoring pass i samples with seed score_seed + i")
+parser.add_argument("--max_new_tokens", type=int, default=128, help="longest generated answer")
+parser.add_argument("--time_avgk", action="store_true", help="eval: also time Avg@1, Avg@K and K independent passes")
+parser.add_argument("--toy_sft_steps", type=int, default=600, help="--toy: SFT steps")
+parser.add_argument("--toy_gcpo_steps", type=int, default=40, help="--toy: GCPO steps")
+parser.add_argument("--toy_sft_lr", type=float, default=3e-3, help="--toy: SFT learning rate (tiny random model)")
+parser.add_argument("--toy_gcpo_lr", type=float, default=1e-3, help="--toy: GCPO learning rate")
 # --- data
-parser.add_argument("--train", default="data/toy/pairs_train.jsonl", help="training pairs (any format data.py reads)")
-parser.add_argument("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy")
+parser.add_argument("--train", default="data/toy/pairs_train.jsonl", help="training pairs (any format data.py reads);\n"
+                    "verifier: CoT traces (sft) or pairs (gcpo), default data/toy/cot_train.jsonl / gcpo_train.jsonl")
+parser.add_argument("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy (--toy: its folder)")
 parser.add_argument("--split", default=None, help="split name for hub datasets")
-parser.add_argument("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all)")
+parser.add_argument("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all; verifier: untied pairs)")
 # --- optimisation (batch flags are global totals over ranks and accumulation)
-parser.add_argument("--batch_size", type=int, default=32, help="pairs per optimizer step, all ranks together")
-parser.add_argument("--micro_batch", type=int, default=8, help="pairs per forward on one rank")
+parser.add_argument("--batch_size", type=int, default=32, help="pairs (verifier sft: traces) per optimizer step, all ranks together")
+parser.add_argument("--micro_batch", type=int, default=8, help="pairs (verifier gcpo: traces) per forward on one rank")
 parser.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to run")
 parser.add_argument("--lr_decay_steps", type=int, default=0, help="length of the cosine schedule (0 = max_steps)")
 parser.add_argument("--lr", type=float, default=1e-4, help="peak lr of the backbone (adapters or weights)")
@@ -94,25 +151,47 @@ parser.add_argument("--head_lr", type=float, default=1e-3, help="peak lr of the 
 parser.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
 parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak")
 parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
 parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
 # --- run
 parser.add_argument("--out_dir", default="out/rm", help="checkpoint folder")
 parser.add_argument("--resume", action="store_true", help="continue exactly from out_dir (same flags)")
 parser.add_argument("--log_interval", type=int, default=25, help="steps between log lines")
-parser.add_argument("--eval_interval", type=int, default=250, help="steps between held-out evals + checkpoints")
-parser.add_argument("--eval_batch", type=int, default=32, help="items per forward when scoring")
-parser.add_argument("--seed", type=int, default=0, help="random seed (data order, head init, dropout)")
+parser.add_argument("--eval_interval", type=int, default=250, help="steps between checkpoints (gaussian: each after a held-out eval)")
+parser.add_argument("--eval_batch", type=int, default=32, help="items per forward when scoring (gaussian)")
+parser.add_argument("--seed", type=int, default=0, help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads per CPU process (0 = default)")
 parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps per prompt layout, print the ratio")
-parser.add_argument("--toy", action="store_true", help="toy-world preset (explicit flags win)")
+parser.add_argument("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
+POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "pairs_per_step", "num_traces",
+            "ppo_epochs", "eval_samples", "max_new_tokens")
 
 # The toy recipe (tiny model, 56 px, 2 shared CPU cores): the random vision tower must train too (frozen, its
 # 32-wide random features hide the noise that visual quality is about); small batches buy more updates per second.
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=600, warmup_steps=50,
            eval_interval=200, log_interval=50, out_dir="out/rm_toy")
-RESERVED = ("overall",)  # score() keys that cannot be dimension names
+# --mode verifier's own defaults. No LoRA dropout: sampling and training must see one policy for the PPO ratio.
+# Adapters on lm_head too: with a frozen vocabulary projection a model cannot sharpen its next-token
+# distribution much (the tiny random one cannot learn the answer template at all).
+VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, max_steps=100, warmup_steps=10,
+                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, micro_batch=16,
+                beta2=0.99, val_max=64, log_interval=10, eval_interval=100)
+# The verifier's toy recipe: the tiny random VLM needs its 56 px images upscaled to 112 px (16 visual tokens
+# each), a trainable vision tower and full-rank adapters (rank 64 = its width) before its answers depend on
+# the image at all (the answer format alone is learnt in ~150 steps). GCPO samples at the scoring temperature,
+# so it sharpens the policy that Avg@K uses, with a KL leash to the SFT model: at T=1 and lr 3e-3 the format broke.
+VERIFIER_TOY = dict(vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
+                    pairs_per_step=8, temperature=0.7, kl_beta=0.04, val_max=128, out_dir="out/verifier_toy")
+RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
+
+
+def preset(mode, toy):
+    """The defaults a mode (and its --toy recipe) puts over the parser's."""
+    if mode == "verifier":
+        return {**VERIFIER, **(VERIFIER_TOY if toy else {})}
+    return TOY if toy else {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,6 +269,295 @@ def lr_factor(step, warmup, decay_steps, min_ratio):
         return (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, decay_steps - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# verifier: prompts, parsing, EditScore aggregation, GCPO math, sampling with one shared prefill
+
+SCORE_MAX = 10.0       # verifier scores (per principle and final) live in [0, SCORE_MAX]
+EDITSCORE_MAX = 25.0   # EditScore rubric answers are integers 0..25, divided by 2.5 to 0..10
+
+VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short: byte tokens
+EDITSCORE_SC_PROMPT = (
+    "You judge image edits. The first image is the original, the second the edited result. "
+    "Instruction: {instruction}\nRate from 0 to 25: (1) how completely the edit does what the instruction "
+    "asks; (2) how little it over-edits, i.e. changes what it was not asked to change (25 = nothing else "
+    "changed). Reason briefly, then answer with JSON: {{\"reasoning\": \"...\", \"score\": [s1, s2]}}")
+EDITSCORE_PQ_PROMPT = (
+    "You judge the image quality of a generated image. Rate from 0 to 25: (1) how natural it looks "
+    "(lighting, shadows, proportions, sense of depth); (2) how free it is of artifacts (distortion, blur, "
+    "broken objects, watermarks; 25 = none). Reason briefly, then answer with JSON: "
+    "{\"reasoning\": \"...\", \"score\": [s1, s2]}")
+
+
+def encode_prompt(processor, images, text):
+    """One user turn (each image labelled, then the text) through the model's chat template and processor,
+    assistant turn left open. -> unpadded model inputs of batch 1 (mm_token_type_ids marks image tokens:
+    Qwen2.5-VL's 3D rope needs it)."""
+    content = []
+    for i, img in enumerate(images):
+        content += [{"type": "text", "text": "source:" if i < len(images) - 1 else "edited:"}, {"type": "image"}]
+    content.append({"type": "text", "text": "\n" + text})
+    chat = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    enc = processor(text=[chat], images=list(images) or None, return_tensors="pt")
+    return {k: v for k, v in enc.items() if k != "attention_mask"}  # no padding in a batch of one
+
+
+def verifier_prompt(processor, sources, instruction, edited):
+    return encode_prompt(processor, list(sources) + [edited], VERIFIER_PROMPT.format(instruction=instruction))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parsing: a score or None, never a guess
+
+_FENCE = re.compile(r"```[A-Za-z]*")
+# last-resort reader for broken JSON: key (quoted or bare) : number, "number", "a/b", or a [list]
+_KV = re.compile(r"[\"']?([A-Za-z_][\w ]*?)[\"']?\s*[:=]\s*"
+                 r"(\[[^\]\[]*\]|\"[^\"]*\"|'[^']*'|[-+]?[\d.]+(?:\s*/\s*[\d.]+)?)")
+
+
+def _objects(text):
+    """Outermost {...} spans, last first; braces inside double-quoted strings do not count. An object still
+    open at the end (a truncated generation) is returned as is, so its complete fields can be read."""
+    spans, depth, start, in_str, esc = [], 0, 0, False, False
+    for i, ch in enumerate(text):
+        if in_str:
+            esc, in_str = (False, in_str) if esc else (ch == "\\", ch != '"')
+            continue
+        if ch == '"' and depth:
+            in_str = True
+        elif ch == "{":
+            start = i if depth == 0 else start
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append(text[start:i + 1])
+    if depth:
+        spans.append(text[start:])
+    return spans[::-1]
+
+
+def _fields(span):
+    """A JSON-ish object -> flat {lowercase key: raw value}: json.loads when valid (nested dicts flattened one
+    level), else the key: value pairs a regex can still find (single quotes, trailing commas, truncation)."""
+    try:
+        obj = json.loads(span)
+        if isinstance(obj, dict):
+            flat = {}
+            for k, v in obj.items():
+                flat.update({str(k2).lower(): v2 for k2, v2 in v.items()} if isinstance(v, dict) else {})
+            return flat | {str(k).lower(): v for k, v in obj.items() if not isinstance(v, dict)}
+    except ValueError:
+        pass
+    return {k.strip().lower(): v for k, v in _KV.findall(span)}
+
+
+def _number(v, hi):
+    """A finite number from an int/float, a numeric string, or a fraction "a/b" (rescaled to 0..hi)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*[\"']?\s*([-+]?\d+(?:\.\d+)?|[-+]?\.\d+)\s*(?:/\s*(\d+(?:\.\d+)?))?\s*[\"']?\s*", v)
+        if not m or (m[2] is not None and float(m[2]) == 0):
+            return None
+        v = float(m[1]) / float(m[2]) * hi if m[2] else float(m[1])
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def parse_verifier_output(text, hi=SCORE_MAX):
+    """Verifier text -> {"score": s, "principles": {name: x}} with every number in [0, hi], or None.
+    Reads the last JSON object that yields a score (fences, text after it, single quotes, trailing commas and
+    a truncated tail are tolerated). A non-numeric or out-of-range value is dropped, never clipped: an 85 on a
+    0-10 scale is a misunderstanding, not a 10. A missing or invalid "score" falls back to the mean of the
+    valid principle scores (the final score is their summary); no valid number at all -> None."""
+    if not isinstance(text, str):
+        return None
+    text = _FENCE.sub("", text)
+    for span in _objects(text):
+        vals = {k: _number(v, hi) for k, v in _fields(span).items()}
+        vals = {k: v for k, v in vals.items() if v is not None and 0.0 <= v <= hi}
+        final = vals.pop("score", None)
+        if final is None and vals:
+            final = sum(vals.values()) / len(vals)
+        if final is not None:
+            return {"score": final, "principles": vals}
+    # no object: accept only an explicit "... score: x" in free text (the last one)
+    found = [_number(v, hi) for k, v in _KV.findall(text) if k.lower().split()[-1] == "score"]
+    found = [v for v in found if v is not None and 0.0 <= v <= hi]
+    return {"score": found[-1], "principles": {}} if found else None
+
+
+def parse_editscore_output(text, n=2, hi=EDITSCORE_MAX):
+    """EditScore rubric answer -> list of n raw scores in [0, hi] (the "score" list of the last JSON object
+    that has one), or None. All n must be valid: a pair with one bad entry is not half a score."""
+    if not isinstance(text, str):
+        return None
+    for span in _objects(_FENCE.sub("", text)):
+        raw = _fields(span).get("score")
+        if isinstance(raw, str):  # the regex reader keeps "[a, b]" as text
+            raw = re.findall(r"[^,\[\]\s]+", raw)
+        if isinstance(raw, list) and len(raw) == n:
+            vals = [_number(v, hi) for v in raw]
+            if all(v is not None and 0.0 <= v <= hi for v in vals):
+                return vals
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EditScore aggregation and GCPO math (pure functions)
+
+def editscore_aggregate(sc, pq):
+    """EditScore (VIEScore-style) scores averaged over K passes (Avg@K self-ensemble).
+    sc: (B, K, 2) raw 0..25 [edit success, over-editing]; pq: (B, K, 2) raw 0..25 [naturalness, artifacts];
+    NaN rows = unparsed passes. Per pass: PF = success/2.5, C = over-editing/2.5, PQ = min(nat, art)/2.5,
+    overall = sqrt(min(PF, C) * PQ); each is then averaged over its parsed passes (NaN if none).
+    -> dict of (B,) tensors + "unparsed" (B,) = passes where either prompt failed."""
+    sc, pq = sc / (EDITSCORE_MAX / SCORE_MAX), pq / (EDITSCORE_MAX / SCORE_MAX)
+    pf, c, q = sc[..., 0], sc[..., 1], pq.min(-1).values                      # (B, K) each
+    overall = (torch.minimum(pf, c) * q).sqrt()                                # NaN where a prompt failed
+    return {"prompt_following": pf.nanmean(-1), "consistency": c.nanmean(-1), "perceptual_quality": q.nanmean(-1),
+            "overall": overall.nanmean(-1), "unparsed": overall.isnan().sum(-1).float()}
+
+
+def gcpo_rewards(scores_w, scores_l):
+    """GCPO trace rewards (Edit-R1). scores_w: (N,) scores of the traces sampled for the preferred edit,
+    scores_l: (M,) for the rejected one; NaN = unparseable trace.
+      r_w[j] = mean_k 1[t_w[j] > t_l[k]],   r_l[j] = mean_k 1[t_l[j] < t_w[k]]
+    Equal scores count 1/2 (Mann-Whitney): a tie is better than the wrong order, worse than the right one.
+    An unparseable trace gets 0, and a parsed trace beats an unparseable opponent (credit 1): producing a
+    score beats failing to, and since every parsed trace of a group gets the same credit from a broken
+    opponent, that credit cancels in the group normalisation. -> (r_w (N,), r_l (M,)) in [0, 1]."""
+    def credit(own, other, sign):  # (N,), (M,) -> (N, M) credit of own[j] against other[k]
+        d = sign * (own[:, None] - other[None, :])                             # > 0: the preferred order
+        c = (d > 0).float() + 0.5 * (d == 0).float()
+        c = torch.where(other.isnan()[None, :], 1.0, c)
+        return torch.where(own.isnan()[:, None], 0.0, c)
+    return credit(scores_w, scores_l, 1.0).mean(1), credit(scores_l, scores_w, -1.0).mean(1)
+
+
+def group_advantages(r, eps=1e-4):
+    """Advantages normalised within one group (GCPO normalises the winner and the loser group separately):
+    A = (r - mean(r)) / (std(r) + eps). r: (N,) -> (N,); a group with equal rewards gets zeros."""
+    return (r - r.mean()) / (r.std(unbiased=False) + eps)
+
+
+def gcpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, beta=0.0, num_tokens=None):
+    """Token-level PPO-clipped surrogate over all traces (GCPO's policy loss).
+    logp, old_logp, ref_logp, mask: (T, R) per response token of T traces; adv: (T,).
+      ratio = exp(logp - old_logp);  l = max(-A ratio, -A clip(ratio, 1-eps, 1+eps)) + beta * KL
+    KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for KL(pi || ref)) against the
+    reference policy. Averaged over tokens, not traces, so long traces are not down-weighted; num_tokens is
+    the global token count when the batch is split over micro-batches or ranks."""
+    ratio = (logp - old_logp).exp()
+    a = adv[:, None]
+    per_tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    if beta:
+        d = ref_logp - logp
+        per_tok = per_tok + beta * (d.exp() - d - 1)
+    return (per_tok * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling with one shared prefill, and teacher-forced log-probs
+
+def filter_logits(logits, temperature, top_k=0, top_p=1.0):
+    """(B, V) logits -> temperature-scaled logits with -inf outside the top-k / nucleus (top-p) set."""
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    if top_p < 1.0:
+        sorted_l, idx = logits.sort(-1, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) > top_p                              # mass before this token > p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def unwrap(model):
+    """The HF Qwen2.5-VL model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def answer_logits(model, logits):
+    """(..., V) logits with the vision placeholder tokens removed: an answer never contains them (a sampled
+    <|image_pad|> would break the next forward), and sampling and training must share one policy."""
+    cfg = unwrap(model).config
+    banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    return logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+
+
+@torch.no_grad()
+def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
+    """K = len(seeds) sampled continuations of ONE prompt: prefill once (batch 1), repeat the KV cache K
+    times, decode the K rows as one batch. Row i draws from its own generator seeded seeds[i], so it yields
+    exactly the tokens an independent run with that seed would. temperature 0 = greedy.
+    enc: encode_prompt output. -> tokens (K, T), old log-probs (K, T) of the sampled tokens under the
+    temperature-scaled policy (what GCPO's ratio is taken against), mask (K, T) (1 up to and incl. EOS)."""
+    dev = next(model.parameters()).device
+    enc = {k: v.to(dev) for k, v in enc.items()}
+    k, L = len(seeds), enc["input_ids"].shape[1]
+    hf = unwrap(model)
+    # Qwen2.5-VL's 3D rope: text positions after the images are shifted by delta; decode positions continue it
+    _, delta = hf.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
+                                       image_grid_thw=enc.get("image_grid_thw"))
+    out = model(**enc, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    logits = answer_logits(model, out.logits[:, -1]).expand(k, -1)
+    gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
+    toks, logps, masks = [], [], []
+    alive = torch.ones(k, dtype=torch.bool, device=dev)  # finished rows keep decoding (cheap), masked out
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
+            nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(k)])
+            lp = (logits / temperature).log_softmax(-1)
+        else:
+            nxt, lp = logits.argmax(-1), logits.log_softmax(-1)
+        toks.append(nxt)
+        logps.append(lp.gather(1, nxt[:, None])[:, 0])
+        masks.append(alive)
+        alive = alive & (nxt != eos_id)
+        if not alive.any():
+            break
+        pos = torch.full((1, k, 1), L + t, device=dev)
+        pos = torch.cat([pos, pos.expand(3, k, 1) + delta.view(1, -1, 1)])   # (4, K, 1): text + 3D rope rows
+        out = model(input_ids=nxt[:, None], past_key_values=cache, position_ids=pos, use_cache=True)
+        cache, logits = out.past_key_values, answer_logits(model, out.logits[:, -1])
+    return torch.stack(toks, 1).cpu(), torch.stack(logps, 1).cpu(), torch.stack(masks, 1).float().cpu()
+
+
+def collate(encs, responses, pad_id):
+    """Prompts (encode_prompt outputs) left-padded so all end at column P, responses (lists of ids)
+    right-padded after them: the response tokens of every row sit in columns P..P+R-1.
+    -> model inputs, responses (B, R), response mask (B, R)."""
+    B, P = len(encs), max(e["input_ids"].shape[1] for e in encs)
+    R = max(len(r) for r in responses)
+    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn, mm = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.int)
+    resp, rmask = torch.full((B, R), pad_id, dtype=torch.long), torch.zeros(B, R)
+    for b, (e, r) in enumerate(zip(encs, responses)):
+        lp = e["input_ids"].shape[1]
+        ids[b, P - lp:P], mm[b, P - lp:P] = e["input_ids"][0], e["mm_token_type_ids"][0]
+        ids[b, P:P + len(r)], resp[b, :len(r)] = torch.tensor(r), torch.tensor(r)
+        attn[b, P - lp:P + len(r)], rmask[b, :len(r)] = 1, 1
+    inputs = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm}
+    with_img = [e for e in encs if "pixel_values" in e]
+    if with_img:
+        inputs.update(pixel_values=torch.cat([e["pixel_values"] for e in with_img]),
+                      image_grid_thw=torch.cat([e["image_grid_thw"] for e in with_img]))
+    return inputs, resp, rmask
+
+
+def response_logprobs(model, inputs, resp, temperature=1.0):
+    """Teacher-forced log-probs of the response tokens (collate layout). -> (B, R)."""
+    dev = next(model.parameters()).device
+    R = resp.shape[1]
+    out = model(**{k: v.to(dev) for k, v in inputs.items()}, logits_to_keep=R + 1)
+    logits = answer_logits(model, out.logits[:, :-1]) / temperature             # position t predicts t+1
+    return logits.log_softmax(-1).gather(2, resp.to(dev)[..., None])[..., 0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,11 +642,12 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
 
 def setup_lora(model, rank, alpha, dropout, targets, vision="frozen"):
     """Wrap `model` with peft LoRA adapters on the named linear layers of the language model (and of the
-    vision tower when vision == "lora"; vision == "train" trains the tower in full and saves it with the adapter)."""
+    vision tower when vision == "lora"; vision == "train" trains the tower in full and saves it with the adapter).
+    A top-level layer such as lm_head is matched by its bare name."""
     from peft import LoraConfig, get_peft_model
     names = "|".join(t.strip() for t in targets.split(",") if t.strip())
     scope = "" if vision == "lora" else r"(?!.*visual)"  # a regex so the tower's same-named layers are skipped
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf"^{scope}.*\.({names})$",
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf"^{scope}(.*\.)?({names})$",
                         modules_to_save=["visual"] if vision == "train" else None)
     return get_peft_model(model, config)
 
@@ -294,6 +663,13 @@ def ddp_setup(device="auto"):
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
+
+
+def all_sum(x):
+    """Sum a tensor over ranks, in place (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
 
 
 def resolve_dtype(name, device):
@@ -319,8 +695,8 @@ class GaussianHead(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """A VLM backbone (+ LoRA) that scores (source(s), instruction, edited image). Build with RewardModel(flags)
-    from a flags dict (the JSON saved beside every checkpoint), or with from_pretrained(out_dir | "tiny")."""
+    """A VLM backbone (+ LoRA) that scores (source(s), instruction, edited image), in either mode. Build with
+    RewardModel(flags) from a flags dict (the JSON saved beside every checkpoint), or with from_pretrained()."""
 
     REWARD_TOKEN = "<|reward|>"
 
@@ -329,13 +705,24 @@ class RewardModel(nn.Module):
         self.flags, self.mode = dict(flags), flags["mode"]
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}, expected one of {MODES}")
-        self.dims = [d for d in flags["dims"].split(",") if d]
+        device, full, verifier = torch.device(device), flags["finetune"] == "full", self.mode == "verifier"
+        if verifier and full:
+            raise ValueError("--mode verifier trains LoRA adapters: GCPO's KL reference is the model with its adapter off")
+        if verifier and flags["init"]:
+            # GCPO: a fresh adapter over the SFT model with the SFT adapter merged in, so that disabling the new
+            # adapter gives the SFT policy (the KL reference). The base, pixel bounds and principles come with it.
+            parent = RewardModel.from_pretrained(flags["init"], device)
+            backbone, self.processor = parent.backbone.merge_and_unload(), parent.processor
+            self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
+                              init=os.path.abspath(flags["init"]))
+        else:
+            backbone, self.processor = load_backbone(flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"],
+                                                     flags["max_pixels"], os.path.join(weights, "backbone") if weights and full else None)
+        self.dims = [d for d in self.flags["dims"].split(",") if d]
+        if verifier and flags["rubric"] == "editscore":
+            self.dims = list(RUBRIC_DIMS)
         if set(self.dims) & set(RESERVED) or len(set(self.dims)) != len(self.dims):
             raise ValueError(f"--dims must be distinct and not {RESERVED}: {self.dims}")
-        device = torch.device(device)
-        full = flags["finetune"] == "full"
-        backbone, self.processor = load_backbone(flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"],
-                                                 flags["max_pixels"], os.path.join(weights, "backbone") if weights and full else None)
         self.reward_id = None
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])
@@ -351,11 +738,11 @@ class RewardModel(nn.Module):
             if full:
                 backbone.requires_grad_(True)
                 out_emb = backbone.get_output_embeddings()  # unused by the head; DDP rejects trainable unused weights
-                if self.mode == "gaussian" and out_emb.weight is not backbone.get_input_embeddings().weight:
+                if out_emb.weight is not backbone.get_input_embeddings().weight:
                     out_emb.requires_grad_(False)
                 if flags["vision"] != "train":
                     backbone.model.visual.requires_grad_(False)
-            else:
+            elif not verifier or weights or flags["stage"] != "eval":  # a verifier that only scores zero-shot needs none
                 backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
                                       flags["lora_targets"], flags["vision"])
         if device.type == "cuda" and flags["grad_ckpt"]:  # non-reentrant: works with frozen inputs and LoRA
@@ -378,11 +765,7 @@ class RewardModel(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
-    def base(self):
-        """The underlying *ForConditionalGeneration (LoRA layers included)."""
-        return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
-
-    # --- prompts
+    # --- gaussian: prompts and forward
     def prompts(self, sources, instructions, edited, dim=None):
         """Processor batch (on self.device) for B items: the instruction, source image(s), the edited image and
         what to rate (every dimension, or only `dim`), ending in the reward token."""
@@ -406,37 +789,54 @@ class RewardModel(nn.Module):
         dims = self.dims if per_dim else [None]
         return [self.prompts(sources, instructions, edited, d) for d in dims]
 
-    # --- forward
     def forward(self, batches):
         """batches from encode() -> mu, log_sigma (B, D). With one batch per dimension, column d comes from
         batch d (the head still sees one hidden state per forward)."""
         cols = []
         for batch in batches:
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
-                hidden = self.base().model(**batch).last_hidden_state
+                hidden = unwrap(self.backbone).model(**batch).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
         if len(cols) == 1:
             return cols[0]
         return (torch.stack([c[0][:, d] for d, c in enumerate(cols)], -1),
                 torch.stack([c[1][:, d] for d, c in enumerate(cols)], -1))
 
+    # --- verifier: sampled answers
+    def answers(self, images, text, num_samples, seed):
+        """num_samples sampled answers to one prompt, from one shared prefill; pass i uses seed + i (EditScore)."""
+        f, tok = self.flags, self.processor.tokenizer
+        toks, _, mask = sample_shared_prefill(self.backbone, encode_prompt(self.processor, images, text),
+                                              [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>"),
+                                              f["max_new_tokens"], f["score_temperature"], f["top_k"], f["top_p"])
+        return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
+
     @torch.no_grad()
-    def score(self, sources, instructions, edited, num_samples=1, batch_size=8):
-        """Scores for B edits -> dict of (B,) float CPU tensors: "overall", one per dimension (mu), and the
-        sigmas "sigma_<dim>", "sigma_overall". Deterministic (eval mode); num_samples is for the verifier mode."""
-        if self.mode != "gaussian":
-            raise ValueError(f"score() has no {self.mode!r} mode")
-        was_training, out = self.training, []
+    def score(self, sources, instructions, edited, num_samples=1, batch_size=8, seed=None):
+        """Scores for B edits -> dict of (B,) float CPU tensors.
+        gaussian: "overall", one per dimension (mu), and the sigmas "sigma_<dim>", "sigma_overall"; deterministic
+          (eval mode), num_samples and seed unused.
+        verifier: "overall" (0..10) and one per principle (or rubric dimension), each the mean over the passes
+          that parsed of num_samples sampled ones (Avg@K; NaN when none did), and "unparsed" (passes that did
+          not). Pass i samples with seed + i (default --score_seed). Items are scored one prompt at a time
+          (its K passes are the batch), so batch_size is not used."""
+        was_training = self.training
         self.eval()
-        for i in range(0, len(edited), batch_size):
-            sl = slice(i, i + batch_size)
-            mu, ls = self(self.encode(sources[sl], instructions[sl], edited[sl], self.flags["per_dim_prompts"]))
-            mu_o, ls_o = fuse_gaussians(mu, ls, self.flags["fuse"])
-            out.append(torch.cat([mu, mu_o[:, None], ls.exp(), ls_o.exp()[:, None]], -1).float().cpu())
+        if self.mode == "verifier":
+            fn = editscore_score if self.flags["rubric"] == "editscore" else verifier_score
+            out = fn(self, sources, instructions, edited, num_samples, self.flags["score_seed"] if seed is None else seed)
+        else:
+            cols = []
+            for i in range(0, len(edited), batch_size):
+                sl = slice(i, i + batch_size)
+                mu, ls = self(self.encode(sources[sl], instructions[sl], edited[sl], self.flags["per_dim_prompts"]))
+                mu_o, ls_o = fuse_gaussians(mu, ls, self.flags["fuse"])
+                cols.append(torch.cat([mu, mu_o[:, None], ls.exp(), ls_o.exp()[:, None]], -1).float().cpu())
+            table = torch.cat(cols) if cols else torch.zeros(0, 2 * len(self.dims) + 2)
+            names = self.dims + ["overall"] + [f"sigma_{d}" for d in self.dims + ["overall"]]
+            out = {n: table[:, j] for j, n in enumerate(names)}
         self.train(was_training)
-        table = torch.cat(out) if out else torch.zeros(0, 2 * len(self.dims) + 2)
-        names = self.dims + ["overall"] + [f"sigma_{d}" for d in self.dims + ["overall"]]
-        return {n: table[:, j] for j, n in enumerate(names)}
+        return out
 
     # --- checkpoints: peft adapter or full weights via save_pretrained, head + reward row as safetensors
     def save_weights(self, path):
@@ -462,12 +862,52 @@ class RewardModel(nn.Module):
                 self.reward_row.data.copy_(extra["reward_row"])
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu"):
-        """A checkpoint folder written by this script, or "tiny" (a random, untrained tiny model)."""
-        if path == "tiny":
-            return cls({**vars(parser.parse_args([])), **TOY}, device).eval()
-        with open(os.path.join(path, "args.json")) as f:
-            return cls(json.load(f), device, weights=path).eval()
+    def from_pretrained(cls, path, device="cpu", **overrides):
+        """A checkpoint folder written by this script (either mode: its args.json says which); "tiny" (a random,
+        untrained tiny Gaussian model); or with mode="verifier" any base VLM (hub name, folder, "tiny"), which
+        then scores zero-shot, e.g. rubric="editscore". overrides replace flags, e.g. max_new_tokens=512."""
+        defaults = vars(parser.parse_args([]))
+        if os.path.exists(os.path.join(path, "args.json")):
+            with open(os.path.join(path, "args.json")) as f:
+                flags = json.load(f)
+            if overrides.get("mode", flags["mode"]) != flags["mode"]:
+                raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
+            return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
+        mode = overrides.get("mode", "gaussian")
+        if mode == "gaussian" and path != "tiny":
+            raise FileNotFoundError(f"{path}: no args.json; a Gaussian reward model needs its trained head")
+        return cls({**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}, device).eval()
+
+
+RUBRIC_DIMS = ("prompt_following", "consistency", "perceptual_quality")  # what the EditScore rubric scores
+
+
+def verifier_score(rm, sources, instructions, edited, num_samples, seed):
+    """Avg@K of the verifier's answers -> RewardModel.score's dict; principles outside rm.dims are dropped so
+    every call returns the same keys."""
+    rows = []
+    for src, ins, ed in zip(sources, instructions, edited):
+        src = src if isinstance(src, (list, tuple)) else [src]
+        for a in rm.answers([load_image(s) for s in src] + [load_image(ed)], VERIFIER_PROMPT.format(instruction=ins),
+                            num_samples, seed):
+            r = parse_verifier_output(a) or {"score": math.nan, "principles": {}}
+            rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in rm.dims])
+    s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, 1 + len(rm.dims))  # (B, K, 1 + P)
+    mean = s.nanmean(1)  # over the passes that gave a number; NaN if none did
+    return {"overall": mean[:, 0], **{p: mean[:, 1 + j] for j, p in enumerate(rm.dims)},
+            "unparsed": s[..., 0].isnan().sum(1).float()}
+
+
+def editscore_score(rm, sources, instructions, edited, num_samples, seed):
+    """EditScore rubric, Avg@K: two prompts per edited image (the edit with its source(s); the edited image
+    alone), K passes each -> editscore_aggregate's dict."""
+    sc, pq = [], []
+    for src, ins, ed in zip(sources, instructions, edited):
+        src, ed = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])], load_image(ed)
+        for images, text, dest in ((src + [ed], EDITSCORE_SC_PROMPT.format(instruction=ins), sc), ([ed], EDITSCORE_PQ_PROMPT, pq)):
+            dest += [parse_editscore_output(a) or [math.nan] * 2 for a in rm.answers(images, text, num_samples, seed)]
+    shape = (len(edited), num_samples, 2)
+    return editscore_aggregate(torch.tensor(sc).reshape(shape), torch.tensor(pq).reshape(shape))
 
 
 def save_checkpoint(out_dir, rm, optimizer, step):
@@ -495,7 +935,7 @@ def load_checkpoint(out_dir, rm, optimizer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# training
+# training, both modes
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(n, seed, epoch):
@@ -503,11 +943,38 @@ def epoch_order(n, seed, epoch):
 
 
 def step_indices(step, n, batch_size, rank, world_size, seed):
-    """The pair indices this rank trains on at `step`: a pure function of the step (seeded permutation per
+    """The item indices this rank trains on at `step`: a pure function of the step (seeded permutation per
     epoch), so resuming needs no data-loader state and ranks never overlap."""
     per_rank = batch_size // world_size
     start = step * batch_size + rank * per_rank
     return [int(epoch_order(n, seed, g // n)[g % n]) for g in range(start, start + per_rank)]
+
+
+def make_optimizer(rm, args):
+    """AdamW: the backbone's trainable weights at --lr, the Gaussian head and reward-token row at --head_lr.
+    Each group keeps its peak lr for the schedule (set_lr)."""
+    is_head = lambda n: n.startswith(("head.", "reward_row"))
+    groups = [([p for n, p in rm.named_parameters() if p.requires_grad and is_head(n) == h], lr)
+              for h, lr in ((False, args.lr), (True, args.head_lr))]
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "peak": lr} for ps, lr in groups if ps],
+                             weight_decay=args.weight_decay, betas=(0.9, args.beta2), foreach=True)
+
+
+def set_lr(optimizer, step, args):
+    for g in optimizer.param_groups:
+        g["lr"] = g["peak"] * lr_factor(step, args.warmup_steps, args.lr_decay_steps or args.max_steps, args.min_lr_ratio)
+
+
+def optimizer_step(optimizer, grad_clip, sum_ranks=False):
+    """(sum_ranks: add up the gradients of all ranks, whose losses are already divided by the global count;
+    the Gaussian mode leaves that to DDP), clip the global grad norm (0 = off), step, zero. -> the norm."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    for p in params if sum_ranks else []:
+        all_sum(p.grad)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
 
 
 def pair_prefs(pairs, dims):
@@ -515,8 +982,34 @@ def pair_prefs(pairs, dims):
     label the preferred edit is better overall, unless the pair is tied or a tie-disentangled sample."""
     tied = [p.tie or p.meta.get("disentangled", False) for p in pairs]
     rows = [[p.prefs.get(d, 0) for d in dims] + [p.prefs.get("overall", 0 if t else 1)] for p, t in zip(pairs, tied)]
-    return torch.tensor(rows, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(pairs), len(dims) + 1)
 
+
+def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
+    """Held-out strict pairwise accuracy per dimension and overall, with RewardModel.score (as bench.py does);
+    pairs are split over ranks and the counts summed. The verifier is judged on overall only, and also gets
+    "tied": the share of pairs whose scores are equal or unparsed (a model blind to the images ties nearly
+    every pair: both images' passes share seeds, so it writes the same answer twice), and "parse": the share
+    of passes that parsed."""
+    mine, verifier = pairs[rank::world_size], rm.mode == "verifier"
+    scores = rm.score([p.sources for p in mine] * 2, [p.instruction for p in mine] * 2,
+                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples=num_samples, batch_size=batch_size)
+    names = ([] if verifier else rm.dims) + ["overall"]
+    prefs = pair_prefs(mine, names[:-1])
+    a_b = lambda s: s.chunk(2) if mine else (s, s)
+    counts = [pairwise_accuracy(*a_b(scores[d]), prefs[:, j]) for j, d in enumerate(names)]
+    if verifier:
+        a, b = a_b(scores["overall"])
+        tied = ((a == b) | a.isnan() | b.isnan()) & (prefs[:, -1] != 0)
+        passes = 2 * len(mine) * num_samples
+        counts += [(int(tied.sum()), counts[-1][1]), (passes - int(scores["unparsed"].sum()), passes)]
+        names += ["tied", "parse"]
+    counts = all_sum(torch.tensor(counts, dtype=torch.float64))
+    return {d: (c[0] / c[1]).item() if c[1] else float("nan") for d, c in zip(names, counts)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gaussian training
 
 def pair_outputs(model, rm, pairs, per_dim):
     """Forward the preferred and rejected edits of B pairs as one batch -> four (B, D + 1) tensors
@@ -526,22 +1019,6 @@ def pair_outputs(model, rm, pairs, per_dim):
     mu_o, ls_o = fuse_gaussians(mu, ls, rm.flags["fuse"])
     mu, ls = torch.cat([mu, mu_o[:, None]], -1), torch.cat([ls, ls_o[:, None]], -1)
     return (*mu.chunk(2), *ls.chunk(2))
-
-
-def evaluate(rm, pairs, batch_size, rank=0, world_size=1):
-    """Held-out strict pairwise accuracy per dimension and overall, with RewardModel.score (as bench.py does);
-    pairs are split over ranks and the counts summed."""
-    mine = pairs[rank::world_size]
-    scores = rm.score([p.sources for p in mine] * 2, [p.instruction for p in mine] * 2,
-                      [p.preferred for p in mine] + [p.rejected for p in mine], batch_size=batch_size)
-    prefs, counts = pair_prefs(mine, rm.dims), []
-    for j, d in enumerate(rm.dims + ["overall"]):
-        s_a, s_b = scores[d].chunk(2) if mine else (scores[d], scores[d])
-        counts.append(pairwise_accuracy(s_a, s_b, prefs[:, j]))
-    counts = torch.tensor(counts, dtype=torch.float64)
-    if world_size > 1:
-        dist.all_reduce(counts)
-    return {d: (c[0] / c[1]).item() if c[1] else float("nan") for d, c in zip(rm.dims + ["overall"], counts)}
 
 
 def train_step(model, rm, optimizer, micro_batches, args, per_dim=False):
@@ -559,12 +1036,8 @@ def train_step(model, rm, optimizer, micro_batches, args, per_dim=False):
             # mean over this micro-batch's terms; accumulation and DDP then average over micro-batches and ranks
             (loss_sum / max(1.0, n.item()) / len(micro_batches)).backward()
         total += torch.stack([loss_sum.detach(), n])
-    if args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], args.grad_clip, foreach=True)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    optimizer_step(optimizer, args.grad_clip)
+    total = all_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -576,15 +1049,12 @@ def train_gaussian(args, rank, world, device):
     train_pairs, val_pairs = load_pairs(args.train, split=args.split), load_pairs(args.val, split=args.split)
     val_pairs = val_pairs[:args.val_max] if args.val_max else val_pairs
     rm = RewardModel(vars(args), device, weights=args.out_dir if args.resume else None)
-    head = [p for n, p in rm.named_parameters() if p.requires_grad and n.startswith(("head.", "reward_row"))]
-    body = [p for n, p in rm.named_parameters() if p.requires_grad and not n.startswith(("head.", "reward_row"))]
-    optimizer = torch.optim.AdamW([{"params": body, "lr": args.lr, "peak": args.lr},
-                                   {"params": head, "lr": args.head_lr, "peak": args.head_lr}],
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.95), foreach=True)
+    optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
     model = nn.parallel.DistributedDataParallel(rm) if world > 1 else rm
     if master:
-        print(f"model {args.model} | {args.finetune} | trainable {sum(p.numel() for p in body + head) / 1e6:.3f}M "
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        print(f"model {args.model} | {args.finetune} | trainable {trainable / 1e6:.3f}M "
               f"| {len(train_pairs)} train pairs | {len(val_pairs)} val pairs | world {world} "
               f"| grad accum {per_rank // args.micro_batch} | from step {step}", flush=True)
 
@@ -604,11 +1074,10 @@ def train_gaussian(args, rank, world, device):
             print(f"benchmark | one prompt {rates[False]:.1f} pairs/s | per-dimension prompts {rates[True]:.1f} pairs/s "
                   f"| ratio {rates[False] / rates[True]:.2f}x", flush=True)
     else:
-        decay, acc, train_time, seen = args.lr_decay_steps or args.max_steps, None, 0.0, 0
+        acc, train_time, seen = None, 0.0, 0
         while step < args.max_steps:
             t0 = time.time()
-            for g in optimizer.param_groups:
-                g["lr"] = g["peak"] * lr_factor(step, args.warmup_steps, decay, args.min_lr_ratio)
+            set_lr(optimizer, step, args)
             torch.manual_seed(args.seed + 1000 * step + rank)  # dropout / MC noise depend on (step, rank) only: exact resume
             loss = train_step(model, rm, optimizer, micro_batches(step), args, args.per_dim_prompts)
             step, seen, train_time = step + 1, seen + args.batch_size, train_time + time.time() - t0
@@ -628,23 +1097,204 @@ def train_gaussian(args, rank, world, device):
     return rm
 
 
+# ----------------------------------------------------------------------------------------------------------
+# verifier training: SFT cold start and GCPO
+
+def sft_step(rm, items):
+    """One SFT step on CoT traces, loss on response tokens only (prompt and padding masked out); the response
+    ends in <|im_end|> so the model learns to stop. -> (loss, global response tokens)."""
+    tok = rm.processor.tokenizer
+    encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
+                            load_image(t.edited, t.origin)) for t in items]
+    resps = [tok(t.response).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")] for t in items]
+    inputs, resp, rmask = collate(encs, resps, tok.pad_token_id)
+    logp = response_logprobs(rm.backbone, inputs, resp)
+    ntok = all_sum(rmask.sum().clone())
+    loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)  # mean over every rank's tokens
+    loss.backward()
+    return loss.item() * ntok.item() / max(rmask.sum().item(), 1), ntok.item()
+
+
+def gcpo_rollout(rm, pairs, pair_ids, step, args):
+    """Sample N traces for the preferred and N for the rejected edit of each pair (one shared prefill per
+    image) and turn them into GCPO training rows: prompt, response ids, old log-probs, advantage."""
+    tok, N = rm.processor.tokenizer, args.num_traces
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    rows, stats = [], torch.zeros(3)  # sum of r_w (sampled pairwise accuracy, ties 1/2), parsed traces, traces
+    for gid, p in zip(pair_ids, pairs):
+        srcs = [load_image(s, p.origin) for s in p.sources]
+        scores, sampled = [], []
+        for side, img in enumerate((p.preferred, p.rejected)):
+            enc = verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin))
+            # a seed per (run, step, pair, side, trace): resumed runs and every rank draw their own streams
+            seeds = [((args.seed * 1000003 + step) * 100003 + gid) * 2 * N + side * N + j for j in range(N)]
+            toks, old, mask = sample_shared_prefill(rm.backbone, enc, seeds, eos, args.max_new_tokens, args.temperature)
+            parsed = [parse_verifier_output(tok.decode(t[m.bool()], skip_special_tokens=True)) for t, m in zip(toks, mask)]
+            scores.append(torch.tensor([r["score"] if r else math.nan for r in parsed]))
+            sampled.append((enc, toks, old, mask))
+        r_w, r_l = gcpo_rewards(scores[0], scores[1])
+        for (enc, toks, old, mask), adv in zip(sampled, (group_advantages(r_w), group_advantages(r_l))):
+            for j in range(N):
+                n = int(mask[j].sum())
+                rows.append((enc, toks[j, :n].tolist(), old[j, :n], adv[j]))
+        stats += torch.tensor([r_w.sum().item(), sum((~s.isnan()).sum().item() for s in scores), 2 * N])
+    return rows, stats
+
+
+def gcpo_update(rm, rows, optimizer, args):
+    """--ppo_epochs passes over the rollout rows in micro-batches, one optimizer step per pass.
+    -> (loss, clip fraction, kl, grad norm) of the last pass."""
+    model = rm.backbone
+    ntok = all_sum(torch.tensor(float(sum(len(r[1]) for r in rows))))
+    for _ in range(args.ppo_epochs):
+        tot = torch.zeros(3)  # loss, clipped tokens, kl * tokens
+        for i in range(0, len(rows), args.micro_batch):
+            mb = rows[i:i + args.micro_batch]
+            inputs, resp, rmask = collate([r[0] for r in mb], [r[1] for r in mb], rm.processor.tokenizer.pad_token_id)
+            old = torch.zeros_like(rmask)
+            for b, r in enumerate(mb):
+                old[b, :len(r[2])] = r[2]
+            logp = response_logprobs(model, inputs, resp, args.temperature)
+            dev = logp.device
+            old, rmask, adv = old.to(dev), rmask.to(dev), torch.stack([r[3] for r in mb]).to(dev)
+            ref = None
+            if args.kl_beta:
+                with torch.no_grad(), model.disable_adapter():
+                    ref = response_logprobs(model, inputs, resp, args.temperature)
+            loss = gcpo_loss(logp, old, adv, rmask, args.clip_eps, ref, args.kl_beta, ntok.to(dev))
+            loss.backward()
+            with torch.no_grad():
+                clipped = (((logp - old).exp() - 1).abs() > args.clip_eps).float()
+                d = (ref - logp) if ref is not None else torch.zeros_like(logp)
+                kl = ((d.exp() - d - 1) * rmask).sum().item()
+                tot += torch.tensor([loss.item(), (clipped * rmask).sum().item(), kl])
+        norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
+    tot = all_sum(tot)
+    return tot[0].item(), tot[1].item() / ntok.item(), tot[2].item() / ntok.item(), norm
+
+
+def time_avg_at_k(rm, pairs, k, n_items=8):
+    """Wall time of Avg@1, of Avg@K with one shared prefill, and of K independent generations, same items."""
+    items = pairs[:n_items]
+    batch = ([[load_image(s, p.origin) for s in p.sources] for p in items], [p.instruction for p in items],
+             [load_image(p.preferred, p.origin) for p in items])
+    seed, times = rm.flags["score_seed"], {}
+    for name, runs in (("avg1", [(1, seed)]), (f"avg{k}", [(k, seed)]), (f"indep{k}", [(1, seed + i) for i in range(k)])):
+        t0 = time.perf_counter()
+        for n, s in runs:
+            rm.score(*batch, num_samples=n, seed=s)
+        times[name] = time.perf_counter() - t0
+    return times
+
+
+def train_verifier(args, rank, world, device):
+    """--stage sft | gcpo | eval of the verifier mode. Returns a metrics dict (the --toy driver prints it)."""
+    master = rank == 0
+    if args.stage == "eval":  # a checkpoint (--init), or a plain instruct VLM (--model) scoring zero-shot
+        scoring = {k: getattr(args, k) for k in ("rubric", "score_temperature", "top_p", "top_k", "score_seed", "max_new_tokens")}
+        rm = RewardModel.from_pretrained(args.init, device, **scoring) if args.init else RewardModel(vars(args), device).eval()
+        pairs = [p for p in load_pairs(args.val, split=args.split, disentangle=False) if not p.tie]  # overall only
+        pairs = pairs[:args.val_max] if args.val_max else pairs
+        res = evaluate(rm, pairs, args.eval_batch, rank, world, args.eval_samples)
+        res.update(pairs=len(pairs), ties_half=res["overall"] + res["tied"] / 2)  # ties count 1/2: chance is 0.5
+        if master:
+            print(f"eval {args.init or args.model} | rubric {rm.flags['rubric']} | Avg@{args.eval_samples} | pair acc "
+                  f"{res['overall']:.3f} (ties 1/2: {res['ties_half']:.3f}) on {len(pairs)} | parse rate {res['parse']:.3f}")
+            if args.time_avgk:
+                t, k = time_avg_at_k(rm, pairs, args.eval_samples), args.eval_samples
+                res["times"] = t
+                print(f"Avg@{k} {t[f'avg{k}']:.2f}s vs Avg@1 {t['avg1']:.2f}s: ratio {t[f'avg{k}'] / t['avg1']:.2f}x "
+                      f"(shared prefill) | {k} independent generations {t[f'indep{k}'] / t['avg1']:.2f}x", flush=True)
+        return res
+
+    sft = args.stage == "sft"
+    per_step = args.batch_size if sft else args.pairs_per_step
+    if per_step % world:
+        raise SystemExit(f"--{'batch_size' if sft else 'pairs_per_step'} {per_step} must divide by the world size {world}")
+    rm = RewardModel(vars(args), device, weights=args.out_dir if args.resume else None)
+    rm.eval()  # no dropout anywhere; gradients flow in eval mode all the same
+    optimizer = make_optimizer(rm, args)
+    step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
+    if sft:
+        items = load_traces(args.train or "data/toy/cot_train.jsonl", split=args.split)
+        if not rm.dims:  # the principles the traces teach become the score keys
+            parsed = [parse_verifier_output(t.response) for t in items[:200]]
+            rm.dims = list(dict.fromkeys(k for r in parsed if r for k in r["principles"]))
+            rm.flags["dims"] = ",".join(rm.dims)
+    else:  # a tied pair says nothing about which trace is right
+        items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", split=args.split, disentangle=False)
+                 if not p.tie]
+    t_start, res = time.perf_counter(), {}
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        set_lr(optimizer, step, args)
+        ids = step_indices(step, len(items), per_step, rank, world, args.seed)
+        if sft:
+            loss, ntok = sft_step(rm, [items[i] for i in ids])
+            norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
+            res = {"loss": loss}
+            line = f"loss {loss:.4f} | grad {norm:.2f} | {int(ntok)} tok | {time.perf_counter() - t0:.2f}s"
+        else:
+            rows, st = gcpo_rollout(rm, [items[i] for i in ids], ids, step, args)
+            st, t1 = all_sum(st), time.perf_counter()
+            loss, clip, kl, norm = gcpo_update(rm, rows, optimizer, args)
+            res = {"win": 2 * st[0].item() / st[2].item(), "parse": st[1].item() / st[2].item()}
+            line = (f"win {res['win']:.3f} | parse {res['parse']:.2f} | loss {loss:.4f} | clip {clip:.3f} | kl {kl:.4f} "
+                    f"| grad {norm:.2f} | rollout {t1 - t0:.1f}s train {time.perf_counter() - t1:.1f}s")
+        step += 1
+        if master and (step % args.log_interval == 0 or step == args.max_steps):
+            print(f"step {step}/{args.max_steps} | " + line, flush=True)
+        if master and (step % args.eval_interval == 0 or step == args.max_steps):
+            save_checkpoint(args.out_dir, rm, optimizer, step)
+        if world > 1:
+            dist.barrier()  # nobody reads a half-written checkpoint
+    res["time"] = time.perf_counter() - t_start
+    return res
+
+
+def run_toy(args, device):
+    """The verifier's CPU demo: SFT -> eval -> GCPO from the SFT model -> eval (same pairs, same seeds)."""
+    if "RANK" in os.environ:
+        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run the stages (--stage sft/gcpo/eval)")
+    data, out = os.path.dirname(args.val), args.out_dir
+    stage = lambda **kw: train_verifier(argparse.Namespace(**vars(args) | kw), 0, 1, device)
+    sft = stage(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", max_steps=args.toy_sft_steps,
+                init=None, lr=args.toy_sft_lr)
+    ev_sft = stage(stage="eval", init=f"{out}/sft")
+    gcpo = stage(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo", max_steps=args.toy_gcpo_steps,
+                 init=f"{out}/sft", lr=args.toy_gcpo_lr)
+    ev_gcpo = stage(stage="eval", init=f"{out}/gcpo", time_avgk=True)
+    t, k = ev_gcpo["times"], args.eval_samples
+    for name, tr, ev in (("SFT", sft, ev_sft), ("SFT+GCPO", gcpo, ev_gcpo)):
+        print(f"toy {name}: trained {tr['time']:.0f}s | held-out parse {ev['parse']:.3f} | pair acc "
+              f"{ev['overall']:.3f} strict, {ev['ties_half']:.3f} ties 1/2 ({ev['pairs']} pairs, Avg@{k})")
+    print(f"toy Avg@{k}/Avg@1 wall time {t[f'avg{k}'] / t['avg1']:.2f}x shared prefill, "
+          f"{t[f'indep{k}'] / t['avg1']:.2f}x independent")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
 def main(args):
     rank, world, device = ddp_setup(args.device)
     if device.type == "cpu" and args.cpu_threads:
         # small matrices gain little from intra-op threads, and on a shared CPU spinning OpenMP threads made
         # steps 15x slower (measured: 0.26 s/step with 1 thread, 3.5-8.8 s/step with 2, same load)
         torch.set_num_threads(args.cpu_threads)
-    if args.toy and rank == 0 and not os.path.exists(args.train):
+    if args.toy and rank == 0 and not os.path.exists(args.val):
         from data import make_toy
-        make_toy(os.path.dirname(args.train))
+        make_toy(os.path.dirname(args.val))
     if world > 1:
         dist.barrier()
     torch.manual_seed(args.seed)
-    rm = train_gaussian(args, rank, world, device)
+    if args.mode == "verifier":
+        run_toy(args, device) if args.toy else train_verifier(args, rank, world, device)
+    else:
+        rm = train_gaussian(args, rank, world, device)
+        if world > 1:
+            in_sync = check_sync(rm, world)
+            if rank == 0:
+                print(f"ranks in sync: {in_sync}", flush=True)
     if world > 1:
-        in_sync = check_sync(rm, world)
-        if rank == 0:
-            print(f"ranks in sync: {in_sync}", flush=True)
         dist.destroy_process_group()
 
 
@@ -658,6 +1308,9 @@ def check_sync(rm, world):
 
 if __name__ == "__main__":
     args, _ = parser.parse_known_args()
-    if args.toy:
-        parser.set_defaults(**TOY)
-    main(parser.parse_args())
+    parser.set_defaults(**preset(args.mode, args.toy))
+    args = parser.parse_args()
+    for name in POSITIVE:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    main(args)

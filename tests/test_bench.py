@@ -1,5 +1,6 @@
 """bench.py: metrics on hand-worked cases, the EditScore aggregation, smoke runs on a tiny fixture of every
-benchmark format, and kill-and-resume. Fixtures are written here, in each format's real schema."""
+benchmark format and of the verifier mode (a checkpoint with Avg@2, the EditScore rubric zero-shot), and
+kill-and-resume. Fixtures are written here, in each format's real schema."""
 import io
 import json
 import math
@@ -224,9 +225,9 @@ def editreward_data(tmp):
                          ("source_img", "left_output_image", "right_output_image"))
 
 
-def run_bench(tmp, data, *extra):
+def run_bench(tmp, data, *extra, model="tiny"):
     out = tmp / f"report_{os.path.basename(data)}.json"
-    bench.main(["--bench", data, "--model", "tiny", "--device", "cpu", "--cache_dir", str(tmp / "cache"),
+    bench.main(["--bench", data, "--model", model, "--device", "cpu", "--cache_dir", str(tmp / "cache"),
                 "--out", str(out), *extra])
     return json.loads(out.read_text())
 
@@ -261,6 +262,33 @@ def test_smoke_every_format(tmp_path, capsys):
     r = run_bench(tmp_path, genai_bench(tmp_path), "--limit", "3")
     assert r["items"] == 3 and r["pairwise"]["overall"]["human_ties"] == 1
     assert r["unparsed"]["passes"] == 0
+
+
+def test_smoke_verifier_mode(tmp_path):
+    """A tiny verifier checkpoint (30 SFT steps on 8 templated traces: it learns the answer format, not the
+    images) scored with Avg@2 through RewardModel.from_pretrained; then EditScore's rubric zero-shot on the
+    random tiny VLM, which never answers in the rubric's format: every pass is counted, no score is invented."""
+    data = project_pairs(tmp_path)
+    traces = write_jsonl(tmp_path / "traces.jsonl", [
+        {"id": f"t{i}", "instruction": f"edit {i}", "source": f"images/{i % 6}_src.png",
+         "edited": f"images/{i % 6}_a.png", "response": f'follow {i % 4}/4\n{{"follow": {i % 4}, "score": {i}}}'}
+        for i in range(8)])
+    subprocess.run([sys.executable, "rewardmodel.py", "--mode", "verifier", "--stage", "sft", "--train", traces,
+                    "--out_dir", str(tmp_path / "verifier"), "--max_steps", "30", "--batch_size", "8", "--lr", "1e-2",
+                    "--warmup_steps", "3", "--lora_rank", "64", "--lora_alpha", "128", "--max_pixels", "3136"],
+                   cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, check=True,
+                   capture_output=True)
+    r = run_bench(tmp_path, data, "--k", "2", model=str(tmp_path / "verifier"))
+    assert r["k"] == 2 and r["avg_k_over_avg_1_time"] > 0 and r["images"] == 12
+    assert all(isinstance(v[m], float) for v in r["pairwise"].values() for m in ("tie_calibrated", "with_ties"))
+    scores = bench.read_cache(tmp_path / "cache")
+    assert all(set(s) == {"overall", "follow", "unparsed"} for s in scores.values())  # the principle it was taught
+    assert r["unparsed"]["passes"] == sum(s["unparsed"] for s in scores.values()) < 2 * 12  # most passes parse
+
+    r = run_bench(tmp_path, data, "--rubric", "editscore", "--k", "2", "--max_new_tokens", "4", "--limit", "2")
+    assert r["unparsed"] == {"passes": 4 * 2, "images": 4} and r["scored_now"] == 4
+    assert r["pairwise"]["overall"]["without_ties"] == 0.0  # a NaN score never wins a pair
+    assert run_bench(tmp_path, data, "--limit", "2")["scored_now"] == 4  # the Gaussian tiny is another scorer
 
 
 def test_cache_shares_images_and_skips_rescoring(tmp_path):

@@ -1,5 +1,6 @@
-"""Verifier mode: parsers, EditScore aggregation, GCPO math by hand, shared-prefill sampling, and subprocess
-smoke runs (SFT, GCPO with exact resume, torchrun on CPU) of the tiny model."""
+"""rewardmodel.py --mode verifier: parsers, EditScore aggregation, GCPO math by hand, shared-prefill sampling,
+RewardModel.from_pretrained on a verifier checkpoint, and subprocess smoke runs (SFT, GCPO with exact resume,
+torchrun on CPU) of the tiny model."""
 import json
 import math
 import os
@@ -12,13 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from rm_verifier import (VerifierRM, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
-                         group_advantages, parse_editscore_output, parse_verifier_output, response_logprobs,
-                         sample_shared_prefill, verifier_prompt)
-from rewardmodel import load_backbone
+from rewardmodel import (RewardModel, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
+                         group_advantages, load_backbone, parse_editscore_output, parse_verifier_output,
+                         response_logprobs, sample_shared_prefill, verifier_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "rm_verifier.py")
+SCRIPT = os.path.join(ROOT, "rewardmodel.py")
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TOY = 'recolor: follow 3/4; keep 4/4; quality 3/4\n{"follow": 3, "keep": 4, "quality": 3, "score": 6}'
 
@@ -215,14 +215,14 @@ def toy_files(tmp_path_factory):
 
 def _run(args, torchrun=False):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-           else [sys.executable]) + [SCRIPT] + args
+           else [sys.executable]) + [SCRIPT, "--mode", "verifier"] + args
     p = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p.stdout
 
 
 GCPO = ["--stage", "gcpo", "--pairs_per_step", "2", "--num_traces", "2", "--max_new_tokens", "16", "--kl_beta", "0.1",
-        "--lr", "1e-2", "--save_interval", "1", "--log_interval", "1", "--max_pixels", "3136"]
+        "--lr", "1e-2", "--eval_interval", "1", "--log_interval", "1", "--max_pixels", "3136"]
 
 
 @pytest.fixture(scope="module")
@@ -235,10 +235,11 @@ def sft_dir(toy_files):
 
 
 def test_sft_smoke(sft_dir):
-    meta = json.loads((sft_dir / "verifier.json").read_text())
-    assert meta["step"] == 3 and meta["parent"] is None and meta["principles"] == ["follow", "keep", "quality"]
-    assert (sft_dir / "adapter_model.safetensors").exists()
-    rm = VerifierRM.from_pretrained(str(sft_dir), max_new_tokens=8)
+    flags = json.loads((sft_dir / "args.json").read_text())
+    assert flags["mode"] == "verifier" and flags["init"] is None and flags["dims"] == "follow,keep,quality"
+    assert torch.load(sft_dir / "train_state.pt", weights_only=True)["step"] == 3
+    assert (sft_dir / "backbone" / "adapter_model.safetensors").exists()
+    rm = RewardModel.from_pretrained(str(sft_dir), max_new_tokens=8)  # dispatches on args.json's mode
     out = rm.score([_img(0), _img(1)], ["remove the square"] * 2, [_img(2), _img(3)], num_samples=2)
     assert rm.dims == ["follow", "keep", "quality"] and set(out) >= {"overall", "unparsed", *rm.dims}
     assert all(v.shape == (2,) for v in out.values())
@@ -246,16 +247,17 @@ def test_sft_smoke(sft_dir):
 
 
 def test_eval_stage_smoke(toy_files, sft_dir):
-    log = _run(["--stage", "eval", "--init", str(sft_dir), "--val", str(toy_files / "pairs.jsonl"), "--eval_pairs", "2",
+    log = _run(["--stage", "eval", "--init", str(sft_dir), "--val", str(toy_files / "pairs.jsonl"), "--val_max", "2",
                 "--eval_samples", "2", "--max_new_tokens", "8", "--time_avgk"])
     assert "pair acc" in log and "on 2 |" in log and "Avg@2" in log and "independent generations" in log
 
 
-def test_editscore_rubric_counts_unparsed(tiny):
+def test_editscore_rubric_counts_unparsed():
     """A random model never answers in the rubric's format: every pass is counted, no score is invented."""
-    rm = VerifierRM(*tiny, {}, rubric="editscore", max_new_tokens=4)
+    rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", max_new_tokens=4)
+    assert rm.dims == ["prompt_following", "consistency", "perceptual_quality"]
     out = rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=3)
-    assert out["unparsed"].tolist() == [3.0] and out["overall"].isnan().all()
+    assert out["unparsed"].tolist() == [3.0] and all(v.isnan().all() for k, v in out.items() if k != "unparsed")
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +270,7 @@ def gcpo_run(toy_files, sft_dir):
 
 
 def _adapter(path):
-    return load_file(path / "adapter_model.safetensors")
+    return load_file(path / "backbone" / "adapter_model.safetensors")
 
 
 def test_gcpo_resumes_exactly(toy_files, sft_dir, gcpo_run):
@@ -279,7 +281,7 @@ def test_gcpo_resumes_exactly(toy_files, sft_dir, gcpo_run):
     assert "step 1/2" not in log and "step 2/2" in log
     a, b = _adapter(straight), _adapter(split)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((straight / "verifier.json").read_text())["parent"] == str(sft_dir)
+    assert json.loads((straight / "args.json").read_text())["init"] == str(sft_dir)  # the SFT model it builds on
 
 
 def test_torchrun_gcpo_matches_one_process(toy_files, gcpo_run):
