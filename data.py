@@ -795,7 +795,7 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
     return np.clip(img.astype(np.float32) + noise, 0, 255).round().astype(np.uint8)
 
 
-def make_toy(out, seed=0, size=56, n_train=400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
+def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
              editor_wrong=0.65):
     """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}."""
     rng = random.Random(seed)
@@ -943,7 +943,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="data/toy", help="output folder for --toy")
     ap.add_argument("--seed", type=int, default=0, help="toy world seed (same seed, same files)")
     ap.add_argument("--size", type=int, default=56, help="toy image side in pixels")
-    ap.add_argument("--n_train", type=int, default=400, help="training candidate groups (a quarter goes to GCPO)")
+    ap.add_argument("--n_train", type=int, default=2400, help="training candidate groups (a quarter goes to GCPO)")
     ap.add_argument("--n_val", type=int, default=120, help="held-out candidate groups (the toy benchmark)")
     ap.add_argument("--k", type=int, default=4, help="candidates per group")
     ap.add_argument("--n_rl", type=int, default=200, help="RL training prompts")

@@ -91,14 +91,18 @@ def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=N
 
 
 def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0):
-    """A_i = (r_i - mean_g) / (std_g + eps), population std over i's group g, clipped to +-clip. (N,) -> (N,)"""
+    """A_i = (r_i - mean_g) / (std_g + eps), population std over i's group g, clipped to +-clip. (N,) -> (N,)
+    A NaN reward (an unscored sample: a verifier whose every pass failed to parse) gets A = 0 and stays out of
+    its group's mean and std: no guessed score ever becomes a gradient."""
     r = rewards.float()
+    ok = ~torch.isnan(r)
     _, g = torch.unique(group_ids, return_inverse=True)  # (N,) group index 0..K-1
     K = int(g.max()) + 1
-    count = torch.zeros(K, device=r.device).index_add_(0, g, torch.ones_like(r))
-    mean = torch.zeros(K, device=r.device).index_add_(0, g, r) / count
-    var = torch.zeros(K, device=r.device).index_add_(0, g, (r - mean[g]) ** 2) / count
-    return ((r - mean[g]) / (var.sqrt()[g] + eps)).clamp(-clip, clip)
+    count = torch.zeros(K, device=r.device).index_add_(0, g, ok.float()).clamp(min=1)
+    mean = torch.zeros(K, device=r.device).index_add_(0, g, torch.where(ok, r, 0.0)) / count
+    dev = torch.where(ok, r - mean[g], 0.0)
+    var = torch.zeros(K, device=r.device).index_add_(0, g, dev**2) / count
+    return torch.where(ok, dev / (var.sqrt()[g] + eps), 0.0).clamp(-clip, clip)
 
 
 def gaussian_kl(mean, ref_mean, std):
@@ -871,14 +875,16 @@ if __name__ == "__main__":
         rewards = gather(r_local)
         gids = gather(torch.tensor([g for g, _ in mine], device=device))
         adv_all = group_advantages(rewards, gids, clip=args.adv_clip)
-        stds = torch.stack([rewards[gids == g].std(unbiased=False) for g in range(args.prompts_per_step)])
-        keep_all = (stds >= args.min_group_std)[gids] & (stds > 0)[gids]
+        scored = ~torch.isnan(rewards)  # unscored samples (NaN) get no gradient and are counted in the log
+        stds = torch.stack([rewards[(gids == g) & scored].std(unbiased=False).nan_to_num(0.0)
+                            for g in range(args.prompts_per_step)])
+        keep_all = (stds >= args.min_group_std)[gids] & (stds > 0)[gids] & scored
         adv = adv_all[rank * n_local : (rank + 1) * n_local]
         keep = keep_all[rank * n_local : (rank + 1) * n_local].float()
         oracle_corr = float("nan")
         if use_oracle and args.reward != "oracle":  # does the reward model's score track the truth?
             o = gather(torch.tensor([oracle_score(q, im) for q, im in zip(prompts, edits)], device=device))
-            oracle_corr = float(np.corrcoef(rewards.cpu().numpy(), o.cpu().numpy())[0, 1])
+            oracle_corr = float(np.corrcoef(rewards[scored].cpu().numpy(), o[scored].cpu().numpy())[0, 1])
         t_reward = time.time() - t0
 
         # policy update: updates_per_step optimizer steps, each accumulating `accum` micro-batches x SDE steps;
@@ -922,15 +928,16 @@ if __name__ == "__main__":
         kl = float(torch.stack(kls).mean()) if kls else 0.0
         zero = float((stds < max(args.min_group_std, 1e-8)).float().mean())
         total = t_rollout + t_reward + t_train
-        rec = {"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        rec = {"step": step + 1, "reward": float(rewards[scored].mean()), "reward_std": float(rewards[scored].std()),
+               "unscored": int((~scored).sum()),
                "zero_std": zero, "kl": kl, "clip": clipf, "ratio_mean": float(ratio.mean()),
                "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()), "grad_norm": float(grad_norm),
                "distinct_noise": distinct_noise, "rollout_s": t_rollout, "reward_s": t_reward, "train_s": t_train,
                "oracle_corr": oracle_corr}
         history["train"].append(rec)
         print0(f"step {step + 1}/{args.steps} | reward {rec['reward']:.4f} ± {rec['reward_std']:.4f} "
-               f"| zero-std {zero:.2f} "
-               f"| kl {kl:.2e} | clip {clipf:.3f} | ratio {rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, "
+               f"| zero-std {zero:.2f} " + (f"| unscored {rec['unscored']} " if rec["unscored"] else "")
+               + f"| kl {kl:.2e} | clip {clipf:.3f} | ratio {rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, "
                f"{rec['ratio_max']:.5f}] | gnorm {rec['grad_norm']:.2e}"
                + (f" | rm~oracle {oracle_corr:.2f}" if oracle_corr == oracle_corr else "")
                + f" | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {t_train:.1f}s "

@@ -169,9 +169,11 @@ POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_inte
 
 # The toy recipe (tiny model, 56 px, 2 shared CPU cores): the random vision tower must train too (frozen, its
 # 32-wide random features hide the noise that visual quality is about); small batches buy more updates per second.
+# Distinct pairs matter more than epochs: with 1.8k training pairs the model memorised them (train loss 0.1, held-out
+# overall 0.70); 10.8k pairs seen under twice gave 0.81 in 4 min. 112 px images were slower and no better (0.72).
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
-           head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=600, warmup_steps=50,
-           eval_interval=200, log_interval=50, out_dir="out/rm_toy")
+           head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
+           eval_interval=300, log_interval=100, out_dir="out/rm_toy")
 # --mode verifier's own defaults. No LoRA dropout: sampling and training must see one policy for the PPO ratio.
 # Adapters on lm_head too: with a frozen vocabulary projection a model cannot sharpen its next-token
 # distribution much (the tiny random one cannot learn the answer template at all).

@@ -89,6 +89,13 @@ def test_group_advantages_by_hand():
     torch.testing.assert_close(big, torch.tensor([-1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), 1.5]), atol=1e-3, rtol=0)
 
 
+def test_group_advantages_leave_unscored_samples_out():
+    # group 0: 1, NaN, 3 -> stats over {1, 3} (mean 2, std 1), the NaN gets 0; group 1 is all NaN -> zeros
+    nan = float("nan")
+    adv = grpo.group_advantages(torch.tensor([1.0, nan, 3.0, nan, nan]), torch.tensor([0, 0, 0, 1, 1]), eps=0.0)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0]))
+
+
 def test_grpo_loss_by_hand():
     old = torch.zeros(4)
     new = torch.log(torch.tensor([1.0, 1.3, 0.6, 1.05]))
