@@ -79,7 +79,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import DIMS, load_image, load_pairs, load_traces
+from data import BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, load_image, load_pairs, load_traces
 
 MODES = ("gaussian", "verifier")
 
@@ -280,7 +280,7 @@ def lr_factor(step, warmup, decay_steps, min_ratio):
 SCORE_MAX = 10.0       # verifier scores (per principle and final) live in [0, SCORE_MAX]
 EDITSCORE_MAX = 25.0   # EditScore rubric answers are integers 0..25, divided by 2.5 to 0..10
 
-VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short: byte tokens
+VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short, for the tiny model
 EDITSCORE_SC_PROMPT = (
     "You judge image edits. The first image is the original, the second the edited result. "
     "Instruction: {instruction}\nRate from 0 to 25: (1) how completely the edit does what the instruction "
@@ -566,6 +566,12 @@ def response_logprobs(model, inputs, resp, temperature=1.0):
 # ----------------------------------------------------------------------------------------------------------
 # backbone: hub / local VLMs and an offline tiny Qwen2.5-VL through the same code path
 
+# The tiny tokenizer learns byte-pair merges on these words (the prompts' and the toy world's), so that each is one
+# token, as frequent words are in a real tokenizer. A byte-level tiny model spent most of its sequence on letters:
+# word tokens make the toy reward model 1.8x faster (pairs/s) at the same accuracy, and verifier answers shorter.
+TINY_WORDS = ("Instruction Source Edited Rate the edit instruction following visual quality Verify each principle then "
+              "JSON scores score follow keep user assistant make remove add a at move to change background "
+              + " ".join([*SHAPE_COLORS, *BG_COLORS, *SHAPES, *CELLS, *EDIT_KINDS]))
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
@@ -586,18 +592,42 @@ def image_only_processor(image_processor, tokenizer, chat_template=None):
                               chat_template=chat_template or tokenizer.chat_template)
 
 
+def learn_merges(words):
+    """Byte-pair encoding learnt on `words` (lists of byte symbols, changed in place): merge the most frequent
+    adjacent pair (ties by name) until every word is one symbol. Deterministic; -> [(left, right)] in rank order."""
+    merges = []
+    while True:
+        counts = {}
+        for w in words:
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        a, b = min(counts, key=lambda p: (-counts[p], p))
+        merges.append((a, b))
+        for w in words:
+            k = 0
+            while k < len(w) - 1:
+                if w[k] == a and w[k + 1] == b:
+                    w[k:k + 2] = [a + b]
+                k += 1
+
+
 def build_tiny_vlm(init_std=0.1):
-    """A random 0.19M-parameter Qwen2_5_VLForConditionalGeneration (hidden 64, 2 layers, vision depth 2) and its
-    processor, built offline: byte-level tokenizer without merges, the Qwen special tokens, a short chat
-    template. Weights come from a fixed seed, so "tiny" names the same model in every process.
+    """A random 0.22M-parameter Qwen2_5_VLForConditionalGeneration (hidden 64, 2 layers, vision depth 2) and its
+    processor, built offline: a byte-level BPE tokenizer whose merges make each of TINY_WORDS one token, the
+    Qwen special tokens, a short chat template. Weights come from a fixed seed, so "tiny" names the same model in every process.
     init_std: HF's 0.02 suits 4096-wide models; at width 64 it leaves the final hidden state nearly the same
     for every input, and the toy reward model sat at chance (visual quality 0.55 -> 0.90 in 150 steps with 0.1)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}  # one token per byte
-    vocab.update({s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
-    tok = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=TINY_TEMPLATE, eos_token="<|im_end|>",
+    b2u = bytes_to_unicode()
+    vocab = {c: i for i, c in enumerate(b2u.values())}  # every byte is a token
+    merges = learn_merges([[b2u[b] for b in form.encode()] for w in sorted(set(TINY_WORDS.split())) for form in (w, " " + w)])
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    vocab.update({s: len(vocab) + i for i, s in enumerate(SPECIAL_TOKENS)})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=TINY_TEMPLATE, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     processor = image_only_processor(Qwen2VLImageProcessorPil(), tok, TINY_TEMPLATE)
