@@ -181,11 +181,12 @@ TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full"
 VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, max_steps=100, warmup_steps=10,
                 lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, micro_batch=16,
                 beta2=0.99, val_max=64, log_interval=10, eval_interval=100)
-# The verifier's toy recipe: the tiny random VLM needs its 56 px images upscaled to 112 px (16 visual tokens
-# each), a trainable vision tower and full-rank adapters (rank 64 = its width) before its answers depend on
-# the image at all (the answer format alone is learnt in ~150 steps). GCPO samples at the scoring temperature,
-# so it sharpens the policy that Avg@K uses, with a KL leash to the SFT model: at T=1 and lr 3e-3 the format broke.
-VERIFIER_TOY = dict(vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
+# The verifier's toy recipe: the tiny random VLM gets its 56 px images upscaled to 112 px (16 visual tokens
+# each) and full-rank adapters (rank 64 = its width). Its vision tower stays frozen: trained by SFT it collapsed
+# (image tokens of norm ~100 that differed by 0.2% between edits) and the answers ignored the edited image
+# (held-out strict pair accuracy 0.10; frozen 0.24). GCPO samples at the scoring temperature, so it sharpens
+# the policy that Avg@K uses, with a KL leash to the SFT model: at T=1 and lr 3e-3 the format broke.
+VERIFIER_TOY = dict(vision="frozen", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
                     pairs_per_step=8, temperature=0.7, kl_beta=0.04, val_max=128, out_dir="out/verifier_toy")
 RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
 
