@@ -30,7 +30,7 @@ The toy world draws shapes on a plain background at 56 px and edits them ("make 
 pixels alone, so it labels the data and later tells whether RL really improved the editor. Candidates are
 made factorially (what the edit does x how noisy the image is) so that quality cannot be guessed from content.
 
-  python data.py --toy --out data/toy                 # write the toy world (~2 min, a progress bar)
+  python data.py --toy --out data/toy                 # write the toy world (~1 min, a progress bar)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
   python data.py --inspect TIGER-Lab/EditReward-Bench --config 2pair --split train
 """
@@ -830,7 +830,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
                 "candidates": [save(c, f"{gid}_c{j}") for j, c in enumerate(cands)], "ranks": ranks,
                 "category": parse_toy_instruction(instruction)[0], "scores": human, "oracle": scores}
 
-    from tqdm import tqdm  # ~40 ms per group: the default world takes about two minutes
+    from tqdm import tqdm  # ~25 ms per group: the default world takes about a minute
     with tqdm(total=n_train + n_val, desc="toy candidate groups", disable=n_train + n_val < 500) as bar:
         train, val = [], []
         for split, n, into in (("train", n_train, train), ("val", n_val, val)):
