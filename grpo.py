@@ -775,6 +775,8 @@ if __name__ == "__main__":
     if args.grad_checkpointing:
         tr.enable_gradient_checkpointing()
     if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_optimizer_state_dict)
         from torch.distributed.fsdp import fully_shard
 
         for block in list(tr.transformer_blocks) + list(getattr(tr, "single_transformer_blocks", [])):
@@ -812,6 +814,9 @@ if __name__ == "__main__":
         from safetensors.torch import save_file
 
         state = {n: full_tensor(q) for n, q in tr.named_parameters() if q.requires_grad}  # collective under FSDP
+        # under FSDP every rank holds a shard of the optimizer state: gather the whole of it (collective too)
+        opt_state = get_optimizer_state_dict(tr, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                                             ) if args.fsdp else opt.state_dict()
         # every rank must hold the same weights: record each rank's checksum (a test reads them)
         sums = gather(torch.stack([v.double().sum() for v in state.values()]).sum().reshape(1).to(device)).tolist()
         if not master:
@@ -822,13 +827,15 @@ if __name__ == "__main__":
                 lora = get_peft_model_state_dict(tr, state_dict={n: v for n, v in state.items() if "lora_" in n})
                 type(editor.pipe).save_lora_weights(d, transformer_lora_layers=lora)
             save_file(state, os.path.join(d, "trainable.safetensors"))
-            torch.save(opt.state_dict(), os.path.join(d, "optimizer.pt"))
+            torch.save(opt_state, os.path.join(d, "optimizer.pt"))
             with open(os.path.join(d, "state.json"), "w") as f:
                 json.dump({"step": step, "history": history, "args": vars(args), "rank_checksums": sums}, f)
 
         atomic_dir(os.path.join(args.out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(args.out_dir, "ckpt"))
 
-    if resume_opt is not None and not args.fsdp:  # FSDP shards the optimizer state: its resume keeps the weights only
+    if resume_opt is not None and args.fsdp:  # the whole state, keyed by parameter name: each rank keeps its shard
+        set_optimizer_state_dict(tr, opt, optim_state_dict=resume_opt, options=StateDictOptions(full_state_dict=True))
+    elif resume_opt is not None:
         opt.load_state_dict(resume_opt)
     if start == 0:
         evaluate(0)

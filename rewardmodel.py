@@ -447,19 +447,28 @@ def group_advantages(r, eps=1e-4):
     return (r - r.mean()) / (r.std(unbiased=False) + eps)
 
 
+KL_CAP = 10.0  # per-token k3 KL cap: one token the policy had nearly ruled out gave KL 1961 and grad norm 25104
+
+
+def k3_kl(ref_logp, logp):
+    """Per-token k3 estimate of KL(pi || ref), exp(d) - d - 1 with d = ref - logp, capped at KL_CAP (its
+    gradient is zero above the cap, so one unlikely token cannot blow up a step)."""
+    d = ref_logp - logp
+    return (d.exp() - d - 1).clamp(max=KL_CAP)
+
+
 def gcpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, beta=0.0, num_tokens=None):
     """Token-level PPO-clipped surrogate over all traces (GCPO's policy loss).
     logp, old_logp, ref_logp, mask: (T, R) per response token of T traces; adv: (T,).
       ratio = exp(logp - old_logp);  l = max(-A ratio, -A clip(ratio, 1-eps, 1+eps)) + beta * KL
     KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased for KL(pi || ref)) against the
-    reference policy. Averaged over tokens, not traces, so long traces are not down-weighted; num_tokens is
-    the global token count when the batch is split over micro-batches or ranks."""
+    reference policy, capped at KL_CAP per token. Averaged over tokens, not traces, so long traces are not
+    down-weighted; num_tokens is the global token count when the batch is split over micro-batches or ranks."""
     ratio = (logp - old_logp).exp()
     a = adv[:, None]
     per_tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     if beta:
-        d = ref_logp - logp
-        per_tok = per_tok + beta * (d.exp() - d - 1)
+        per_tok = per_tok + beta * k3_kl(ref_logp, logp)
     return (per_tok * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
 
 
@@ -1199,8 +1208,7 @@ def gcpo_update(rm, rows, optimizer, args):
             loss.backward()
             with torch.no_grad():
                 clipped = (((logp - old).exp() - 1).abs() > args.clip_eps).float()
-                d = (ref - logp) if ref is not None else torch.zeros_like(logp)
-                kl = ((d.exp() - d - 1) * rmask).sum().item()
+                kl = (k3_kl(ref, logp) * rmask).sum().item() if ref is not None else 0.0
                 tot += torch.tensor([loss.item(), (clipped * rmask).sum().item(), kl])
         norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
     tot = all_sum(tot)

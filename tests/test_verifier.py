@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from rewardmodel import (RewardModel, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
-                         group_advantages, load_backbone, parse_editscore_output, parse_verifier_output,
+from rewardmodel import (KL_CAP, RewardModel, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
+                         k3_kl, group_advantages, load_backbone, parse_editscore_output, parse_verifier_output,
                          response_logprobs, sample_shared_prefill, verifier_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +132,15 @@ def test_gcpo_loss_equals_hand_ppo_surrogate():
     k3 = sum(math.exp(x) - x - 1 for x in (-0.2, 0.0, 0.1))
     got = gcpo_loss(logp, old, adv, mask, 0.2, ref_logp=ref, beta=0.5, num_tokens=6).item()
     assert got == pytest.approx((want * 3 + 0.5 * k3) / 6, rel=1e-6)
+
+
+def test_k3_kl_is_capped_and_its_gradient_stops_at_the_cap():
+    logp = torch.tensor([-0.5, -20.0], requires_grad=True)
+    ref = torch.tensor([-0.7, -1.0])  # d = -0.2 (small) and 19 (a token the policy nearly ruled out)
+    kl = k3_kl(ref, logp)
+    assert kl[0].item() == pytest.approx(math.exp(-0.2) + 0.2 - 1, rel=1e-5) and kl[1].item() == KL_CAP
+    kl.sum().backward()
+    assert logp.grad[0].item() == pytest.approx(1 - math.exp(-0.2), rel=1e-5) and logp.grad[1].item() == 0.0
 
 
 def test_filter_logits():
