@@ -890,11 +890,11 @@ if __name__ == "__main__":
         keep_all = (stds >= args.min_group_std)[gids] & (stds > 0)[gids] & scored
         adv = adv_all[rank * n_local : (rank + 1) * n_local]
         keep = keep_all[rank * n_local : (rank + 1) * n_local].float()
-        oracle_corr = float("nan")
-        if use_oracle and args.reward != "oracle":  # does the reward model's score track the truth?
+        t_reward = time.time() - t0
+        oracle_corr = float("nan")  # a toy-world diagnostic, outside the time split: does the reward track the truth?
+        if use_oracle and args.reward != "oracle":
             o = gather(torch.tensor([oracle_score(q, im) for q, im in zip(prompts, edits)], device=device))
             oracle_corr = float(np.corrcoef(rewards[scored].cpu().numpy(), o[scored].cpu().numpy())[0, 1])
-        t_reward = time.time() - t0
 
         # policy update: updates_per_step optimizer steps, each accumulating `accum` micro-batches x SDE steps;
         # the first update is on-policy, so its ratios are exactly 1
