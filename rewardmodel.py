@@ -37,8 +37,8 @@ Toy numbers (tiny random Qwen2.5-VL, 2 CPU cores). gaussian --toy: 1200 steps in
 instruction following 0.70, visual quality 0.96, overall 0.82 (the tiny model does not learn to compare the
 edit with the source well: README). verifier --toy, ~5 min: SFT learns the answer format (held-out parse rate
 1.000) and, with the vision tower frozen, to look at the edit a little: on 128 held-out pairs (Avg@4) strict
-accuracy 0.242, 0.574 with ties counted 1/2 (chance: 0.5); 40 GCPO steps give 0.273 / 0.582, equal to SFT on
-384 pairs. Avg@4 costs 1.17x Avg@1, against 4.00x for 4 independent generations.
+accuracy 0.242, 0.574 with ties counted 1/2 (chance: 0.5); 40 GCPO steps give 0.336 / 0.578: more decisive,
+not more often right (on 384 pairs 0.344 / 0.625 -> 0.404 / 0.616). Avg@4 costs 1.17x Avg@1, against 4.00x for 4 independent generations.
 The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% -> 78.2%).
 
   python data.py --toy --out data/toy                  # the toy editing world (--toy writes it if missing)
