@@ -23,7 +23,9 @@ triples: on the toy world, noisy ones, which leaves an imperfect and stochastic 
       --group_size 24 --prompts_per_step 4 --micro_batch 4 --grad_checkpointing --offload
   # 8 GPUs, Qwen-Image-Edit with true CFG (--nnodes/--node_rank/--rdzv_endpoint for several nodes)
   torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --true_cfg 4 --num_steps 10 \\
-      --dtype bf16 --resolution 512 --cond_pixels 262144 --group_size 16 --prompts_per_step 8 ...
+      --dtype bf16 --resolution 512 --cond_pixels 262144 --data_dir data/rl --reward rm:out/rm \\
+      --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 --micro_batch 2 --grad_checkpointing --fsdp
+  # (README: the same editors on 1 and 8 GPUs, and what their weights need)
 
 Outputs in --out_dir: one log line per step, eval_*.png / samples_*.png grids, curves.png, history.json,
 sft/transformer.safetensors (the warmed-up editor) and ckpt/ (a symlink to the latest checkpoint):
