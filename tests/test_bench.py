@@ -335,9 +335,10 @@ def test_kill_and_resume_and_torchrun(tmp_path):
     assert len(keys) == len(set(keys)) == 60                             # every image scored exactly once
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *flags, "--batch_size=2",
-                    "--cache_dir", str(tmp_path / "fresh"), "--out", str(tmp_path / "b.json")],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    res = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *flags, "--batch_size=2",
+                          "--cache_dir", str(tmp_path / "fresh"), "--out", str(tmp_path / "b.json")],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
     fresh = json.loads((tmp_path / "b.json").read_text())
     assert len(list((tmp_path / "fresh").glob("*.jsonl"))) == 2 and fresh["scored_now"] == 60
     assert resumed["pairwise"] == fresh["pairwise"]
