@@ -477,6 +477,10 @@ def main(argv=None):
         print(f"report: {args.out}")
     if ddp:
         dist.destroy_process_group()
+        # skip interpreter shutdown: gloo threads that outlive the group sometimes aborted a finished
+        # run there (SIGABRT, "terminate called without an active exception"; 3 of 6 CI runs)
+        print(end="", flush=True)
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1341,6 +1341,10 @@ def main(args):
                 print(f"ranks in sync: {in_sync}", flush=True)
     if world > 1:
         dist.destroy_process_group()
+        # skip interpreter shutdown: gloo threads that outlive the group sometimes aborted a finished
+        # run there (SIGABRT, "terminate called without an active exception"; 3 of 6 CI runs)
+        print(end="", flush=True)
+        os._exit(0)
 
 
 def check_sync(rm, world):
