@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import FORMATS, CandidateGroup, PreferencePair, load_image, load_items, shard
+from data import FORMATS, CandidateGroup, PreferencePair, leave_distributed, load_image, load_items, shard
 
 # ----------------------------------------------------------------------------- metrics (pure functions)
 
@@ -476,11 +476,7 @@ def main(argv=None):
         os.replace(args.out + ".tmp", args.out)
         print(f"report: {args.out}")
     if ddp:
-        dist.destroy_process_group()
-        # skip interpreter shutdown: gloo threads that outlive the group sometimes aborted a finished
-        # run there (SIGABRT, "terminate called without an active exception"; 3 of 6 CI runs)
-        print(end="", flush=True)
-        os._exit(0)
+        leave_distributed()
 
 
 if __name__ == "__main__":

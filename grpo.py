@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from data import load_image, load_prompts, shard, toy_oracle
+from data import leave_distributed, load_image, load_prompts, shard, toy_oracle
 
 # ----------------------------------------------------------------------------- the math
 
@@ -983,8 +983,4 @@ if __name__ == "__main__":
         wandb.finish()
     if ddp:
         dist.barrier()  # no rank tears the group down while another still writes or reads
-        dist.destroy_process_group()
-        # skip interpreter shutdown: gloo threads that outlive the group sometimes aborted a finished
-        # run there (SIGABRT, "terminate called without an active exception"; 3 of 6 CI runs)
-        print(end="", flush=True)
-        os._exit(0)
+        leave_distributed()

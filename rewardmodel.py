@@ -79,7 +79,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, load_image, load_pairs, load_traces
+from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, leave_distributed, load_image, load_pairs,
+                  load_traces)
 
 MODES = ("gaussian", "verifier")
 
@@ -1340,11 +1341,7 @@ def main(args):
             if rank == 0:
                 print(f"ranks in sync: {in_sync}", flush=True)
     if world > 1:
-        dist.destroy_process_group()
-        # skip interpreter shutdown: gloo threads that outlive the group sometimes aborted a finished
-        # run there (SIGABRT, "terminate called without an active exception"; 3 of 6 CI runs)
-        print(end="", flush=True)
-        os._exit(0)
+        leave_distributed()
 
 
 def check_sync(rm, world):
