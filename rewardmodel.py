@@ -38,7 +38,8 @@ instruction following 0.70, visual quality 0.96, overall 0.82 (the tiny model do
 edit with the source well: README). verifier --toy, ~5 min: SFT learns the answer format (held-out parse rate
 1.000) and, with the vision tower frozen, to look at the edit a little: on 128 held-out pairs (Avg@4) strict
 accuracy 0.242, 0.574 with ties counted 1/2 (chance: 0.5); 40 GCPO steps give 0.336 / 0.578: more decisive,
-not more often right (on 384 pairs 0.344 / 0.625 -> 0.404 / 0.616). Avg@4 costs 1.17x Avg@1, against 4.00x for 4 independent generations.
+not more often right (on 384 pairs 0.344 / 0.625 -> 0.404 / 0.616). Avg@4 costs 1.17x Avg@1, against 4.00x
+for 4 independent generations.
 The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% -> 78.2%).
 
   python data.py --toy --out data/toy                  # the toy editing world (--toy writes it if missing)
@@ -172,7 +173,8 @@ POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_inte
 # The toy recipe (tiny model, 56 px, 2 shared CPU cores): the random vision tower must train too (frozen, its
 # 32-wide random features hide the noise that visual quality is about); small batches buy more updates per second.
 # Distinct pairs matter more than epochs: with 1.8k training pairs the model memorised them (train loss 0.1, held-out
-# overall 0.70); 10.8k pairs seen under twice gave 0.81 in 4 min. 112 px images were slower and no better (0.72).
+# overall 0.70); 10.8k pairs seen under twice gave 0.81-0.82 (~80 s with word tokens). 112 px images were
+# slower and no better (0.72).
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
            eval_interval=300, log_interval=100, out_dir="out/rm_toy")
