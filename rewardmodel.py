@@ -35,7 +35,7 @@ An answer that does not parse is counted ("unparsed"), never replaced by a rando
 
 Toy numbers (tiny random Qwen2.5-VL, 2 CPU cores). gaussian --toy: 1200 steps in ~80 s, held-out accuracy
 instruction following 0.70, visual quality 0.96, overall 0.82 (the tiny model does not learn to compare the
-edit with the source well: README). verifier --toy, ~8 min: SFT (vision tower trained) learns the answer
+edit with the source well: README). verifier --toy, ~9 min: SFT (vision tower trained) learns the answer
 format (held-out parse rate 1.000) and to read the edit in part: on all 591 untied held-out pairs (Avg@4)
 strict accuracy 0.442, 0.685 with ties counted 1/2 (chance: 0.5); 40 GCPO steps give 0.438 / 0.674, i.e.
 GCPO does not improve on this SFT model (README). Avg@4 costs 1.16x Avg@1, against 3.99x for 4
@@ -49,7 +49,7 @@ The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% 
   torchrun --nproc_per_node=8 rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct \\
       --train data/editreward_train.parquet --val data/val.jsonl --batch_size 64 --micro_batch 2 \\
       --lr 1e-4 --head_lr 1e-4 --max_pixels 200704 --max_steps 3000 --out_dir out/rm7b   # GPUs (NCCL, bf16)
-  python rewardmodel.py --mode verifier --toy          # SFT, eval, GCPO, eval, Avg@K timing (CPU, ~8 min)
+  python rewardmodel.py --mode verifier --toy          # SFT, eval, GCPO, eval, Avg@K timing (CPU, ~9 min)
   python rewardmodel.py --mode verifier --stage sft --train data/toy/cot_train.jsonl --out_dir out/sft
   python rewardmodel.py --mode verifier --stage gcpo --init out/sft --train data/toy/gcpo_train.jsonl --out_dir out/gcpo
   torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/sft --out_dir out/gcpo
