@@ -738,14 +738,20 @@ def toy_human(scores):
     return lv
 
 
-def toy_cot_response(instruction, scores):
-    """A short templated chain of thought for verifier SFT: the principles the edit must satisfy, a 1..4
-    verdict for each, and a final JSON object (parsed by rewardmodel.parse_verifier_output).
-      'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 7}'
-    score = round(10 * oracle overall), 0..10."""
+COT_SCORES = ("instruction_following", "overall")
+
+
+def toy_cot_response(instruction, scores, cot_score="instruction_following"):
+    """A short templated chain of thought for verifier SFT, as a teacher model would write it: the principles
+    the edit must satisfy, a 1..4 verdict for each, and a final JSON object (rewardmodel.parse_verifier_output).
+      'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
+    score = round(10 * oracle[cot_score]), 0..10. By default the teacher's final score is its instruction-following
+    judgement: it rates quality but leaves it out of the score, while the human-like pair labels weigh both. That
+    is the gap GCPO closes in Edit-R1 (SFT traces from a teacher, GCPO from human preferences). With "overall"
+    the traces already agree with the pair labels and GCPO has nothing to add (README)."""
     kind = (parse_toy_instruction(instruction) or ("edit",))[0]
     f, k, q = (int(toy_level(scores[d])) for d in ("change", "keep", "visual_quality"))
-    score = int(round(10 * scores["overall"]))
+    score = int(round(10 * scores[cot_score]))
     return (f"{kind}: follow {f}/4; keep {k}/4; quality {q}/4\n"
             f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {score}}}')
 
@@ -806,7 +812,7 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
-             editor_wrong=0.65):
+             editor_wrong=0.65, cot_score="instruction_following"):
     """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -866,7 +872,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
     write("gcpo_train.jsonl", [r for r in pair_rows(train[n_train - n_gcpo:]) if not r["tie"]])
     write("pairs_val.jsonl", pair_rows(val))
     write("cot_train.jsonl", [{"id": f"{g['id']}_c{j}", "instruction": g["instruction"], "source": g["source"],
-                               "edited": c, "response": toy_cot_response(g["instruction"], s), "scores": h}
+                               "edited": c, "response": toy_cot_response(g["instruction"], s, cot_score), "scores": h}
                               for g in train[:n_train - n_gcpo]
                               for j, (c, s, h) in enumerate(zip(g["candidates"], g["oracle"], g["scores"]))])
 
@@ -965,6 +971,8 @@ if __name__ == "__main__":
     ap.add_argument("--n_rl_test", type=int, default=48, help="held-out RL prompts")
     ap.add_argument("--n_editor", type=int, default=1000, help="editor warm-up triples")
     ap.add_argument("--editor_wrong", type=float, default=0.65, help="share of editor triples with a wrong target")
+    ap.add_argument("--cot_score", default=COT_SCORES[0], choices=COT_SCORES,
+                    help="what the final score of the SFT traces' teacher follows (the pair labels weigh both dimensions)")
     # --- inspecting any source
     ap.add_argument("--inspect", default=None, help="file, folder or hub name to summarise")
     ap.add_argument("--fmt", default="auto", choices=("auto",) + FORMATS, help="input format (auto: from columns)")
@@ -979,7 +987,7 @@ if __name__ == "__main__":
         import time
         t0 = time.time()
         files = make_toy(args.out, args.seed, args.size, args.n_train, args.n_val, args.n_rl, args.n_rl_test,
-                         args.n_editor, args.k, args.editor_wrong)
+                         args.n_editor, args.k, args.editor_wrong, args.cot_score)
         for name, path in files.items():
             with open(path) as f:
                 print(f"{path}: {sum(1 for _ in f)} rows")

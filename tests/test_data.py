@@ -354,6 +354,14 @@ def _digest(folder):
     return h.hexdigest()
 
 
+def test_toy_cot_response_score_follows_the_chosen_dimension():
+    scores = {"instruction_following": 0.93, "visual_quality": 0.3, "overall": 0.615, "change": 1.0, "keep": 0.93}
+    follow = data.toy_cot_response("make the red circle blue", scores)
+    assert follow == 'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
+    overall = data.toy_cot_response("make the red circle blue", scores, cot_score="overall")
+    assert overall.endswith('"quality": 2, "score": 6}')
+
+
 def test_toy_world_is_deterministic_and_loads(tmp_path):
     kw = dict(n_train=8, n_val=4, n_rl=4, n_rl_test=2, n_editor=6)
     data.make_toy(str(tmp_path / "a"), seed=3, **kw)
@@ -372,6 +380,12 @@ def test_toy_world_is_deterministic_and_loads(tmp_path):
             assert g.scores[i]["overall"] >= g.scores[j]["overall"]
     traces = data.load_traces(f"{a}/cot_train.jsonl")
     assert traces and traces[0].response.count("\n") == 1 and '"score":' in traces[0].response
+    # the teacher's final score follows instruction following alone; its verdicts include quality
+    for t in traces:
+        s = data.toy_oracle(data.load_image(t.sources[0]), t.instruction, data.load_image(t.edited))
+        answer = json.loads(t.response.split("\n")[1])
+        assert answer["score"] == round(10 * s["instruction_following"])
+        assert answer["quality"] == data.toy_level(s["visual_quality"])
     ed = data.load_prompts(f"{a}/editor_train.jsonl")
     assert all(p.target is not None for p in ed)
     for p in ed:  # correct targets really are the oracle's perfect edit
