@@ -741,7 +741,7 @@ def toy_human(scores):
 COT_SCORES = ("instruction_following", "overall")
 
 
-def toy_cot_response(instruction, scores, cot_score="instruction_following"):
+def toy_cot_response(instruction, scores, cot_score=COT_SCORES[0]):
     """A short templated chain of thought for verifier SFT, as a teacher model would write it: the principles
     the edit must satisfy, a 1..4 verdict for each, and a final JSON object (rewardmodel.parse_verifier_output).
       'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
@@ -812,8 +812,10 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
-             editor_wrong=0.65, cot_score="instruction_following"):
+             editor_wrong=0.65, cot_score=COT_SCORES[0]):
     """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}."""
+    if cot_score not in COT_SCORES:
+        raise ValueError(f"cot_score must be one of {COT_SCORES}, got {cot_score!r}")
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     saved = {}
@@ -895,7 +897,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
     write("editor_train.jsonl", prompts(n_editor, "ed", with_target=True))
     with open(os.path.join(out, "toy.json"), "w") as f:
         json.dump({"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k,
-                   "editor_wrong": editor_wrong}, f)
+                   "editor_wrong": editor_wrong, "cot_score": cot_score}, f)
     return saved
 
 

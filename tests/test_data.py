@@ -360,6 +360,8 @@ def test_toy_cot_response_score_follows_the_chosen_dimension():
     assert follow == 'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
     overall = data.toy_cot_response("make the red circle blue", scores, cot_score="overall")
     assert overall.endswith('"quality": 2, "score": 6}')
+    with pytest.raises(ValueError, match="cot_score"):
+        data.make_toy("unused", cot_score="visual_quality")
 
 
 def test_toy_world_is_deterministic_and_loads(tmp_path):
