@@ -80,8 +80,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, leave_distributed, load_image, load_pairs,
-                  load_traces)
+from data import (BG_COLORS, CELLS, COT_SCORES, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, leave_distributed, load_image,
+                  load_pairs, load_traces)
 
 MODES = ("gaussian", "verifier")
 
@@ -1307,6 +1307,13 @@ def run_toy(args, device):
     if "RANK" in os.environ:
         raise SystemExit("--mode verifier --toy runs in one process; under torchrun run the stages (--stage sft/gcpo/eval)")
     data, out = os.path.dirname(args.val), args.out_dir
+    made = None
+    if os.path.exists(os.path.join(data, "toy.json")):
+        with open(os.path.join(data, "toy.json")) as f:
+            made = json.load(f).get("cot_score", "overall (written before --cot_score)")
+    if made not in (None, COT_SCORES[0]):  # an old or non-default world: the README's figures are for the default
+        print(f"note: {data}/cot_train.jsonl scores {made}; the README's toy figures are for {COT_SCORES[0]} "
+              f"(python data.py --toy --out {data} rewrites it)", flush=True)
     stage = lambda **kw: train_verifier(argparse.Namespace(**vars(args) | kw), 0, 1, device)
     sft = stage(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", max_steps=args.toy_sft_steps,
                 init=None, lr=args.toy_sft_lr)
