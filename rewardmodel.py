@@ -19,7 +19,7 @@ form, per dimension and on the fused overall. What differs from the public EditR
 --mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
 must satisfy, verifies each, and ends with one JSON object: a 0..10 number per principle and "score", e.g.
 (data.toy_cot_response)  recolor: follow 4/4; keep 4/4; quality 2/4
-                          {"follow": 4, "keep": 4, "quality": 2, "score": 7}
+                          {"follow": 4, "keep": 4, "quality": 2, "score": 9}
 An answer that does not parse is counted ("unparsed"), never replaced by a random or middle score.
   - Edit-R1 verifier (Guo et al., "Leveraging Verifier-Based RL in Image Editing"; REFERENCE.md section 7):
     SFT cold start on CoT traces (--stage sft), then GCPO, Group Contrastive Preference Optimization
