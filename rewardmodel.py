@@ -1307,9 +1307,9 @@ def run_toy(args, device):
     if "RANK" in os.environ:
         raise SystemExit("--mode verifier --toy runs in one process; under torchrun run the stages (--stage sft/gcpo/eval)")
     data, out = os.path.dirname(args.val), args.out_dir
-    made = None
-    if os.path.exists(os.path.join(data, "toy.json")):
-        with open(os.path.join(data, "toy.json")) as f:
+    made, meta = None, os.path.join(data, "toy.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
             made = json.load(f).get("cot_score", "overall (written before --cot_score)")
     if made not in (None, COT_SCORES[0]):  # an old or non-default world: the README's figures are for the default
         print(f"note: {data}/cot_train.jsonl scores {made}; the README's toy figures are for {COT_SCORES[0]} "
