@@ -11,10 +11,11 @@ form, per dimension and on the fused overall. What differs from the public EditR
   - one forward per (source, edited) yields every dimension; EditReward runs one prompt per dimension
     (--per_dim_prompts reproduces that layout; --benchmark times both);
   - the closed-form loss replaces a 1000-sample Monte-Carlo estimate of E[-log sigmoid(z)] (--loss mc),
-    which always pushes sigma down; here a large sigma really softens a wrong pair;
+    which always pushes sigma down; here a large sigma really softens a wrong pair (--benchmark times both);
   - per-dimension human preferences are used, and ties are disentangled (data.py);
   - LoRA (peft) with separate learning rates for backbone and head, instead of full fine-tuning only.
-  Simplified: no tie likelihood term (tied pairs only enter through disentanglement), one prompt template.
+  - tied pairs enter through disentanglement and, with --tie_weight, a tie likelihood of the same Gaussian model.
+  Simplified: one prompt template.
 
 --mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
 must satisfy, verifies each, and ends with one JSON object: a 0..10 number per principle and "score", e.g.
@@ -44,7 +45,7 @@ The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% 
 
   python data.py --toy --out data/toy                  # the toy editing world (--toy writes it if missing)
   python rewardmodel.py --toy                          # Gaussian: tiny random Qwen2.5-VL, 1 CPU thread, ~1.5 min
-  python rewardmodel.py --toy --benchmark 20           # pairs/s of one prompt vs one prompt per dimension
+  python rewardmodel.py --toy --benchmark 20           # pairs/s of one prompt vs one per dimension; closed form vs MC
   torchrun --standalone --nproc_per_node=2 rewardmodel.py --toy          # same, data-parallel (gloo on CPU)
   torchrun --nproc_per_node=8 rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct \\
       --train data/editreward_train.parquet --val data/val.jsonl --batch_size 64 --micro_batch 2 \\
@@ -108,6 +109,8 @@ parser.add_argument("--sigma_floor", type=float, default=0.05, help="sigma = flo
 parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
 parser.add_argument("--mc_samples", type=int, default=1000, help="draws per pair for --loss mc")
 parser.add_argument("--overall_weight", type=float, default=1.0, help="weight of the fused overall term (a dimension has 1)")
+parser.add_argument("--tie_weight", type=float, default=0.0, help="weight of the tie likelihood term on tied (pair, dimension)s (0 = off)")
+parser.add_argument("--tie_margin", type=float, default=0.5, help="a tie is |score difference| < this margin (mu units)")
 # --- fine-tuning
 parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA adapters (peft) or all weights (gaussian only)")
 parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank")
@@ -165,7 +168,7 @@ parser.add_argument("--eval_batch", type=int, default=32, help="items per forwar
 parser.add_argument("--seed", type=int, default=0, help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads per CPU process (0 = default)")
-parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps per prompt layout, print the ratio")
+parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps per prompt layout and per loss (closed form, MC), print the ratios")
 parser.add_argument("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
 POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "pairs_per_step", "num_traces",
             "ppo_epochs", "eval_samples", "max_new_tokens")
@@ -228,6 +231,16 @@ def bt_loss(mu_w, mu_l):
     return F.softplus(mu_l - mu_w)
 
 
+def gaussian_tie_loss(mu_a, log_sigma_a, mu_b, log_sigma_b, margin=0.5):
+    """Tie likelihood of the same Thurstone model: -log P(|z| < margin), z ~ N(mu_a - mu_b, sigma_a^2 + sigma_b^2),
+    i.e. -log(Phi(hi) - Phi(lo)) with hi = (margin - |dmu|) / s, lo = (-margin - |dmu|) / s, taken in log space so
+    that a far-apart tied pair (|dmu| = 40) still has a finite loss and gradient."""
+    scale = torch.exp(torch.logaddexp(2 * log_sigma_a, 2 * log_sigma_b) / 2)
+    d = (mu_a - mu_b).abs()
+    log_hi, log_lo = torch.special.log_ndtr((margin - d) / scale), torch.special.log_ndtr((-margin - d) / scale)
+    return -(log_hi + torch.log(-torch.expm1(log_lo - log_hi)))  # log(Phi(hi) - Phi(lo)), lo < hi
+
+
 def fuse_gaussians(mu, log_sigma, how="mean"):
     """(B, D) per-dimension Gaussians -> (B,) overall Gaussian.
     mean: the mean of D independent Gaussians, N(mean mu, sum sigma^2 / D^2); min: the dimension with lowest mu."""
@@ -237,10 +250,13 @@ def fuse_gaussians(mu, log_sigma, how="mean"):
     return mu.gather(-1, idx).squeeze(-1), log_sigma.gather(-1, idx).squeeze(-1)
 
 
-def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_samples=1000):
-    """Ranking loss summed over every (pair, dimension) with a strict preference.
+def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_samples=1000, ties=None,
+                    tie_weight=0.0, tie_margin=0.5):
+    """Ranking loss summed over every (pair, dimension) with a strict preference, plus (tie_weight > 0) the
+    Gaussian tie likelihood over every tied (pair, dimension).
     mu_*, ls_*: (B, K) for image a and image b; prefs (B, K) in {+1 a better, -1 b better, 0 skip};
-    weights (K,). Returns (weighted sum, sum of weights) so that micro-batches and ranks average correctly."""
+    ties (B, K) bool; weights (K,). Returns (weighted sum, sum of weights) so that micro-batches and ranks average
+    correctly."""
     a_wins = prefs > 0
     mu_w, mu_l = torch.where(a_wins, mu_a, mu_b), torch.where(a_wins, mu_b, mu_a)
     ls_w, ls_l = torch.where(a_wins, ls_a, ls_b), torch.where(a_wins, ls_b, ls_a)
@@ -251,7 +267,12 @@ def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_
     else:
         terms = bt_loss(mu_w, mu_l)
     mask = (prefs != 0).to(terms.dtype) * weights
-    return (terms * mask).sum(), mask.sum()
+    total, n = (terms * mask).sum(), mask.sum()
+    if tie_weight and ties is not None:
+        tie_mask = (ties & (prefs == 0)).to(terms.dtype) * weights * tie_weight
+        total = total + (gaussian_tie_loss(mu_a, ls_a, mu_b, ls_b, tie_margin) * tie_mask).sum()
+        n = n + tie_mask.sum()
+    return total, n
 
 
 def pairwise_accuracy(score_a, score_b, prefs):
@@ -1036,6 +1057,13 @@ def pair_prefs(pairs, dims):
     return torch.tensor(rows, dtype=torch.long).reshape(len(pairs), len(dims) + 1)
 
 
+def pair_ties(pairs, dims):
+    """(B, D + 1) bool: the pair is a human tie in that dimension (its prefs hold a 0 for it), then overall (a
+    tied pair; a tie-disentangled sample's "overall": 0 is not a tie). A dimension without a label is no tie."""
+    rows = [[p.prefs.get(d, 1) == 0 for d in dims] + [p.tie] for p in pairs]
+    return torch.tensor(rows, dtype=torch.bool).reshape(len(pairs), len(dims) + 1)
+
+
 def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     """Held-out strict pairwise accuracy per dimension and overall, with RewardModel.score (as bench.py does);
     pairs are split over ranks and the counts summed. The verifier is judged on overall only, and also gets
@@ -1072,9 +1100,9 @@ def pair_outputs(model, rm, pairs, per_dim):
     return (*mu.chunk(2), *ls.chunk(2))
 
 
-def train_step(model, rm, optimizer, micro_batches, args, per_dim=False):
-    """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one).
-    Returns the mean loss over every (pair, dimension) term of all ranks."""
+def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=None):
+    """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one),
+    with the ranking loss `loss` (default --loss). Returns the mean loss over every (pair, dimension) term of all ranks."""
     weights = torch.tensor([1.0] * len(rm.dims) + [args.overall_weight], device=rm.device)
     total = torch.zeros(2, device=rm.device)
     for i, pairs in enumerate(micro_batches):
@@ -1083,13 +1111,25 @@ def train_step(model, rm, optimizer, micro_batches, args, per_dim=False):
         with sync:
             mu_a, mu_b, ls_a, ls_b = pair_outputs(model, rm, pairs, per_dim)
             loss_sum, n = preference_loss(mu_a, ls_a, mu_b, ls_b, pair_prefs(pairs, rm.dims).to(rm.device), weights,
-                                          args.loss, args.mc_samples)
+                                          loss or args.loss, args.mc_samples, pair_ties(pairs, rm.dims).to(rm.device),
+                                          args.tie_weight, args.tie_margin)
             # mean over this micro-batch's terms; accumulation and DDP then average over micro-batches and ranks
             (loss_sum / max(1.0, n.item()) / len(micro_batches)).backward()
         total += torch.stack([loss_sum.detach(), n])
     optimizer_step(optimizer, args.grad_clip)
     total = all_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
+
+
+def loss_time(kind, n, mc_samples, repeats=200):
+    """Milliseconds for the forward and backward of one ranking loss over n (pair, dimension) terms, on CPU."""
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(n, generator=g).requires_grad_() for _ in range(4)]
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        loss = gaussian_ranking_loss(*args) if kind == "gaussian" else mc_ranking_loss(*args, mc_samples)
+        loss.sum().backward()
+    return 1000 * (time.perf_counter() - t0) / repeats
 
 
 def train_gaussian(args, rank, world, device):
@@ -1113,17 +1153,26 @@ def train_gaussian(args, rank, world, device):
         idx = step_indices(s, len(train_pairs), args.batch_size, rank, world, args.seed)
         return [[train_pairs[i] for i in idx[j:j + args.micro_batch]] for j in range(0, per_rank, args.micro_batch)]
 
-    if args.benchmark:  # same model, same pairs: only the prompt layout differs
-        seconds = {False: 0.0, True: 0.0}
+    if args.benchmark:  # same model, same pairs: only the prompt layout (or the loss) differs
+        runs = {"one prompt": (False, args.loss), "per-dimension prompts": (True, args.loss)}
+        runs.update({kind: (False, kind) for kind in ("gaussian", "mc") if kind != args.loss})
+        seconds = dict.fromkeys(runs, 0.0)
         for s in range(args.benchmark + 1):
-            for per_dim in (False, True):  # alternate layouts step by step so both see the same machine load
+            for name, (per_dim, kind) in runs.items():  # interleaved step by step: all see the same machine load
                 t0 = time.time()
-                train_step(model, rm, optimizer, micro_batches(s), args, per_dim)
-                seconds[per_dim] += (time.time() - t0) if s else 0.0  # step 0 warms up caches: not timed
-        rates = {k: args.benchmark * args.batch_size / v for k, v in seconds.items()}
+                train_step(model, rm, optimizer, micro_batches(s), args, per_dim, kind)
+                seconds[name] += (time.time() - t0) if s else 0.0  # step 0 warms up caches: not timed
+        ms = {k: 1000 * v / args.benchmark for k, v in seconds.items()}
+        ms.update({k: ms["one prompt"] for k in ("gaussian", "mc") if k == args.loss})
+        loss_ms = {kind: loss_time(kind, per_rank * (len(rm.dims) + 1), args.mc_samples) for kind in ("gaussian", "mc")}
         if master:
-            print(f"benchmark | one prompt {rates[False]:.1f} pairs/s | per-dimension prompts {rates[True]:.1f} pairs/s "
-                  f"| ratio {rates[False] / rates[True]:.2f}x", flush=True)
+            rate = lambda name: 1000 * args.batch_size / ms[name]
+            print(f"benchmark | one prompt {rate('one prompt'):.1f} pairs/s | per-dimension prompts "
+                  f"{rate('per-dimension prompts'):.1f} pairs/s | ratio {ms['per-dimension prompts'] / ms['one prompt']:.2f}x",
+                  flush=True)
+            print(f"benchmark | step closed form {ms['gaussian']:.1f} ms, MC {ms['mc']:.1f} ms | loss alone, fwd+bwd on CPU: "
+                  f"closed form {loss_ms['gaussian']:.3f} ms, MC ({args.mc_samples} draws) {loss_ms['mc']:.3f} ms "
+                  f"| ratio {loss_ms['mc'] / loss_ms['gaussian']:.1f}x", flush=True)
     else:
         acc, train_time, seen = None, 0.0, 0
         while step < args.max_steps:
@@ -1372,4 +1421,6 @@ if __name__ == "__main__":
     for name in POSITIVE:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.tie_weight and (args.loss != "gaussian" or args.tie_margin <= 0):
+        parser.error("--tie_weight needs --loss gaussian and --tie_margin > 0 (the tie term is the probit model's)")
     main(args)

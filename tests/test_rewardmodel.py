@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rewardmodel as R  # noqa: E402
-from data import load_pairs, make_toy  # noqa: E402
+from data import PreferencePair, load_pairs, make_toy  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)  # as rewardmodel.py does on CPU: spinning OpenMP threads crawl on a shared machine
@@ -81,6 +81,50 @@ def test_preference_loss_orients_skips_and_weights():
     total, n = R.preference_loss(mu_a, ls, mu_b, ls, torch.tensor([[1, -1, 0]]), torch.tensor([1.0, 2.0, 5.0]))
     right = R.gaussian_ranking_loss(*t(1.0, 0.0, 0.0, 0.0, dtype=torch.float32))  # both orientations are "right by 1"
     assert n.item() == 3 and total.item() == pytest.approx(3 * right.item())  # n = sum of the weights used
+
+
+@pytest.mark.parametrize("mu_a,s_a,mu_b,s_b,margin", [(0, 0, 0, 0, 0.5), (1, -1, 0, -1, 0.5), (-2, 0.5, 1, 0, 1.0),
+                                                       (0.3, 0.2, 0.1, -0.7, 0.25)])
+def test_gaussian_tie_loss_closed_form(mu_a, s_a, mu_b, s_b, margin):
+    s, d = math.sqrt(math.exp(2 * s_a) + math.exp(2 * s_b)), abs(mu_a - mu_b)
+    want = -math.log(phi_cdf((margin - d) / s) - phi_cdf((-margin - d) / s))
+    assert R.gaussian_tie_loss(*t(mu_a, s_a, mu_b, s_b), margin).item() == pytest.approx(want, rel=1e-9)
+    assert R.gaussian_tie_loss(*t(mu_b, s_b, mu_a, s_a), margin).item() == pytest.approx(want, rel=1e-9)  # symmetric
+
+
+def test_gaussian_tie_loss_far_tied_pair_is_finite_and_pulls_together():
+    # |dmu| = 40 over scale sqrt(2): both Phi terms underflow in float32; the loss ~ -log Phi(-(40 - m) / sqrt 2)
+    mu_a, s_a, mu_b, s_b = t(40.0, 0.0, 0.0, 0.0, dtype=torch.float32)
+    mu_a.requires_grad_(True)
+    loss = R.gaussian_tie_loss(mu_a, s_a, mu_b, s_b, 0.5)
+    loss.backward()
+    x = 39.5 / math.sqrt(2)
+    assert torch.isfinite(loss).all() and torch.isfinite(mu_a.grad).all()
+    assert loss.item() == pytest.approx(x * x / 2 + math.log(x) + 0.5 * math.log(2 * math.pi), rel=1e-3)
+    assert mu_a.grad.item() > 0  # lowering the higher mean raises the tie likelihood
+    # a far tied pair is softened by a large sigma, a close one by a small sigma
+    assert R.gaussian_tie_loss(*t(3.0, 1.0, 0.0, 1.0)) < R.gaussian_tie_loss(*t(3.0, -1.0, 0.0, -1.0))
+    assert R.gaussian_tie_loss(*t(0.0, -1.0, 0.0, -1.0)) < R.gaussian_tie_loss(*t(0.0, 1.0, 0.0, 1.0))
+
+
+def test_preference_loss_adds_tie_terms_only_where_tied():
+    mu_a, mu_b, ls = torch.tensor([[1.0, 0.0, 2.0]]), torch.tensor([[0.0, 1.0, 2.0]]), torch.zeros(1, 3)
+    prefs, ties, w = torch.tensor([[1, 0, 0]]), torch.tensor([[False, True, False]]), torch.tensor([1.0, 2.0, 5.0])
+    right = R.gaussian_ranking_loss(*t(1.0, 0.0, 0.0, 0.0, dtype=torch.float32)).item()
+    tie = R.gaussian_tie_loss(*t(0.0, 0.0, 1.0, 0.0, dtype=torch.float32), 0.5).item()
+    total, n = R.preference_loss(mu_a, ls, mu_b, ls, prefs, w, ties=ties, tie_weight=0.5, tie_margin=0.5)
+    assert n.item() == pytest.approx(1 + 2 * 0.5) and total.item() == pytest.approx(right + 2 * 0.5 * tie)
+    total, n = R.preference_loss(mu_a, ls, mu_b, ls, prefs, w, ties=ties)  # tie_weight 0: as before
+    assert n.item() == 1 and total.item() == pytest.approx(right)
+
+
+def test_pair_ties_reads_dimension_ties_and_overall_ties():
+    pair = lambda prefs, tie: PreferencePair("p", "x", ["s.png"], "a.png", "b.png", prefs, tie)
+    dims = ["instruction_following", "visual_quality"]
+    pairs = [pair({"instruction_following": 0, "visual_quality": 1, "overall": 1}, False),
+             pair({"overall": 0}, True),                                   # a GenAI-Bench tie: no dimension labels
+             pair({"visual_quality": 1, "overall": 0}, False)]             # a tie-disentangled sample: no tie at all
+    assert R.pair_ties(pairs, dims).tolist() == [[True, False, False], [False, False, True], [False, False, False]]
 
 
 def test_pairwise_accuracy_and_schedule():
@@ -193,19 +237,28 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tie_term_needs_the_probit_loss():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--tie_weight=1", "--loss=mc"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--tie_weight needs --loss gaussian" in proc.stderr
+
+
 def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
     out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=8",
                "--micro_batch=2", "--max_steps=3", "--log_interval=1", "--head_hidden=32", "--val_max=4",
-               f"--out_dir={tmp_path}/ddp"],
+               "--tie_weight=1", f"--out_dir={tmp_path}/ddp"],
               cmd=[os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"])
     assert "world 2 | grad accum 2" in out and "ranks in sync: True" in out
     assert len(step_lines(out)) == 3 and "final held-out accuracy" in out
 
 
-def test_benchmark_prints_both_layouts(toy, tmp_path):
+def test_benchmark_prints_both_layouts_and_both_losses(toy, tmp_path):
     out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--benchmark=1",
                "--batch_size=4", "--micro_batch=4", f"--out_dir={tmp_path}/bm"])
     assert re.search(r"benchmark \| one prompt [\d.]+ pairs/s \| per-dimension prompts [\d.]+ pairs/s \| ratio [\d.]+x", out)
+    m = re.search(r"benchmark \| step closed form ([\d.]+) ms, MC ([\d.]+) ms \| loss alone, fwd\+bwd on CPU: "
+                  r"closed form ([\d.]+) ms, MC \(1000 draws\) ([\d.]+) ms \| ratio [\d.]+x", out)
+    assert m and all(float(v) > 0 for v in m.groups())
 
 
 def test_tiny_model_is_identical_in_every_process():
