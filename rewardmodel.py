@@ -13,8 +13,11 @@ form, per dimension and on the fused overall. What differs from the public EditR
   - the closed-form loss replaces a 1000-sample Monte-Carlo estimate of E[-log sigmoid(z)] (--loss mc),
     which always pushes sigma down; here a large sigma really softens a wrong pair (--benchmark times both);
   - per-dimension human preferences are used, and ties are disentangled (data.py);
-  - LoRA (peft) with separate learning rates for backbone and head, instead of full fine-tuning only.
-  - tied pairs enter through disentanglement and, with --tie_weight, a tie likelihood of the same Gaussian model.
+  - LoRA (peft) with separate learning rates for backbone and head, instead of full fine-tuning only;
+  - tied pairs enter through disentanglement and, with --tie_weight, a tie likelihood of the same Gaussian model;
+  - --pair_view: the source and the edit as the two temporal frames of ONE visual input (Qwen-VL's patch
+    embedding spans 2 frames), so every image token sees a patch before and after the edit, at half the tokens
+    (on the toy: far better instruction following, worse quality; on real weights it is untested).
   Simplified: one prompt template.
 
 --mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
@@ -103,6 +106,8 @@ parser.add_argument("--grad_ckpt", type=int, default=1, choices=[0, 1], help="gr
 parser.add_argument("--pool", default="reward", choices=["reward", "last"], help="head reads the added reward token, or the last token")
 parser.add_argument("--fuse", default="mean", choices=["mean", "min"], help="overall = mean of the dimension Gaussians, or the worst one")
 parser.add_argument("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
+parser.add_argument("--pair_view", type=int, nargs="?", const=1, default=0, choices=[0, 1], help="1: source and edited as the 2 temporal frames of "
+                    "one visual input (Qwen-VL patch embedding): half the image tokens, every patch sees both images")
 parser.add_argument("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
 parser.add_argument("--head_dropout", type=float, default=0.05, help="dropout inside the head")
 parser.add_argument("--sigma_floor", type=float, default=0.05, help="sigma = floor + softplus(raw), never a hard clamp")
@@ -177,7 +182,9 @@ POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_inte
 # 32-wide random features hide the noise that visual quality is about); small batches buy more updates per second.
 # Distinct pairs matter more than epochs: with 1.8k training pairs the model memorised them (train loss 0.1, held-out
 # overall 0.70); 10.8k pairs seen under twice gave 0.81-0.82 (~80 s with word tokens). 112 px images were
-# slower and no better (0.72).
+# slower and no better (0.72). --pair_view 1 at 84 px (one token per cell of the toy's 3x3 scenes) compares the
+# edit with its source far better (instruction following 0.68 -> 0.77 over eight seeds) but sees quality worse
+# (0.94 -> 0.91), and as grpo.py's reward it lifted the editor less (README): not the preset.
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
            eval_interval=300, log_interval=100, out_dir="out/rm_toy")
@@ -332,6 +339,29 @@ def encode_prompt(processor, images, text):
                                          add_generation_prompt=True)
     enc = processor(text=[chat], images=list(images) or None, return_tensors="pt")
     return {k: v for k, v in enc.items() if k != "attention_mask"}  # no padding in a batch of one
+
+
+def pair_frames(image_processor, pixel_values, grid_thw, images_per_item, edits):
+    """--pair_view: Qwen-VL patchifies a still image as 2 identical temporal frames, each row of pixel_values
+    being (channel, frame, patch_h, patch_w). Write each edited image into frame 1 of its item's first image (the
+    source, same size), so that the 3D patch embedding sees source and edit at every patch.
+    pixel_values (N, C*T*P*P); grid_thw (I, 3) per image; images_per_item: images of each item; edits: one each."""
+    T, P = getattr(image_processor, "temporal_patch_size", None), getattr(image_processor, "patch_size", None)
+    if T != 2 or not P or pixel_values.shape[1] != 3 * T * P * P:
+        raise ValueError("--pair_view needs a Qwen-VL style image processor (temporal_patch_size 2, RGB patches)")
+    rows = grid_thw.prod(-1).tolist()                                           # patch rows of each image
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    firsts = [sum(images_per_item[:i]) for i in range(len(images_per_item))]   # each item's first image
+    edited = image_processor(images=edits, return_tensors="pt")["pixel_values"].to(pixel_values.dtype)
+    out, e = pixel_values.clone(), 0
+    for i in firsts:
+        n = rows[i]
+        view = out[starts[i]:starts[i] + n].view(n, 3, T, P * P)
+        view[:, :, 1] = edited[e:e + n].view(n, 3, T, P * P)[:, :, 1]
+        e += n
+    if e != len(edited):
+        raise ValueError(f"--pair_view: {len(edited)} edited patch rows for {e} source rows (sizes differ?)")
+    return out
 
 
 def verifier_prompt(processor, sources, instruction, edited):
@@ -840,20 +870,31 @@ class RewardModel(nn.Module):
     # --- gaussian: prompts and forward
     def prompts(self, sources, instructions, edited, dim=None):
         """Processor batch (on self.device) for B items: the instruction, source image(s), the edited image and
-        what to rate (every dimension, or only `dim`), ending in the reward token."""
+        what to rate (every dimension, or only `dim`), ending in the reward token. With --pair_view the first
+        source and the edited image become one visual input (pair_frames); further sources stay images."""
         what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
-        texts, images = [], []
+        pair_view, texts, images, edits = self.flags.get("pair_view", False), [], [], []
         for src, instr, ed in zip(sources, instructions, edited):
-            src = src if isinstance(src, (list, tuple)) else [src]
+            src = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])]
             # the instruction comes first so that, in a causal model, the image tokens can already look for it
-            content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * len(src) +
-                       [{"type": "text", "text": " Edited:"}, {"type": "image"},
-                        {"type": "text", "text": f"\nRate the edit's {what}."}])
+            if pair_view:
+                content = [{"type": "text", "text": f"Instruction: {instr}\nSource and edited:"}, {"type": "image"}]
+                if len(src) > 1:
+                    content += [{"type": "text", "text": " Other sources:"}] + [{"type": "image"}] * (len(src) - 1)
+                edits.append(load_image(ed).resize(src[0].size))  # same size, same patch grid as its source
+            else:
+                content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * len(src) +
+                           [{"type": "text", "text": " Edited:"}, {"type": "image"}])
+                src = src + [load_image(ed)]
+            content.append({"type": "text", "text": f"\nRate the edit's {what}."})
             text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                       add_generation_prompt=True)
             texts.append(text + (self.REWARD_TOKEN if self.reward_id is not None else ""))
-            images += [load_image(s) for s in src] + [load_image(ed)]
-        batch = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+            images.append(src)
+        batch = self.processor(text=texts, images=[im for ims in images for im in ims], padding=True, return_tensors="pt")
+        if pair_view:
+            batch["pixel_values"] = pair_frames(self.processor.image_processor, batch["pixel_values"], batch["image_grid_thw"],
+                                                [len(ims) for ims in images], edits)
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def encode(self, sources, instructions, edited, per_dim=False):
@@ -1421,6 +1462,8 @@ if __name__ == "__main__":
     for name in POSITIVE:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.mode == "verifier" and args.pair_view:
+        parser.error("--pair_view is a Gaussian-mode layout; the verifier's prompt shows each image")
     if args.tie_weight and (args.loss != "gaussian" or args.tie_margin <= 0):
         parser.error("--tie_weight needs --loss gaussian and --tie_margin > 0 (the tie term is the probit model's)")
     main(args)

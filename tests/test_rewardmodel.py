@@ -210,6 +210,47 @@ def test_per_dim_layout_gives_one_column_per_prompt(tiny, toy):
         assert torch.allclose(mu[:, d], tiny([b])[0][:, d], atol=1e-6)
 
 
+def test_pair_frames_puts_each_edit_in_frame_one_of_its_source():
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    ip = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 56})
+    rng = torch.Generator().manual_seed(0)
+    a, b, c, d, e = [Image.fromarray(torch.randint(0, 256, (56, 56, 3), generator=rng, dtype=torch.uint8).numpy())
+                     for _ in range(5)]
+    frames = lambda x: x.view(x.shape[0], 3, 2, -1)  # rows as (channel, frame, pixels)
+    alone = lambda im: frames(ip(images=[im], return_tensors="pt")["pixel_values"])
+    enc = ip(images=[a, c, d], return_tensors="pt")  # item 0: source a, edit b; item 1: sources c, d, edit e
+    out = frames(R.pair_frames(ip, enc["pixel_values"], enc["image_grid_thw"], [1, 2], [b, e]))
+    n = alone(a).shape[0]
+    assert torch.equal(out[:n, :, 0], alone(a)[:, :, 0]) and torch.equal(out[:n, :, 1], alone(b)[:, :, 1])
+    assert torch.equal(out[n:2 * n, :, 0], alone(c)[:, :, 0]) and torch.equal(out[n:2 * n, :, 1], alone(e)[:, :, 1])
+    assert torch.equal(out[2 * n:], alone(d))  # a second source stays a still image
+    ip.temporal_patch_size = 1
+    with pytest.raises(ValueError, match="pair_view"):
+        R.pair_frames(ip, enc["pixel_values"], enc["image_grid_thw"], [1, 2], [b, e])
+
+
+def test_pair_view_halves_image_tokens_and_reads_source_and_edit(toy):
+    args = vars(R.parser.parse_args(["--toy"]))
+    pairs = load_pairs(str(toy / "pairs_val.jsonl"))[:2]
+    src, ins = [p.sources for p in pairs], [p.instruction for p in pairs]
+    image_tokens = {}
+    for pair_view in (False, True):
+        rm = R.RewardModel({**args, "pair_view": pair_view, "head_hidden": 32}).eval()
+        pad = rm.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        image_tokens[pair_view] = (rm.prompts(src, ins, [p.preferred for p in pairs])["input_ids"] == pad).sum().item()
+    with torch.no_grad():  # rm has the pair view: another edit, or another source, changes the score
+        base = rm.score(src, ins, [p.preferred for p in pairs])["overall"]
+        assert not torch.equal(base, rm.score(src, ins, [p.rejected for p in pairs])["overall"])
+        assert not torch.equal(base, rm.score([[p.rejected] for p in pairs], ins,
+                                              [p.preferred for p in pairs])["overall"])
+    assert image_tokens[True] * 2 == image_tokens[False] > 0
+    multi = rm.prompts([list(s) + [p.rejected] for s, p in zip(src, pairs)], ins, [p.preferred for p in pairs])
+    assert (multi["input_ids"] == pad).sum().item() == image_tokens[False]  # the pair + one more source image
+    with torch.no_grad():
+        assert rm([multi])[0].shape == (2, len(rm.dims))
+
+
 # ----------------------------------------------------------------------------- runs
 
 def run(args, cmd=None):
