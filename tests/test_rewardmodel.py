@@ -235,18 +235,21 @@ def test_pair_view_halves_image_tokens_and_reads_source_and_edit(toy):
     pairs = load_pairs(str(toy / "pairs_val.jsonl"))[:2]
     src, ins = [p.sources for p in pairs], [p.instruction for p in pairs]
     image_tokens = {}
-    for pair_view in (False, True):
+    for pair_view in (2, 0, 1):
         rm = R.RewardModel({**args, "pair_view": pair_view, "head_hidden": 32}).eval()
         pad = rm.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        image_tokens[pair_view] = (rm.prompts(src, ins, [p.preferred for p in pairs])["input_ids"] == pad).sum().item()
+        batch = rm.prompts(src, ins, [p.preferred for p in pairs])
+        image_tokens[pair_view] = (batch["input_ids"] == pad).sum().item()
+        with torch.no_grad():
+            assert rm([batch])[0].shape == (2, len(rm.dims))
     with torch.no_grad():  # rm has the pair view: another edit, or another source, changes the score
         base = rm.score(src, ins, [p.preferred for p in pairs])["overall"]
         assert not torch.equal(base, rm.score(src, ins, [p.rejected for p in pairs])["overall"])
         assert not torch.equal(base, rm.score([[p.rejected] for p in pairs], ins,
                                               [p.preferred for p in pairs])["overall"])
-    assert image_tokens[True] * 2 == image_tokens[False] > 0
+    assert image_tokens[1] * 2 == image_tokens[0] == image_tokens[2] > 0  # 2: the pair, then the edit alone
     multi = rm.prompts([list(s) + [p.rejected] for s, p in zip(src, pairs)], ins, [p.preferred for p in pairs])
-    assert (multi["input_ids"] == pad).sum().item() == image_tokens[False]  # the pair + one more source image
+    assert (multi["input_ids"] == pad).sum().item() == image_tokens[0]  # the pair + one more source image
     with torch.no_grad():
         assert rm([multi])[0].shape == (2, len(rm.dims))
 
