@@ -880,20 +880,20 @@ class RewardModel(nn.Module):
         what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
         pair_view, texts, images, edits = self.flags.get("pair_view", False), [], [], []
         for src, instr, ed in zip(sources, instructions, edited):
-            src = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])]
+            src, edit = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])], load_image(ed)
             # the instruction comes first so that, in a causal model, the image tokens can already look for it
             if pair_view:
                 content = [{"type": "text", "text": f"Instruction: {instr}\nSource and edited:"}, {"type": "image"}]
                 if len(src) > 1:
                     content += [{"type": "text", "text": " Other sources:"}] + [{"type": "image"}] * (len(src) - 1)
-                edits.append(load_image(ed).resize(src[0].size))  # same size, same patch grid as its source
+                edits.append(edit.resize(src[0].size))  # same size, same patch grid as its source
                 if pair_view == 2:  # the edit on its own too: its quality without the source mixed in
                     content += [{"type": "text", "text": " Edited:"}, {"type": "image"}]
-                    src = src + [load_image(ed)]
+                    src = src + [edit]
             else:
                 content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * len(src) +
                            [{"type": "text", "text": " Edited:"}, {"type": "image"}])
-                src = src + [load_image(ed)]
+                src = src + [edit]
             content.append({"type": "text", "text": f"\nRate the edit's {what}."})
             text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                       add_generation_prompt=True)
@@ -1160,7 +1160,8 @@ def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=No
         with sync:
             mu_a, mu_b, ls_a, ls_b = pair_outputs(model, rm, pairs, per_dim)
             loss_sum, n = preference_loss(mu_a, ls_a, mu_b, ls_b, pair_prefs(pairs, rm.dims).to(rm.device), weights,
-                                          loss or args.loss, args.mc_samples, pair_ties(pairs, rm.dims).to(rm.device),
+                                          loss or args.loss, args.mc_samples,
+                                          pair_ties(pairs, rm.dims).to(rm.device) if args.tie_weight else None,
                                           args.tie_weight, args.tie_margin)
             # mean over this micro-batch's terms; accumulation and DDP then average over micro-batches and ranks
             (loss_sum / max(1.0, n.item()) / len(micro_batches)).backward()
