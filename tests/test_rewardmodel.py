@@ -127,6 +127,15 @@ def test_pair_ties_reads_dimension_ties_and_overall_ties():
     assert R.pair_ties(pairs, dims).tolist() == [[True, False, False], [False, False, True], [False, False, False]]
 
 
+def test_term_weights_curriculum_phases():
+    dims = ["instruction_following", "visual_quality"]
+    assert R.term_weights(dims, 0, 0.5) == [1.0, 1.0, 0.5]  # no curriculum
+    first = dict(first_dims=["instruction_following"], first_steps=3)
+    assert R.term_weights(dims, 0, 0.5, **first) == R.term_weights(dims, 2, 0.5, **first) == [1.0, 0.0, 0.0]
+    assert R.term_weights(dims, 3, 0.5, **first) == [1.0, 1.0, 0.5]  # step first_steps: every term
+    assert R.term_weights(dims, 1, 0.5, ["overall"], 3) == [0.0, 0.0, 0.5]
+
+
 def test_pairwise_accuracy_and_schedule():
     right, total = R.pairwise_accuracy(torch.tensor([1.0, 0.0, 2.0, 5.0]), torch.tensor([0.0, 1.0, 2.0, 5.0]),
                                        torch.tensor([1, -1, 1, 0]))
@@ -200,6 +209,23 @@ def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune):
     assert sorted(os.listdir(tmp_path / "ck")) == ["args.json", "backbone", "head.safetensors", "train_state.pt"]
 
 
+def test_curriculum_first_phase_trains_only_its_dimension(toy):
+    args = R.parser.parse_args(["--toy", "--micro_batch=4", "--batch_size=4", "--first_dims=instruction_following",
+                                "--first_steps=2"])
+    rm = R.RewardModel({**vars(args), "model": "tiny", "head_hidden": 32})
+    pairs = load_pairs(str(toy / "pairs_train.jsonl"))
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    out_w = lambda: rm.head.net[-1].weight.detach().clone()  # rows: mu of each dim, then raw sigma of each dim
+    before = out_w()
+    for step in range(2):
+        R.train_step(rm, rm, opt, [pairs[4 * step:4 * step + 4]], args, step=step)
+    first = out_w()
+    assert not torch.equal(first[[0, 2]], before[[0, 2]])  # instruction following: mu and sigma rows trained
+    assert torch.equal(first[[1, 3]], before[[1, 3]])  # visual quality: no gradient, untouched
+    R.train_step(rm, rm, opt, [pairs[8:12]], args, step=2)  # the curriculum is over
+    assert not torch.equal(out_w()[[1, 3]], before[[1, 3]])
+
+
 def test_per_dim_layout_gives_one_column_per_prompt(tiny, toy):
     pairs = load_pairs(str(toy / "pairs_val.jsonl"))[:2]
     src, ins, ed = [p.sources for p in pairs], [p.instruction for p in pairs], [p.preferred for p in pairs]
@@ -270,8 +296,8 @@ def step_lines(out):
 def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
     flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
              "--micro_batch=2", "--log_interval=1", "--eval_interval=3", "--warmup_steps=2", "--lr_decay_steps=6",
-             "--lora_rank=4", "--head_hidden=32", "--val_max=4"]
-    full = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/a"])
+             "--lora_rank=4", "--head_hidden=32", "--val_max=4", "--first_dims=visual_quality", "--first_steps=4"]
+    full = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/a"])  # the curriculum ends after the resume point
     first = run(flags + ["--max_steps", "3", "--out_dir", f"{tmp_path}/b"])
     second = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/b", "--resume"])
     assert "from step 3" in second and "final held-out accuracy | instruction_following" in second
@@ -281,10 +307,16 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tie_term_needs_the_probit_loss():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--tie_weight=1", "--loss=mc"],
+@pytest.mark.parametrize("flags,message", [(["--tie_weight=1", "--loss=mc"], "--tie_weight needs --loss gaussian"),
+                                           (["--first_steps=5"], "needs both --first_steps >= 1 and --first_dims"),
+                                           (["--first_dims=instruction_following"], "got 0, 'instruction_following'"),
+                                           (["--first_dims=quality", "--first_steps=5"], "got 5, 'quality'"),
+                                           (["--mode=verifier", "--first_dims=overall", "--first_steps=5"],
+                                            "the curriculum is Gaussian-mode only")])
+def test_bad_flag_combinations_are_refused(flags, message):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py")] + flags,
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--tie_weight needs --loss gaussian" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
