@@ -9,6 +9,8 @@ Scores every distinct edited image of a benchmark once (cached on disk, so a kil
   the project's JSONL (EditReward, arXiv 2509.26346): tie-calibrated pairwise accuracy (Deutsch et al.,
   arXiv 2305.14324), accuracy with ties (eps = 0) and without ties, and group accuracy on K-candidate groups.
   "acc w/o ties" is exactly the held-out accuracy rewardmodel.py prints, from the same RewardModel.score.
+  Where the data says what each candidate is (the toy's "outcomes"), that accuracy per pair of outcomes too
+  ("correct > wrong": which mistakes a scorer cannot see).
 - Avg@K self-ensemble (EditScore) is `--k`: the scorer averages K sampled passes per image; with K > 1 the
   wall time of Avg@K over Avg@1 on the first batch is printed.
 
@@ -187,8 +189,10 @@ def score_key(dim, available):
 
 def plan(items, scorer, k, seed):
     """Turn benchmark items into unique scoring units and the comparisons that use them.
-    -> units {key: (sources, instruction, edited, origin)}, comparisons [(dim, human, key_a, key_b, item, task)],
-       groups [(ranks, [keys])]. EditScore-bench rows carry their dimension in meta["dimension"]."""
+    -> units {key: (sources, instruction, edited, origin)}, comparisons [(dim, human, key_a, key_b, outcomes, task)],
+       groups [(ranks, [keys])]. EditScore-bench rows carry their dimension in meta["dimension"]; outcomes names
+       what the human-preferred and the other candidate are, as "correct > wrong", where the data says (the toy's
+       meta["outcomes"]), else ""."""
     memo, units, comps, groups = {}, {}, [], []
 
     def unit(it, img):
@@ -196,18 +200,24 @@ def plan(items, scorer, k, seed):
         units.setdefault(key, (it.sources, it.instruction, img, it.origin))
         return key
 
-    for n, it in enumerate(items):
+    def outcomes(p, h):  # "correct > wrong": the human-preferred candidate's first; "" when unknown or tied
+        o = p.meta.get("outcomes")
+        if not o or h == 0:
+            return ""
+        return f"{o['preferred']} > {o['rejected']}" if h > 0 else f"{o['rejected']} > {o['preferred']}"
+
+    for it in items:
         if isinstance(it, CandidateGroup):
             groups.append((list(it.ranks), [unit(it, c) for c in it.candidates]))
         pairs = it.to_pairs() if isinstance(it, CandidateGroup) else [it]  # per-dimension labels from scores
         for p in pairs:
             a, b = unit(p, p.preferred), unit(p, p.rejected)
             if "dimension" in p.meta:
-                comps.append((p.meta["dimension"], 1, a, b, n, p.category))
+                comps.append((p.meta["dimension"], 1, a, b, outcomes(p, 1), p.category))
                 continue
             # a pair without an overall label is preferred overall unless tied (as rewardmodel.py reads it)
             prefs = {**p.prefs, "overall": 0 if p.tie else p.prefs.get("overall", 1)}
-            comps.extend((dim, int(h), a, b, n, p.category) for dim, h in prefs.items())
+            comps.extend((dim, int(h), a, b, outcomes(p, h), p.category) for dim, h in prefs.items())
     return units, comps, groups
 
 
@@ -248,12 +258,13 @@ def evaluate(comps, groups, scores, editscore):
     """Every number of the report from the comparisons and the unit scores."""
     names = set().union(*(s.keys() for s in scores.values())) if scores else {"overall"}
     dims = {}
-    for dim, h, a, b, _, task in comps:
+    for dim, h, a, b, outcome, task in comps:
         key = score_key(dim, names)
-        dims.setdefault(dim, {"key": key, "h": [], "d": [], "task": []})
+        dims.setdefault(dim, {"key": key, "h": [], "d": [], "task": [], "outcome": []})
         dims[dim]["h"].append(h)
         dims[dim]["d"].append(scores[a][key] - scores[b][key])
         dims[dim]["task"].append(task)
+        dims[dim]["outcome"].append(outcome)
     report = {"pairwise": {}}
     for dim, v in dims.items():
         acc, eps = tie_calibrated_accuracy(v["h"], v["d"])
@@ -267,6 +278,14 @@ def evaluate(comps, groups, scores, editscore):
         if len(by_cat) > 1:  # e.g. the toy's edit kinds, TIGER's source datasets: accuracy w/o ties per category
             report["pairwise"][dim]["categories"] = {t: pairwise_accuracy(*zip(*hd), include_ties=False)
                                                      for t, hd in sorted(by_cat.items())}
+        by_outcome = {}
+        for h, d, o in zip(v["h"], v["d"], v["outcome"]):
+            if o:  # strict pairs whose candidates say what they are: which kinds of edit the scorer tells apart
+                by_outcome.setdefault(o, []).append((h, d))
+        if by_outcome:
+            report["pairwise"][dim]["outcomes"] = {
+                o: {"pairs": len(hd), "without_ties": pairwise_accuracy(*zip(*hd), include_ties=False)}
+                for o, hd in sorted(by_outcome.items())}
     if groups:
         eps = report["pairwise"]["overall"]["epsilon"]  # the tie threshold calibrated on the same pairs
         ranks = [r for r, _ in groups]
@@ -308,6 +327,14 @@ def markdown(report):
         for dim, v in report["pairwise"].items():
             lines.append(f"| {dim} | {v['pairs']} | {v['human_ties']} | {fmt(v['tie_calibrated'])} | "
                          f"{v['epsilon']:.4g} | {fmt(v['without_ties'])} | {fmt(v['with_ties'])} |")
+        outs = {d: v["outcomes"] for d, v in report["pairwise"].items() if "outcomes" in v}
+        if outs:  # accuracy w/o ties by what the two candidates are, most frequent first
+            rows = sorted({o for t in outs.values() for o in t},
+                          key=lambda o: -sum(t[o]["pairs"] for t in outs.values() if o in t))
+            lines += ["", "| preferred > other | " + " | ".join(outs) + " |", "|---" * (len(outs) + 1) + "|"]
+            for o in rows:
+                cells = [f"{fmt(t[o]['without_ties'])} ({t[o]['pairs']})" if o in t else "" for t in outs.values()]
+                lines.append(f"| {o} | " + " | ".join(cells) + " |")
         if "groups" in report:
             g = report["groups"]
             lines += ["", "| groups | K | group accuracy | epsilon |", "|---" * 4 + "|",

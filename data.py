@@ -72,7 +72,7 @@ class PreferencePair:
     category: str = ""
     scores: dict = None    # raw human scores {"preferred": {dim: x}, "rejected": {dim: x}} when known
     origin: str = ""       # "file:row", for error messages
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # e.g. "outcomes": {"preferred": "correct", "rejected": "wrong"} (toy)
 
 
 @dataclass
@@ -85,7 +85,7 @@ class CandidateGroup:
     category: str = ""
     scores: list = None    # per-candidate {dim: x} when known
     origin: str = ""
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # e.g. "outcomes": what each candidate is, K strings (toy)
 
     def to_pairs(self):
         """All K(K-1)/2 pairs, the better candidate first; tied candidates give tie pairs."""
@@ -101,9 +101,12 @@ class CandidateGroup:
                     for d in self.scores[a]:
                         if d != "overall":
                             prefs[d] = _sign(self.scores[a][d] - self.scores[b][d])
+                meta = dict(self.meta)
+                if "outcomes" in meta:  # per candidate -> this pair's two
+                    meta["outcomes"] = {"preferred": meta["outcomes"][a], "rejected": meta["outcomes"][b]}
                 pairs.append(PreferencePair(f"{self.id}:{a}-{b}", self.instruction, self.sources,
                                             self.candidates[a], self.candidates[b], prefs, tie,
-                                            self.category, scores, self.origin, dict(self.meta)))
+                                            self.category, scores, self.origin, meta))
         return pairs
 
 
@@ -435,6 +438,19 @@ def _parse_gedit(c, i):
                       {"instruction_language": c.get("instruction_language")})
 
 
+def _outcomes(c, k=None):
+    """The optional "outcomes" column (what each candidate is, e.g. the toy's correct / wrong; bench.py breaks its
+    accuracy down by them) as meta: K strings for a group of K, {"preferred": s, "rejected": s} for a pair."""
+    v = c.get("outcomes")
+    if v is None:
+        return {}
+    ok = (isinstance(v, list) and len(v) == k) if k else (isinstance(v, dict) and set(v) == {"preferred", "rejected"})
+    if not ok or not all(isinstance(x, str) for x in (v if k else v.values())):
+        want = f"a list of {k} strings" if k else '{"preferred": str, "rejected": str}'
+        raise DataError(f"{c.origin}: 'outcomes' must be {want}, got {v!r}")
+    return {"outcomes": v}
+
+
 def _parse_jsonl(c, i):
     id, instruction, cat = str(c.get("id", i)), c.text("instruction"), str(c.get("category") or "")
     sources = c.images("source")
@@ -446,14 +462,14 @@ def _parse_jsonl(c, i):
         if len(ranks) != len(cands):
             raise DataError(f"{c.origin}: {len(ranks)} ranks for {len(cands)} candidates")
         return CandidateGroup(id, instruction, sources, cands, [int(r) for r in ranks], cat, c.get("scores"),
-                              c.origin)
+                              c.origin, _outcomes(c, len(cands)))
     if "preferred" in c.row or "rejected" in c.row:
         prefs = c.get("prefs") or {"overall": 1}
         if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) for v in prefs.values()):
             raise DataError(f"{c.origin}: 'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
         tie = bool(c.get("tie", prefs.get("overall", 1) == 0))
         return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
-                              tie, cat, c.get("scores"), c.origin)
+                              tie, cat, c.get("scores"), c.origin, _outcomes(c))
     if "response" in c.row:
         return CotTrace(id, instruction, sources, c.image("edited"), c.text("response"), c.get("scores"), c.origin)
     target = c.image("target") if c.get("target") else None
@@ -578,6 +594,11 @@ def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check
 # ----------------------------------------------------------------------------------------------------------
 # ties, order, shards
 
+def _swap(sides):
+    """{"preferred": a, "rejected": b} -> {"preferred": b, "rejected": a}; None stays None."""
+    return sides and {"preferred": sides["rejected"], "rejected": sides["preferred"]}
+
+
 def disentangle_ties(pairs):
     """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree (A better at following
     the instruction, B better looking) becomes one strict single-dimension sample per disagreeing dimension
@@ -590,11 +611,13 @@ def disentangle_ties(pairs):
             out.append(p)
             continue
         for d, v in dim_prefs.items():
-            w, l = (p.preferred, p.rejected) if v > 0 else (p.rejected, p.preferred)
-            sc = p.scores and ({"preferred": p.scores["preferred"], "rejected": p.scores["rejected"]} if v > 0 else
-                               {"preferred": p.scores["rejected"], "rejected": p.scores["preferred"]})
+            w, l, sc, meta = p.preferred, p.rejected, p.scores, {**p.meta, "disentangled": True}
+            if v < 0:  # the dimension's winner goes first, and with it its scores and outcome
+                w, l, sc = l, w, _swap(sc)
+                if "outcomes" in meta:
+                    meta["outcomes"] = _swap(meta["outcomes"])
             out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0}, tie=False,
-                                           scores=sc, meta={**p.meta, "disentangled": True}))
+                                           scores=sc, meta=meta))
     return out
 
 
@@ -836,8 +859,10 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
         scene = _random_scene(rng)
         instruction = _random_instruction(rng, scene)
         src = render_scene(scene, size)
-        # factorial design: outcomes and noise levels drawn independently for each candidate
-        cands = [toy_candidate(rng, scene, instruction, rng.choice(OUTCOMES), rng.randrange(4), size) for _ in range(k)]
+        outcomes, cands = [], []
+        for _ in range(k):  # factorial design: outcome and noise level drawn independently for each candidate
+            outcomes.append(rng.choice(OUTCOMES))
+            cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
         scores = [toy_oracle(src, instruction, c) for c in cands]
         human = [toy_human(s) for s in scores]
         best = max(h["overall"] for h in human)
@@ -846,7 +871,8 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
         gid = f"{split}{i:05d}"
         return {"id": gid, "instruction": instruction, "source": save(src, gid + "_src"),
                 "candidates": [save(c, f"{gid}_c{j}") for j, c in enumerate(cands)], "ranks": ranks,
-                "category": parse_toy_instruction(instruction)[0], "scores": human, "oracle": scores}
+                "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes,
+                "oracle": scores}
 
     from tqdm import tqdm  # ~25 ms per group: the default world takes about a minute
     with tqdm(total=n_train + n_val, desc="toy candidate groups", disable=n_train + n_val < 500) as bar:
@@ -862,11 +888,11 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
         rows = []
         for g in groups:
             cg = CandidateGroup(g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"],
-                                g["category"], g["scores"])
+                                g["category"], g["scores"], meta={"outcomes": g["outcomes"]})
             for p in cg.to_pairs():
                 rows.append({"id": p.id, "instruction": p.instruction, "source": g["source"], "preferred": p.preferred,
                              "rejected": p.rejected, "prefs": p.prefs, "tie": p.tie, "category": p.category,
-                             "scores": p.scores})
+                             "scores": p.scores, "outcomes": p.meta["outcomes"]})
         return rows
     # the last quarter of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT
     n_gcpo = n_train // 4

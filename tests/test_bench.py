@@ -174,7 +174,8 @@ def project_groups(tmp, n=4):
                      "candidates": [f"images/g{i}_{j}.png" for j in (1, 2, 3)],
                      "ranks": [sorted(set(overall), reverse=True).index(o) for o in overall],
                      "scores": [{"instruction_following": f, "visual_quality": q, "overall": o}
-                                for f, q, o in zip(follow, quality, overall)], "category": "add"})
+                                for f, q, o in zip(follow, quality, overall)], "category": "add",
+                     "outcomes": ["correct", "partial", "wrong"]})
     return write_jsonl(tmp / "bench.jsonl", rows)
 
 
@@ -245,6 +246,13 @@ def test_smoke_every_format(tmp_path, capsys):
     assert r["groups"]["groups"] == 4 and r["groups"]["sizes"] == [3] and r["pairwise"]["overall"]["pairs"] == 12
     assert r["pairwise"]["overall"]["human_ties"] == 3                 # groups 0, 1 and 3 hold one tie each
     assert r["pairwise"]["visual_quality"]["human_ties"] == 4          # per-dimension labels from the scores
+    # by outcome: the human-preferred candidate's first, from the groups' follow levels by hand; ties left out
+    by = r["pairwise"]["instruction_following"]["outcomes"]
+    assert {o: v["pairs"] for o, v in by.items()} == {"correct > partial": 1, "correct > wrong": 1, "partial > wrong": 2,
+                                                      "partial > correct": 2, "wrong > correct": 2, "wrong > partial": 2}
+    assert sum(v["pairs"] * v["without_ties"] for v in by.values()) / 10 == pytest.approx(
+        r["pairwise"]["instruction_following"]["without_ties"])
+    assert "| preferred > other |" in capsys.readouterr().out
 
     r = run_bench(tmp_path, editscore_bench(tmp_path))
     assert r["images"] == 8                                     # 12 rows x 2 images, shared across dimensions

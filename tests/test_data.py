@@ -204,6 +204,29 @@ def test_project_jsonl_all_kinds(tmp_path):
         data.load_pairs(tpath)
 
 
+def test_outcomes_follow_their_candidates(tmp_path):
+    """The optional "outcomes" column: per candidate in a group, per side in a pair; it moves with its image
+    when to_pairs orders a group and when tie-disentanglement swaps a pair."""
+    for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0)), ("c", (0, 0, 255))]:
+        write_png(tmp_path / f"{n}.png", c)
+    path = write_jsonl(tmp_path / "o.jsonl", [
+        {"id": "p", "instruction": "i", "source": "s.png", "preferred": "a.png", "rejected": "b.png",
+         "prefs": {"if": 1, "vq": -1, "overall": 0}, "outcomes": {"preferred": "correct", "rejected": "wrong"}},
+        {"id": "g", "instruction": "i", "source": "s.png", "candidates": ["a.png", "b.png", "c.png"],
+         "ranking": "C>A>B", "outcomes": ["partial", "wrong", "correct"]}])
+    got = {p.id: (os.path.basename(p.preferred), p.meta["outcomes"]) for p in data.load_pairs(path)}
+    assert got == {"p#if": ("a.png", {"preferred": "correct", "rejected": "wrong"}),
+                   "p#vq": ("b.png", {"preferred": "wrong", "rejected": "correct"}),
+                   "g:2-0": ("c.png", {"preferred": "correct", "rejected": "partial"}),
+                   "g:2-1": ("c.png", {"preferred": "correct", "rejected": "wrong"}),
+                   "g:0-1": ("a.png", {"preferred": "partial", "rejected": "wrong"})}
+    for bad, line in [({"preferred": "correct"}, 1), (["a", "b"], 2)]:  # a side missing; 2 names for 3 candidates
+        rows = [json.loads(r) for r in open(path)]
+        rows[line - 1]["outcomes"] = bad
+        with pytest.raises(DataError, match=rf"bad.jsonl:{line}: 'outcomes' must be"):
+            data.load_items(write_jsonl(tmp_path / "bad.jsonl", rows))
+
+
 def test_tie_disentanglement_by_hand():
     mk = lambda prefs, tie: data.PreferencePair("x", "i", ["s"], "A", "B", prefs, tie)
     out = data.disentangle_ties([
@@ -380,6 +403,12 @@ def test_toy_world_is_deterministic_and_loads(tmp_path):
         for p in g.to_pairs():
             i, j = g.candidates.index(p.preferred), g.candidates.index(p.rejected)
             assert g.scores[i]["overall"] >= g.scores[j]["overall"]
+    for g in groups:  # each candidate's outcome is what it is: its instruction-following level shows it
+        for c, o in zip(g.candidates, g.meta["outcomes"]):
+            s = data.toy_oracle(data.load_image(g.sources[0]), g.instruction, data.load_image(c))
+            lv = data.toy_level(s["instruction_following"])
+            assert {"correct": lv == 4, "partial": lv == 3, "unchanged": lv == 1}.get(o, o in data.OUTCOMES), (o, lv)
+    assert all(p.meta["outcomes"]["preferred"] in data.OUTCOMES for p in pairs)
     traces = data.load_traces(f"{a}/cot_train.jsonl")
     assert traces and traces[0].response.count("\n") == 1 and '"score":' in traces[0].response
     # the teacher's final score follows instruction following alone; its verdicts include quality
