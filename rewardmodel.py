@@ -1207,6 +1207,13 @@ def train_gaussian(args, rank, world, device):
         raise SystemExit(f"--batch_size {args.batch_size} must split into {world} ranks x whole --micro_batch {args.micro_batch}")
     train_pairs, val_pairs = load_pairs(args.train, split=args.split), load_pairs(args.val, split=args.split)
     val_pairs = val_pairs[:args.val_max] if args.val_max else val_pairs
+    # a dimension that no training pair ranks would get a head trained on nothing: refuse it (names must match)
+    dims = [d for d in args.dims.split(",") if d]
+    labels = (pair_prefs(train_pairs, dims) != 0).sum(0).tolist()  # strict preferences per dimension, overall
+    unranked = [d for d, n in zip(dims, labels) if n == 0]
+    if unranked:
+        found = sorted({d for p in train_pairs for d, v in p.prefs.items() if v != 0 and d != "overall"})
+        raise SystemExit(f"{args.train}: no training pair ranks --dims {unranked} (its pairs rank {found or 'overall only'})")
     rm = RewardModel(vars(args), device, weights=args.out_dir if args.resume else None)
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
@@ -1214,7 +1221,8 @@ def train_gaussian(args, rank, world, device):
     if master:
         trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         print(f"model {args.model} | {args.finetune} | trainable {trainable / 1e6:.3f}M "
-              f"| {len(train_pairs)} train pairs | {len(val_pairs)} val pairs | world {world} "
+              f"| {len(train_pairs)} train pairs ({', '.join(f'{d} {n}' for d, n in zip(dims + ['overall'], labels))} "
+              f"ranked) | {len(val_pairs)} val pairs | world {world} "
               f"| grad accum {per_rank // args.micro_batch} | from step {step}", flush=True)
 
     def micro_batches(s):

@@ -319,6 +319,17 @@ def test_bad_flag_combinations_are_refused(flags, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+def test_a_dimension_the_data_does_not_rank_is_refused(toy, tmp_path):
+    """EditReward's own name for quality is quality_aesthetic: a --dims name the pairs do not use would train a
+    head column on nothing; the run stops before building the model and names what the data has."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--toy", f"--train={toy}/pairs_train.jsonl",
+                           f"--val={toy}/pairs_val.jsonl", "--dims=instruction_following,quality_aesthetic",
+                           f"--out_dir={tmp_path}/x"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and not os.path.exists(f"{tmp_path}/x")
+    assert (f"pairs_train.jsonl: no training pair ranks --dims ['quality_aesthetic'] "
+            f"(its pairs rank ['instruction_following', 'visual_quality'])") in proc.stderr
+
+
 def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
     out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=8",
                "--micro_batch=2", "--max_steps=3", "--log_interval=1", "--head_hidden=32", "--val_max=4",
