@@ -20,6 +20,7 @@ Supported formats (REFERENCE.md section 5), picked from the columns of the first
                      pair:   {"id", "instruction", "source": path | [paths], "preferred", "rejected",
                               "prefs": {"instruction_following": 1, "visual_quality": -1, "overall": 0}, "category"}
                      group:  {"id", "instruction", "source", "candidates": [paths], "ranking": "A>B=C", "category"}
+                     (+ optional "outcomes": what each candidate is, for bench.py's breakdown)
                      trace:  {"id", "instruction", "source", "edited", "response"}
                      prompt: {"id", "instruction", "source", "category"} (+ "target" for editor training)
 A path can be a .jsonl / .json / .parquet file, a local folder, or a hub dataset name (via `datasets`).
@@ -29,6 +30,7 @@ The toy world draws shapes on a plain background at 56 px and edits them ("make 
 "remove ...", "add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from
 pixels alone, so it labels the data and later tells whether RL really improved the editor. Candidates are
 made factorially (what the edit does x how noisy the image is) so that quality cannot be guessed from content.
+Instruction twins (pairs_twins.jsonl) rank the same two edits under two instructions, once each way round.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min, a progress bar)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
@@ -761,6 +763,11 @@ def toy_human(scores):
     return lv
 
 
+def toy_ranks(human):
+    """Candidates' ranks from their human-like labels: 0 = best overall, equal overall = equal rank (a tie)."""
+    return [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human]
+
+
 COT_SCORES = ("instruction_following", "overall")
 
 
@@ -835,8 +842,10 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
-             editor_wrong=0.65, cot_score=COT_SCORES[0]):
-    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}."""
+             editor_wrong=0.65, cot_score=COT_SCORES[0], n_twins=None):
+    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}.
+    n_twins: instruction-twin scenes for pairs_twins.jsonl (None: n_train), drawn from a random stream of their
+    own so that every other file is the same whatever their number."""
     if cot_score not in COT_SCORES:
         raise ValueError(f"cot_score must be one of {COT_SCORES}, got {cot_score!r}")
     rng = random.Random(seed)
@@ -865,9 +874,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
             cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
         scores = [toy_oracle(src, instruction, c) for c in cands]
         human = [toy_human(s) for s in scores]
-        best = max(h["overall"] for h in human)
-        ranks = [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human]
-        assert min(ranks) == 0 and best == max(h["overall"] for h in human)
+        ranks = toy_ranks(human)
         gid = f"{split}{i:05d}"
         return {"id": gid, "instruction": instruction, "source": save(src, gid + "_src"),
                 "candidates": [save(c, f"{gid}_c{j}") for j, c in enumerate(cands)], "ranks": ranks,
@@ -921,9 +928,35 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
     write("rl_train.jsonl", prompts(n_rl, "rl"))
     write("rl_test.jsonl", prompts(n_rl_test, "rltest"))
     write("editor_train.jsonl", prompts(n_editor, "ed", with_target=True))
+
+    def twins(n, trng, bar):
+        """Instruction twins: a scene, two instructions A and B of one kind (not background) and the two edits
+        they ask for, each at its own noise level, ranked once under A and once under B. The same two images win
+        and lose by the instruction alone: what the toy's candidates rarely force a model to read (README)."""
+        groups = []
+        while len(groups) < 2 * n:
+            scene = _random_scene(trng)
+            kind = trng.choice([e for e in EDIT_KINDS if e != "background"])
+            pair = [_random_instruction(trng, scene, kind) for _ in range(2)]
+            if pair[0] == pair[1] or any(parse_toy_instruction(x)[0] != kind for x in pair):
+                continue  # a scene where the kind has one way only (e.g. remove with one shape), or none
+            src = render_scene(scene, size)
+            imgs = [toy_candidate(trng, scene, x, "correct", trng.randrange(4), size) for x in pair]
+            gid = f"twin{len(groups) // 2:05d}"
+            source, edits = save(src, gid + "_src"), [save(im, f"{gid}_{c}") for im, c in zip(imgs, "ab")]
+            for j, x in enumerate(pair):
+                human = [toy_human(toy_oracle(src, x, im)) for im in imgs]
+                groups.append({"id": f"{gid}{'ab'[j]}", "instruction": x, "source": source, "candidates": edits,
+                               "ranks": toy_ranks(human), "category": kind, "scores": human,
+                               "outcomes": ["correct", "wrong"] if j == 0 else ["wrong", "correct"]})
+            bar.update()
+        return groups
+    n_twins = n_train if n_twins is None else n_twins
+    with tqdm(total=n_twins, desc="toy instruction twins", disable=n_twins < 500) as bar:
+        write("pairs_twins.jsonl", pair_rows(twins(n_twins, random.Random(f"twins {seed}"), bar)))
     with open(os.path.join(out, "toy.json"), "w") as f:
         json.dump({"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k,
-                   "editor_wrong": editor_wrong, "cot_score": cot_score}, f)
+                   "editor_wrong": editor_wrong, "cot_score": cot_score, "n_twins": n_twins}, f)
     return saved
 
 
@@ -999,6 +1032,7 @@ if __name__ == "__main__":
     ap.add_argument("--n_rl_test", type=int, default=48, help="held-out RL prompts")
     ap.add_argument("--n_editor", type=int, default=1000, help="editor warm-up triples")
     ap.add_argument("--editor_wrong", type=float, default=0.65, help="share of editor triples with a wrong target")
+    ap.add_argument("--n_twins", type=int, default=None, help="instruction-twin scenes, 2 pairs each (default: --n_train)")
     ap.add_argument("--cot_score", default=COT_SCORES[0], choices=COT_SCORES,
                     help="what the final score of the SFT traces' teacher follows (the pair labels weigh both dimensions)")
     # --- inspecting any source
@@ -1011,11 +1045,13 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if not (0.0 <= args.editor_wrong <= 1.0):
         ap.error("--editor_wrong must lie in [0, 1]")
+    if args.n_twins is not None and args.n_twins < 0:
+        ap.error(f"--n_twins must be >= 0, got {args.n_twins}")
     if args.toy:
         import time
         t0 = time.time()
         files = make_toy(args.out, args.seed, args.size, args.n_train, args.n_val, args.n_rl, args.n_rl_test,
-                         args.n_editor, args.k, args.editor_wrong, args.cot_score)
+                         args.n_editor, args.k, args.editor_wrong, args.cot_score, args.n_twins)
         for name, path in files.items():
             with open(path) as f:
                 print(f"{path}: {sum(1 for _ in f)} rows")

@@ -340,8 +340,11 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
 
 
 def test_benchmark_prints_both_layouts_and_both_losses(toy, tmp_path):
-    out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--benchmark=1",
-               "--batch_size=4", "--micro_batch=4", f"--out_dir={tmp_path}/bm"])
+    # (also: two comma-separated training sources are mixed, every pair of both counted)
+    out = run(["--toy", f"--train={toy}/pairs_train.jsonl,{toy}/pairs_twins.jsonl", f"--val={toy}/pairs_val.jsonl",
+               "--benchmark=1", "--batch_size=4", "--micro_batch=4", f"--out_dir={tmp_path}/bm"])
+    n = len(load_pairs(f"{toy}/pairs_train.jsonl")) + len(load_pairs(f"{toy}/pairs_twins.jsonl"))
+    assert f"| {n} train pairs (" in out and len(load_pairs(f"{toy}/pairs_twins.jsonl")) > 0
     assert re.search(r"benchmark \| one prompt [\d.]+ pairs/s \| per-dimension prompts [\d.]+ pairs/s \| ratio [\d.]+x", out)
     m = re.search(r"benchmark \| step closed form ([\d.]+) ms, MC ([\d.]+) ms \| loss alone, fwd\+bwd on CPU: "
                   r"closed form ([\d.]+) ms, MC \(1000 draws\) ([\d.]+) ms \| ratio [\d.]+x", out)
