@@ -30,7 +30,7 @@ The toy world draws shapes on a plain background at 56 px and edits them ("make 
 "remove ...", "add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from
 pixels alone, so it labels the data and later tells whether RL really improved the editor. Candidates are
 made factorially (what the edit does x how noisy the image is) so that quality cannot be guessed from content.
-Instruction twins (pairs_twins.jsonl) rank the same two edits under two instructions, once each way round.
+Instruction twins (--n_twins, pairs_twins.jsonl) rank the same two edits under two instructions, each way round.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min, a progress bar)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
@@ -842,10 +842,10 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
-             editor_wrong=0.65, cot_score=COT_SCORES[0], n_twins=None):
+             editor_wrong=0.65, cot_score=COT_SCORES[0], n_twins=0):
     """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}.
-    n_twins: instruction-twin scenes for pairs_twins.jsonl (None: n_train), drawn from a random stream of their
-    own so that every other file is the same whatever their number."""
+    n_twins: instruction-twin scenes for pairs_twins.jsonl (0: no such file), drawn from a random stream of
+    their own so that every other file is the same whatever their number."""
     if cot_score not in COT_SCORES:
         raise ValueError(f"cot_score must be one of {COT_SCORES}, got {cot_score!r}")
     rng = random.Random(seed)
@@ -951,9 +951,9 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
                                "outcomes": ["correct", "wrong"] if j == 0 else ["wrong", "correct"]})
             bar.update()
         return groups
-    n_twins = n_train if n_twins is None else n_twins
-    with tqdm(total=n_twins, desc="toy instruction twins", disable=n_twins < 500) as bar:
-        write("pairs_twins.jsonl", pair_rows(twins(n_twins, random.Random(f"twins {seed}"), bar)))
+    if n_twins:  # opt-in: their labels cost 4 oracle calls a scene (2400 scenes double the world's time)
+        with tqdm(total=n_twins, desc="toy instruction twins", disable=n_twins < 500) as bar:
+            write("pairs_twins.jsonl", pair_rows(twins(n_twins, random.Random(f"twins {seed}"), bar)))
     with open(os.path.join(out, "toy.json"), "w") as f:
         json.dump({"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k,
                    "editor_wrong": editor_wrong, "cot_score": cot_score, "n_twins": n_twins}, f)
@@ -1032,7 +1032,7 @@ if __name__ == "__main__":
     ap.add_argument("--n_rl_test", type=int, default=48, help="held-out RL prompts")
     ap.add_argument("--n_editor", type=int, default=1000, help="editor warm-up triples")
     ap.add_argument("--editor_wrong", type=float, default=0.65, help="share of editor triples with a wrong target")
-    ap.add_argument("--n_twins", type=int, default=None, help="instruction-twin scenes, 2 pairs each (default: --n_train)")
+    ap.add_argument("--n_twins", type=int, default=0, help="instruction-twin scenes, 2 pairs each, for pairs_twins.jsonl (0: none)")
     ap.add_argument("--cot_score", default=COT_SCORES[0], choices=COT_SCORES,
                     help="what the final score of the SFT traces' teacher follows (the pair labels weigh both dimensions)")
     # --- inspecting any source
@@ -1045,7 +1045,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if not (0.0 <= args.editor_wrong <= 1.0):
         ap.error("--editor_wrong must lie in [0, 1]")
-    if args.n_twins is not None and args.n_twins < 0:
+    if args.n_twins < 0:
         ap.error(f"--n_twins must be >= 0, got {args.n_twins}")
     if args.toy:
         import time

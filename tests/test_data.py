@@ -389,8 +389,8 @@ def test_toy_cot_response_score_follows_the_chosen_dimension():
 
 def test_toy_world_is_deterministic_and_loads(tmp_path):
     kw = dict(n_train=8, n_val=4, n_rl=4, n_rl_test=2, n_editor=6)
-    data.make_toy(str(tmp_path / "a"), seed=3, **kw)
-    data.make_toy(str(tmp_path / "b"), seed=3, **kw)
+    data.make_toy(str(tmp_path / "a"), seed=3, n_twins=5, **kw)
+    data.make_toy(str(tmp_path / "b"), seed=3, n_twins=5, **kw)
     data.make_toy(str(tmp_path / "c"), seed=4, **kw)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
     a = str(tmp_path / "a")
@@ -410,7 +410,7 @@ def test_toy_world_is_deterministic_and_loads(tmp_path):
             assert {"correct": lv == 4, "partial": lv == 3, "unchanged": lv == 1}.get(o, o in data.OUTCOMES), (o, lv)
     assert all(p.meta["outcomes"]["preferred"] in data.OUTCOMES for p in pairs)
     twins = data.load_pairs(f"{a}/pairs_twins.jsonl", disentangle=False)
-    assert len(twins) == 2 * 8  # two pairs per scene (n_twins defaults to n_train)
+    assert len(twins) == 2 * 5  # two pairs per scene
     for p, q in zip(twins[::2], twins[1::2]):  # the same two edits, each the right one under one instruction
         assert p.sources == q.sources and {p.preferred, p.rejected} == {q.preferred, q.rejected}
         assert p.instruction != q.instruction and p.category == q.category != "background"
@@ -420,9 +420,10 @@ def test_toy_world_is_deterministic_and_loads(tmp_path):
                 "preferred" if right == t.preferred else "rejected"] == "correct"
             s = data.toy_oracle(data.load_image(t.sources[0]), t.instruction, data.load_image(right))
             assert data.toy_level(s["instruction_following"]) == 4  # noise may misplace a pixel or two
-    data.make_toy(str(tmp_path / "d"), seed=3, n_twins=1, **kw)  # twins have their own random stream
+    data.make_toy(str(tmp_path / "d"), seed=3, **kw)  # twins have their own random stream; none by default
     same = lambda f: open(f"{a}/{f}", "rb").read() == open(f"{tmp_path}/d/{f}", "rb").read()
-    assert all(same(f) for f in ("pairs_train.jsonl", "pairs_val.jsonl", "editor_train.jsonl")) and not same("pairs_twins.jsonl")
+    assert all(same(f) for f in ("pairs_train.jsonl", "pairs_val.jsonl", "editor_train.jsonl"))
+    assert not os.path.exists(f"{tmp_path}/d/pairs_twins.jsonl")
     traces = data.load_traces(f"{a}/cot_train.jsonl")
     assert traces and traces[0].response.count("\n") == 1 and '"score":' in traces[0].response
     # the teacher's final score follows instruction following alone; its verdicts include quality

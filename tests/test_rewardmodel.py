@@ -167,7 +167,7 @@ def test_pool_hidden_left_and_right_padding():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    make_toy(str(out), n_train=6, n_val=3, n_rl=1, n_rl_test=1, n_editor=1)
+    make_toy(str(out), n_train=6, n_val=3, n_rl=1, n_rl_test=1, n_editor=1, n_twins=3)
     return out
 
 
