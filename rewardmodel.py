@@ -195,7 +195,7 @@ POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_inte
 # 0.81 -> 0.84), but as grpo.py's reward it lifted the editor less (README): not the preset. Instruction following
 # trained alone first (--first_dims, 1200 of 2400 steps) lifts it to 0.83 over eight seeds, but as grpo.py's
 # reward that model made the editor worse: not the preset either. Instruction twins mixed in (--train
-# data/toy/pairs_train.jsonl,data/toy/pairs_twins.jsonl, 600 steps first) reach 0.87 / 0.92 / 0.86 over four
+# data/toy/pairs_train.jsonl,data/toy/pairs_twins.jsonl, 600 steps first) reach 0.86 / 0.92 / 0.85 over six
 # seeds, and as a reward lift the editor little (+0.02 / +0.04).
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
