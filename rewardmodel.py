@@ -20,7 +20,8 @@ form, per dimension and on the fused overall. What differs from the public EditR
     (on the toy: better instruction following and overall; on real weights it is untested);
   - --first_dims / --first_steps: a curriculum that trains some dimensions alone before all of them (on the
     toy, instruction following first: the tiny model learns to bind words to the change that way, README);
-  - --train takes several comma-separated sources, mixed (e.g. the toy's pairs and its instruction twins).
+  - --train takes several comma-separated sources, mixed (e.g. the toy's pairs and its instruction twins);
+  - the next steps' prompts (images, processor) are built in a worker process while this one trains (--workers).
   Simplified: one prompt template.
 
 --mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
@@ -50,7 +51,7 @@ human-like pairs, which weigh quality too, raises that to 0.440 / 0.676 by foldi
 The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% -> 78.2%).
 
   python data.py --toy --out data/toy                  # the toy editing world (--toy writes it if missing)
-  python rewardmodel.py --toy                          # Gaussian: tiny random Qwen2.5-VL, 1 CPU thread, ~1.5 min
+  python rewardmodel.py --toy                          # Gaussian: tiny random Qwen2.5-VL, 1 CPU thread + 1 worker, ~1 min
   python rewardmodel.py --toy --benchmark 20           # pairs/s of one prompt vs one per dimension; closed form vs MC
   torchrun --standalone --nproc_per_node=2 rewardmodel.py --toy          # same, data-parallel (gloo on CPU)
   torchrun --nproc_per_node=8 rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct \\
@@ -181,6 +182,9 @@ parser.add_argument("--eval_batch", type=int, default=32, help="items per forwar
 parser.add_argument("--seed", type=int, default=0, help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads per CPU process (0 = default)")
+parser.add_argument("--workers", type=int, default=-1, help="gaussian training: processes that build the next steps' prompts "
+                    "(images, processor) while this one trains (0 = build them here; more needs fork, i.e. Linux; "
+                    "-1 = 1 where a CPU core is spare for it, else 0)")
 parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps per prompt layout and per loss (closed form, MC), print the ratios")
 parser.add_argument("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
 POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "pairs_per_step", "num_traces",
@@ -365,18 +369,23 @@ def encode_prompt(processor, images, text):
     return {k: v for k, v in enc.items() if k != "attention_mask"}  # no padding in a batch of one
 
 
-def pair_frames(image_processor, pixel_values, grid_thw, images_per_item, edits):
+def pair_frames(image_processor, pixel_values, grid_thw, images_per_item, edits=None):
     """--pair_view: Qwen-VL patchifies a still image as 2 identical temporal frames, each row of pixel_values
     being (channel, frame, patch_h, patch_w). Write each edited image into frame 1 of its item's first image (the
     source, same size), so that the 3D patch embedding sees source and edit at every patch.
-    pixel_values (N, C*T*P*P); grid_thw (I, 3) per image; images_per_item: images of each item; edits: one each."""
+    pixel_values (N, C*T*P*P); grid_thw (I, 3) per image; images_per_item: images of each item; edits: one each,
+    or None when each item's last image is its edit, already patchified (--pair_view 2: no second processing)."""
     T, P = getattr(image_processor, "temporal_patch_size", None), getattr(image_processor, "patch_size", None)
     if T != 2 or not P or pixel_values.shape[1] != 3 * T * P * P:
         raise ValueError("--pair_view needs a Qwen-VL style image processor (temporal_patch_size 2, RGB patches)")
     rows = grid_thw.prod(-1).tolist()                                           # patch rows of each image
     starts = [sum(rows[:i]) for i in range(len(rows))]
     firsts = [sum(images_per_item[:i]) for i in range(len(images_per_item))]   # each item's first image
-    edited = image_processor(images=edits, return_tensors="pt")["pixel_values"].to(pixel_values.dtype)
+    if edits is None:
+        lasts = [f + k - 1 for f, k in zip(firsts, images_per_item)]
+        edited = torch.cat([pixel_values[starts[i]:starts[i] + rows[i]] for i in lasts])
+    else:
+        edited = image_processor(images=edits, return_tensors="pt")["pixel_values"].to(pixel_values.dtype)
     out, e = pixel_values.clone(), 0
     for i in firsts:
         n = rows[i]
@@ -893,8 +902,9 @@ class RewardModel(nn.Module):
 
     # --- gaussian: prompts and forward
     def prompts(self, sources, instructions, edited, dim=None):
-        """Processor batch (on self.device) for B items: the instruction, source image(s), the edited image and
-        what to rate (every dimension, or only `dim`), ending in the reward token. With --pair_view the first
+        """Processor batch for B items: the instruction, source image(s), the edited image and what to rate
+        (every dimension, or only `dim`), ending in the reward token; CPU tensors (forward moves them to the
+        model's device, so that DataLoader workers can build them). With --pair_view the first
         source and the edited image become one visual input (pair_frames); further sources stay images; with
         --pair_view 2 the edited image follows once more on its own."""
         what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
@@ -922,8 +932,9 @@ class RewardModel(nn.Module):
         batch = self.processor(text=texts, images=[im for ims in images for im in ims], padding=True, return_tensors="pt")
         if pair_view:
             batch["pixel_values"] = pair_frames(self.processor.image_processor, batch["pixel_values"], batch["image_grid_thw"],
-                                                [len(ims) for ims in images], edits)
-        return {k: v.to(self.device) for k, v in batch.items()}
+                                                [len(ims) for ims in images], edits if pair_view == 1 or any(
+                                                    ims[-1].size != ims[0].size for ims in images) else None)
+        return dict(batch)
 
     def encode(self, sources, instructions, edited, per_dim=False):
         """One batch per prompt: [all dims] by default, [dim 0, dim 1, ...] with per_dim (EditReward layout)."""
@@ -935,6 +946,7 @@ class RewardModel(nn.Module):
         batch d (the head still sees one hidden state per forward)."""
         cols = []
         for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
                 hidden = unwrap(self.backbone).model(**batch).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
@@ -1159,19 +1171,25 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
 # ----------------------------------------------------------------------------------------------------------
 # gaussian training
 
-def pair_outputs(model, rm, pairs, per_dim):
-    """Forward the preferred and rejected edits of B pairs as one batch -> four (B, D + 1) tensors
-    (mu_a, ls_a, mu_b, ls_b), the fused overall as the last column."""
+def pair_prompts(rm, pairs, per_dim):
+    """The prompts of B pairs' preferred then rejected edits, one batch of 2B (per prompt layout: rm.encode)."""
     src, ins = [p.sources for p in pairs], [p.instruction for p in pairs]
-    mu, ls = model(rm.encode(src * 2, ins * 2, [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim))
+    return rm.encode(src * 2, ins * 2, [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim)
+
+
+def pair_outputs(model, rm, pairs, per_dim, prompts=None):
+    """Forward the preferred and rejected edits of B pairs as one batch -> four (B, D + 1) tensors
+    (mu_a, ls_a, mu_b, ls_b), the fused overall as the last column. prompts: pair_prompts(), if built already."""
+    mu, ls = model(prompts or pair_prompts(rm, pairs, per_dim))
     mu_o, ls_o = fuse_gaussians(mu, ls, rm.flags["fuse"])
     mu, ls = torch.cat([mu, mu_o[:, None]], -1), torch.cat([ls, ls_o[:, None]], -1)
     return (*mu.chunk(2), *ls.chunk(2))
 
 
-def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=None, step=None):
+def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=None, step=None, prompts=None):
     """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one),
     with the ranking loss `loss` (default --loss) and the term weights of `step` (None: after any curriculum).
+    prompts: each micro-batch's pair_prompts() when built ahead (--workers), else built here.
     Returns the mean loss over every weighted (pair, dimension) term of all ranks."""
     weights = torch.tensor(term_weights(rm.dims, math.inf if step is None else step, args.overall_weight,
                                         args.first_dims.split(","), args.first_steps), device=rm.device)
@@ -1180,7 +1198,7 @@ def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=No
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else nullcontext()
         with sync:
-            mu_a, mu_b, ls_a, ls_b = pair_outputs(model, rm, pairs, per_dim)
+            mu_a, mu_b, ls_a, ls_b = pair_outputs(model, rm, pairs, per_dim, prompts[i] if prompts else None)
             loss_sum, n = preference_loss(mu_a, ls_a, mu_b, ls_b, pair_prefs(pairs, rm.dims).to(rm.device), weights,
                                           loss or args.loss, args.mc_samples,
                                           pair_ties(pairs, rm.dims).to(rm.device) if args.tie_weight else None,
@@ -1219,6 +1237,11 @@ def train_gaussian(args, rank, world, device):
     if unranked:
         found = sorted({d for p in train_pairs for d, v in p.prefs.items() if v != 0 and d != "overall"})
         raise SystemExit(f"{args.train}: no training pair ranks --dims {unranked} (its pairs rank {found or 'overall only'})")
+    workers = args.workers
+    if workers < 0:  # auto: one prompt worker per rank where it does not take a CPU core from training
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        spare = device.type != "cpu" or (args.cpu_threads and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * (args.cpu_threads + 1) <= cores)
+        workers = int(bool(spare) and "fork" in torch.multiprocessing.get_all_start_methods())
     rm = RewardModel(vars(args), device, weights=args.out_dir if args.resume else None)
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
@@ -1228,7 +1251,7 @@ def train_gaussian(args, rank, world, device):
         print(f"model {args.model} | {args.finetune} | trainable {trainable / 1e6:.3f}M "
               f"| {len(train_pairs)} train pairs ({', '.join(f'{d} {n}' for d, n in zip(dims + ['overall'], labels))} "
               f"ranked) | {len(val_pairs)} val pairs | world {world} "
-              f"| grad accum {per_rank // args.micro_batch} | from step {step}", flush=True)
+              f"| grad accum {per_rank // args.micro_batch} | prompt workers {workers} | from step {step}", flush=True)
 
     def micro_batches(s):
         idx = step_indices(s, len(train_pairs), args.batch_size, rank, world, args.seed)
@@ -1255,12 +1278,20 @@ def train_gaussian(args, rank, world, device):
                   f"closed form {loss_ms['gaussian']:.3f} ms, MC ({args.mc_samples} draws) {loss_ms['mc']:.3f} ms "
                   f"| ratio {loss_ms['mc'] / loss_ms['gaussian']:.1f}x", flush=True)
     else:
+        def step_prompts(s):  # step s's micro-batches and their prompts, built in --workers processes ahead of time
+            mbs = micro_batches(s)
+            return mbs, [pair_prompts(rm, mb, args.per_dim_prompts) for mb in mbs]
+        # fork: the workers inherit the processor and the pairs and never touch an accelerator
+        ahead = iter(torch.utils.data.DataLoader(range(step, args.max_steps), batch_size=None, collate_fn=step_prompts,
+                                                 num_workers=workers, prefetch_factor=2 if workers else None,
+                                                 multiprocessing_context="fork" if workers else None))
         acc, train_time, seen = None, 0.0, 0
         while step < args.max_steps:
             t0 = time.time()
             set_lr(optimizer, step, args)
             torch.manual_seed(args.seed + 1000 * step + rank)  # dropout / MC noise depend on (step, rank) only: exact resume
-            loss = train_step(model, rm, optimizer, micro_batches(step), args, args.per_dim_prompts, step=step)
+            mbs, prompts = next(ahead)
+            loss = train_step(model, rm, optimizer, mbs, args, args.per_dim_prompts, step=step, prompts=prompts)
             step, seen, train_time = step + 1, seen + args.batch_size, train_time + time.time() - t0
             line = f"step {step}/{args.max_steps} | loss {loss:.6f} | lr {optimizer.param_groups[0]['lr']:.2e} " \
                    f"| {seen / train_time:.1f} pairs/s | train {train_time:.0f}s"
@@ -1509,6 +1540,8 @@ if __name__ == "__main__":
                                                   or args.first_steps < 1):
         parser.error(f"the curriculum is Gaussian-mode only and needs both --first_steps >= 1 and --first_dims naming "
                      f"some of --dims {args.dims!r} or 'overall' (got {args.first_steps}, {args.first_dims!r})")
+    if args.workers < -1 or (args.workers > 0 and "fork" not in torch.multiprocessing.get_all_start_methods()):
+        parser.error(f"--workers {args.workers}: needs -1 (auto), 0, or fork (Linux) for more; use --workers 0")
     if args.tie_weight and (args.loss != "gaussian" or args.tie_margin <= 0):
         parser.error("--tie_weight needs --loss gaussian and --tie_margin > 0 (the tie term is the probit model's)")
     main(args)

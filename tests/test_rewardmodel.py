@@ -251,6 +251,11 @@ def test_pair_frames_puts_each_edit_in_frame_one_of_its_source():
     assert torch.equal(out[:n, :, 0], alone(a)[:, :, 0]) and torch.equal(out[:n, :, 1], alone(b)[:, :, 1])
     assert torch.equal(out[n:2 * n, :, 0], alone(c)[:, :, 0]) and torch.equal(out[n:2 * n, :, 1], alone(e)[:, :, 1])
     assert torch.equal(out[2 * n:], alone(d))  # a second source stays a still image
+    # --pair_view 2: each item's last image is its edit; its own patches give frame 1, nothing processed again
+    enc = ip(images=[a, b, c, d, e], return_tensors="pt")
+    out = R.pair_frames(ip, enc["pixel_values"], enc["image_grid_thw"], [2, 3], None)
+    assert torch.equal(out, R.pair_frames(ip, enc["pixel_values"], enc["image_grid_thw"], [2, 3], [b, e]))
+    assert torch.equal(frames(out)[:n, :, 1], alone(b)[:, :, 1]) and torch.equal(frames(out)[n:2 * n], alone(b))
     ip.temporal_patch_size = 1
     with pytest.raises(ValueError, match="pair_view"):
         R.pair_frames(ip, enc["pixel_values"], enc["image_grid_thw"], [1, 2], [b, e])
@@ -297,10 +302,11 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
     flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
              "--micro_batch=2", "--log_interval=1", "--eval_interval=3", "--warmup_steps=2", "--lr_decay_steps=6",
              "--lora_rank=4", "--head_hidden=32", "--val_max=4", "--first_dims=visual_quality", "--first_steps=4"]
-    full = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/a"])  # the curriculum ends after the resume point
-    first = run(flags + ["--max_steps", "3", "--out_dir", f"{tmp_path}/b"])
-    second = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/b", "--resume"])
-    assert "from step 3" in second and "final held-out accuracy | instruction_following" in second
+    # the curriculum ends after the resume point; prompts built here (--workers 0) or ahead in a worker (default)
+    full = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/a", "--workers=0"])
+    first = run(flags + ["--max_steps", "3", "--out_dir", f"{tmp_path}/b", "--workers=1"])
+    second = run(flags + ["--max_steps=6", f"--out_dir={tmp_path}/b", "--resume", "--workers=1"])
+    assert "prompt workers 0" in full and "prompt workers 1 | from step 3" in second and "final held-out accuracy | instruction_following" in second
     assert step_lines(full) == {**step_lines(first), **step_lines(second)} and len(step_lines(full)) == 6
     for name in ["head.safetensors", "backbone/adapter_model.safetensors"]:
         a, b = load_file(f"{tmp_path}/a/{name}"), load_file(f"{tmp_path}/b/{name}")
@@ -310,6 +316,7 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
 @pytest.mark.parametrize("flags,message", [(["--tie_weight=1", "--loss=mc"], "--tie_weight needs --loss gaussian"),
                                            (["--first_steps=5"], "needs both --first_steps >= 1 and --first_dims"),
                                            (["--first_dims=instruction_following"], "got 0, 'instruction_following'"),
+                                           (["--workers=-2"], "--workers -2: needs -1 (auto), 0"),
                                            (["--first_dims=quality", "--first_steps=5"], "got 5, 'quality'"),
                                            (["--mode=verifier", "--first_dims=overall", "--first_steps=5"],
                                             "the curriculum is Gaussian-mode only")])
