@@ -733,22 +733,33 @@ def toy_oracle(source, instruction, edited):
       (an unchanged image or a wrong edit scores 0, an edit that also changes other things is penalised);
     visual_quality = 1 - mean distance of each pixel to its nearest palette colour / 0.2 (noise, blur);
     overall = their mean. Also returns the two parts of instruction following, "change" and "keep"."""
+    return toy_oracles(source, instruction, [edited])[0]
+
+
+def toy_oracles(source, instruction, edits):
+    """toy_oracle for several edits of one source under one instruction: the source's and the target's
+    palette classes are worked out once."""
     src = np.asarray(source, dtype=np.uint8)
-    ed = edited if isinstance(edited, Image.Image) else Image.fromarray(np.asarray(edited, dtype=np.uint8))
-    if ed.size != (src.shape[1], src.shape[0]):
-        ed = ed.resize((src.shape[1], src.shape[0]), Image.BILINEAR)
-    ed = np.asarray(ed.convert("RGB"), dtype=np.float32)
-    cs, ct, ce = classify(src), classify(toy_target(src, instruction)), classify(ed)
-    should, did = ct != cs, ce != cs
-    correct = (should & (ce == ct)).sum()
-    union = (should | did).sum()
-    dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
-    scores = {"instruction_following": float(correct / max(union, 1)),
-              "visual_quality": float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0)),
-              "change": float(correct / max(should.sum(), 1)),
-              "keep": float(1.0 - (did & ~should).sum() / max(union, 1))}
-    scores["overall"] = (scores["instruction_following"] + scores["visual_quality"]) / 2
-    return scores
+    cs, ct = classify(src), classify(toy_target(src, instruction))
+    should = ct != cs
+    out = []
+    for edited in edits:
+        ed = edited if isinstance(edited, Image.Image) else Image.fromarray(np.asarray(edited, dtype=np.uint8))
+        if ed.size != (src.shape[1], src.shape[0]):
+            ed = ed.resize((src.shape[1], src.shape[0]), Image.BILINEAR)
+        ed = np.asarray(ed.convert("RGB"), dtype=np.float32)
+        ce = classify(ed)
+        did = ce != cs
+        correct = (should & (ce == ct)).sum()
+        union = (should | did).sum()
+        dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
+        scores = {"instruction_following": float(correct / max(union, 1)),
+                  "visual_quality": float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0)),
+                  "change": float(correct / max(should.sum(), 1)),
+                  "keep": float(1.0 - (did & ~should).sum() / max(union, 1))}
+        scores["overall"] = (scores["instruction_following"] + scores["visual_quality"]) / 2
+        out.append(scores)
+    return out
 
 
 def toy_level(x):
@@ -872,7 +883,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
         for _ in range(k):  # factorial design: outcome and noise level drawn independently for each candidate
             outcomes.append(rng.choice(OUTCOMES))
             cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
-        scores = [toy_oracle(src, instruction, c) for c in cands]
+        scores = toy_oracles(src, instruction, cands)
         human = [toy_human(s) for s in scores]
         ranks = toy_ranks(human)
         gid = f"{split}{i:05d}"
@@ -945,13 +956,13 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
             gid = f"twin{len(groups) // 2:05d}"
             source, edits = save(src, gid + "_src"), [save(im, f"{gid}_{c}") for im, c in zip(imgs, "ab")]
             for j, x in enumerate(pair):
-                human = [toy_human(toy_oracle(src, x, im)) for im in imgs]
+                human = [toy_human(s) for s in toy_oracles(src, x, imgs)]
                 groups.append({"id": f"{gid}{'ab'[j]}", "instruction": x, "source": source, "candidates": edits,
                                "ranks": toy_ranks(human), "category": kind, "scores": human,
                                "outcomes": ["correct", "wrong"] if j == 0 else ["wrong", "correct"]})
             bar.update()
         return groups
-    if n_twins:  # opt-in: their labels cost 4 oracle calls a scene (2400 scenes double the world's time)
+    if n_twins:  # opt-in: their labels cost 4 oracle scores a scene (2400 scenes double the world's time)
         with tqdm(total=n_twins, desc="toy instruction twins", disable=n_twins < 500) as bar:
             write("pairs_twins.jsonl", pair_rows(twins(n_twins, random.Random(f"twins {seed}"), bar)))
     with open(os.path.join(out, "toy.json"), "w") as f:
