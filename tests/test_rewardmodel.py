@@ -83,6 +83,21 @@ def test_preference_loss_orients_skips_and_weights():
     assert n.item() == 3 and total.item() == pytest.approx(3 * right.item())  # n = sum of the weights used
 
 
+def test_preference_loss_scale_beta_keeps_mean_gradients_from_shrinking_with_sigma():
+    """At scale_beta 1 a pair scaled up (dmu and s both x4) pulls its means as hard as the small one; at 0, 4x less."""
+    def mean_grads(dmu, log_sigma, beta):
+        mu_a = torch.tensor([[dmu]], requires_grad=True)
+        ls = torch.full((1, 1), log_sigma)
+        total, n = R.preference_loss(mu_a, ls, torch.zeros(1, 1), ls, torch.tensor([[1]]), torch.ones(1), scale_beta=beta)
+        total.backward()
+        return mu_a.grad.item(), total.item()
+    small, big = mean_grads(1.0, 0.0, 1.0), mean_grads(4.0, math.log(4.0), 1.0)
+    assert small[0] < 0 and big[0] == pytest.approx(small[0], rel=1e-5)
+    assert big[1] == pytest.approx(4 * small[1], rel=1e-5)  # the term times its scale (s = 4 sqrt 2 vs sqrt 2)
+    plain_small, plain_big = mean_grads(1.0, 0.0, 0.0), mean_grads(4.0, math.log(4.0), 0.0)
+    assert plain_big[0] == pytest.approx(plain_small[0] / 4, rel=1e-5) and plain_small[0] == pytest.approx(small[0] / math.sqrt(2), rel=1e-5)
+
+
 @pytest.mark.parametrize("mu_a,s_a,mu_b,s_b,margin", [(0, 0, 0, 0, 0.5), (1, -1, 0, -1, 0.5), (-2, 0.5, 1, 0, 1.0),
                                                        (0.3, 0.2, 0.1, -0.7, 0.25)])
 def test_gaussian_tie_loss_closed_form(mu_a, s_a, mu_b, s_b, margin):
@@ -317,6 +332,8 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
                                            (["--first_steps=5"], "needs both --first_steps >= 1 and --first_dims"),
                                            (["--first_dims=instruction_following"], "got 0, 'instruction_following'"),
                                            (["--workers=-2"], "--workers -2: needs -1 (auto), 0"),
+                                           (["--scale_beta=-1"], "--scale_beta -1.0: needs >= 0"),
+                                           (["--scale_beta=1", "--loss=bt"], "a loss with sigmas"),
                                            (["--first_dims=quality", "--first_steps=5"], "got 5, 'quality'"),
                                            (["--mode=verifier", "--first_dims=overall", "--first_steps=5"],
                                             "the curriculum is Gaussian-mode only")])
@@ -340,10 +357,12 @@ def test_a_dimension_the_data_does_not_rank_is_refused(toy, tmp_path):
 def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
     out = run(["--toy", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=8",
                "--micro_batch=2", "--max_steps=3", "--log_interval=1", "--head_hidden=32", "--val_max=4",
-               "--tie_weight=1", f"--out_dir={tmp_path}/ddp"],
+               "--tie_weight=1", "--scale_beta=1", f"--out_dir={tmp_path}/ddp"],
               cmd=[os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"])
     assert "world 2 | grad accum 2" in out and "ranks in sync: True" in out
     assert len(step_lines(out)) == 3 and "final held-out accuracy" in out
+    sigmas = re.search(r"final held-out accuracy .*\| sigma instruction_following ([0-9.]+) visual_quality ([0-9.]+)", out)
+    assert sigmas and all(0.05 <= float(s) < 100 for s in sigmas.groups())  # geometric means over both ranks' edits, >= the floor
 
 
 def test_benchmark_prints_both_layouts_and_both_losses(toy, tmp_path):
