@@ -867,8 +867,9 @@ class RewardModel(nn.Module):
         self.dims = [d for d in self.flags["dims"].split(",") if d]
         if verifier and flags["rubric"] == "editscore":
             self.dims = list(RUBRIC_DIMS)
-        if set(self.dims) & set(RESERVED) or len(set(self.dims)) != len(self.dims):
-            raise ValueError(f"--dims must be distinct and not {RESERVED}: {self.dims}")
+        if set(self.dims) & set(RESERVED) or len(set(self.dims)) != len(self.dims) or any(
+                d.startswith("sigma_") for d in self.dims):  # score() names each dimension's sigma "sigma_<dim>"
+            raise ValueError(f"--dims must be distinct, not {RESERVED} and not sigma_*: {self.dims}")
         self.reward_id = None
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])

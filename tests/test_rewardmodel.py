@@ -207,6 +207,12 @@ def test_tiny_scores_every_key_and_padding_side_does_not_matter(tiny, toy):
         tiny.processor.tokenizer.padding_side = "left"
 
 
+@pytest.mark.parametrize("dims", ["overall,visual_quality", "visual_quality,visual_quality", "sigma_x,visual_quality"])
+def test_dimension_names_that_would_collide_with_score_keys_are_refused(dims):
+    with pytest.raises(ValueError, match="--dims must be distinct"):
+        R.RewardModel({**vars(R.parser.parse_args([])), "dims": dims})
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune):
     args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--micro_batch=4", "--batch_size=4"])
