@@ -124,9 +124,10 @@ parser.add_argument("--mc_samples", type=int, default=1000, help="draws per pair
 parser.add_argument("--overall_weight", type=float, default=1.0, help="weight of the fused overall term (a dimension has 1)")
 parser.add_argument("--tie_weight", type=float, default=0.0, help="weight of the tie likelihood term on tied (pair, dimension)s (0 = off)")
 parser.add_argument("--tie_margin", type=float, default=0.5, help="a tie is |score difference| < this margin (mu units)")
-parser.add_argument("--scale_beta", type=float, default=0.0, help="weigh each ranking term by its pair's detached scale s^beta,\n"
-                    "s = sqrt(sigma_w^2 + sigma_l^2) (as beta-NLL does for regression): at 1 a dimension whose sigma grew\n"
-                    "no longer has its means' gradients shrunk by 1/s (0 = off, the plain likelihood; the logged loss is the weighted one)")
+parser.add_argument("--scale_beta", type=float, default=0.0, help="weigh each ranking term by its pair's detached\n"
+                    "scale s^beta, s = sqrt(sigma_w^2 + sigma_l^2) (as beta-NLL does for regression): at 1 a dimension\n"
+                    "whose sigma grew no longer has its means' gradients shrunk by 1/s (0 = off, the plain likelihood;\n"
+                    "the logged loss is then the weighted one)")
 parser.add_argument("--first_dims", default="", help="curriculum: comma-separated dimensions (or 'overall') that alone train for the\n"
                     "first --first_steps steps; every term counts after that")
 parser.add_argument("--first_steps", type=int, default=0, help="length of the --first_dims phase (0 = no curriculum)")
@@ -289,9 +290,9 @@ def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_
     Gaussian tie likelihood over every tied (pair, dimension).
     mu_*, ls_*: (B, K) for image a and image b; prefs (B, K) in {+1 a better, -1 b better, 0 skip};
     ties (B, K) bool; weights (K,). scale_beta > 0 multiplies each ranking term (gaussian or mc; not the tie
-    term) by its detached s^scale_beta (s = the pair's scale): the closed form's gradient on the means is lambda(dmu / s) / s, so a dimension whose
-    sigma grows while it cannot rank yet learns ever slower; at 1 that 1/s is gone. Returns (weighted sum, sum
-    of weights) so that micro-batches and ranks average correctly."""
+    term) by its detached s^scale_beta (s = the pair's scale): the closed form's gradient on the means is
+    lambda(dmu / s) / s, so a dimension whose sigma grows while it cannot rank yet learns ever slower; at 1 that
+    1/s is gone. Returns (weighted sum, sum of weights) so that micro-batches and ranks average correctly."""
     a_wins = prefs > 0
     mu_w, mu_l = torch.where(a_wins, mu_a, mu_b), torch.where(a_wins, mu_b, mu_a)
     ls_w, ls_l = torch.where(a_wins, ls_a, ls_b), torch.where(a_wins, ls_b, ls_a)
