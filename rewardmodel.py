@@ -208,7 +208,8 @@ POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_inte
 # reward that model made the editor worse: not the preset either. Instruction twins mixed in (--train
 # data/toy/pairs_train.jsonl,data/toy/pairs_twins.jsonl, 600 steps first) reach 0.86 / 0.92 / 0.85 over six
 # seeds, and as a reward lift the editor little (+0.02 / +0.04); with --scale_beta 1 too, 0.89 / 0.89 / 0.86 over
-# eight. Here (two images) --scale_beta 1 costs (0.70 -> 0.64-0.66): the model never learns to compare.
+# eight, and at lr 5e-4 (--lr 5e-4 --head_lr 5e-4) 0.91 / 0.89 / 0.86. Here (two images) --scale_beta 1 costs
+# (0.70 -> 0.64-0.66): the model never learns to compare; lr 5e-4 does not help either (0.63 / 0.68 at seeds 0 / 1).
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
            eval_interval=300, log_interval=100, out_dir="out/rm_toy")
