@@ -1195,7 +1195,7 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
 
 def held_out_line(res, sep=" "):
     """evaluate()'s dict as log text: accuracies, then the dimensions' geometric-mean sigmas."""
-    sig = {d[6:]: v for d, v in res.items() if d.startswith("sigma_")}
+    sig = {d.removeprefix("sigma_"): v for d, v in res.items() if d.startswith("sigma_")}
     text = sep.join(f"{d} {a:.3f}" for d, a in res.items() if not d.startswith("sigma_"))
     return text + (" | sigma " + " ".join(f"{d} {v:.2f}" for d, v in sig.items()) if sig else "")
 
