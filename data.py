@@ -637,14 +637,116 @@ def shard(items, rank, world_size):
     return list(items)[rank::world_size]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the shared ground of every script: torch.distributed, atomic writes, image sheets, source images
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: object = "cpu"  # a torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world > 1 or "RANK" in os.environ
+
+
+_DIST = Dist()
+
+
+def setup_distributed(device="auto"):
+    """One script for `python` and `torchrun`: under torchrun (RANK in the environment) join the process group,
+    NCCL on CUDA and gloo on CPU, one GPU per local rank; CPU ranks on one machine share its cores. Seed with
+    `seed + dist.rank` where ranks must differ. Returns a Dist and remembers it for print0."""
+    import torch
+    import torch.distributed as tdist
+    global _DIST
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
+    if "RANK" not in os.environ:
+        _DIST = Dist(0, 1, 0, torch.device("cuda" if cuda and device == "auto" else
+                                           ("cpu" if device == "auto" else device)))
+        return _DIST
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    tdist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", tdist.get_world_size()))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+    _DIST = Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
+    return _DIST
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, flushed (torchrun interleaves the ranks' buffered output)."""
+    if _DIST.master:
+        print(*args, **kwargs, flush=True)
+
+
 def leave_distributed():
     """End a torchrun worker whose work is done: destroy the process group, then exit without interpreter
     shutdown, where gloo threads that outlive the group sometimes aborted a finished run (SIGABRT, "terminate
     called without an active exception"; 3 of 6 CI runs on 2 CPU cores)."""
-    import torch.distributed as dist
-    dist.destroy_process_group()
+    import torch.distributed as tdist
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
     print(end="", flush=True)
     os._exit(0)
+
+
+def atomic_write(path, write, mode="w"):
+    """write(f) into a temporary sibling, then rename it over `path`: a kill never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def atomic_dir(final, write, link=None):
+    """write(folder) into a temporary sibling folder that then replaces `final` in one rename; then optionally
+    repoint the symlink `link` at it with another rename, so that a kill at any moment leaves `link` naming a
+    complete folder (and the folder `link` named before is removed)."""
+    import shutil
+    final = final.rstrip("/")
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    if link:
+        prev = os.path.realpath(link) if os.path.islink(link) else None
+        os.symlink(os.path.basename(final), link + ".tmp")
+        os.replace(link + ".tmp", link)
+        if prev and prev != os.path.realpath(final):
+            shutil.rmtree(prev, ignore_errors=True)
+
+
+def image_sheet(rows, path, cell=128):
+    """One PNG for a person: rows of (title, [(image ref or PIL, caption), ...]), each row a title line above its
+    images and a caption under each. Used by --inspect, bench.py's worst cases and grpo.py's sample grids."""
+    ncol = max([len(pics) for _, pics in rows] + [1])
+    sheet = Image.new("RGB", (ncol * cell, max(1, len(rows)) * (cell + 28)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (title, pics) in enumerate(rows):
+        y = r * (cell + 28)
+        draw.text((2, y + 1), str(title)[:ncol * cell // 6], fill="black")
+        for c, (ref, caption) in enumerate(pics):
+            sheet.paste(load_image(ref, str(title)).resize((cell, cell - 14), Image.NEAREST), (c * cell, y + 14))
+            draw.text((c * cell + 2, y + cell + 1), str(caption), fill="black")
+    atomic_write(path, lambda f: sheet.save(f, format="PNG"), "wb")
+
+
+def load_sources(item):
+    """The source image(s) of any item as RGB PIL images, errors naming the item's file and row."""
+    return [load_image(s, item.origin) for s in item.sources]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1003,30 +1105,20 @@ def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=Non
 
 def contact_sheet(items, path, cell=128):
     """A PNG with one row per item: source(s) | candidates, each labelled, and the instruction above."""
-    lines = []
+    rows = []
     for it in items:
+        pics = [(s, "source") for s in it.sources]
         if isinstance(it, PreferencePair):
-            pics = [(s, "source") for s in it.sources] + [(it.preferred, "preferred" if not it.tie else "tie A"),
-                                                         (it.rejected, "rejected" if not it.tie else "tie B")]
+            pics += [(it.preferred, "preferred" if not it.tie else "tie A"),
+                     (it.rejected, "rejected" if not it.tie else "tie B")]
         elif isinstance(it, CandidateGroup):
-            pics = [(s, "source") for s in it.sources] + [(c, f"rank {r}") for c, r in zip(it.candidates, it.ranks)]
+            pics += [(c, f"rank {r}") for c, r in zip(it.candidates, it.ranks)]
         elif isinstance(it, CotTrace):
-            pics = [(s, "source") for s in it.sources] + [(it.edited, "edited")]
-        else:
-            pics = [(s, "source") for s in it.sources] + ([(it.target, "target")] if it.target is not None else [])
-        lines.append((it.instruction, pics, it.origin))
-    ncol = max([len(p) for _, p, _ in lines] + [1])
-    sheet = Image.new("RGB", (ncol * cell, max(1, len(lines)) * (cell + 28)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for r, (text, pics, origin) in enumerate(lines):
-        y = r * (cell + 28)
-        draw.text((2, y + 1), text[:ncol * cell // 6], fill="black")
-        for c, (ref, label) in enumerate(pics):
-            sheet.paste(load_image(ref, origin).resize((cell, cell - 14)), (c * cell, y + 14))
-            draw.text((c * cell + 2, y + cell + 1), label, fill="black")
-    tmp = path + ".tmp.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+            pics += [(it.edited, "edited")]
+        elif it.target is not None:
+            pics += [(it.target, "target")]
+        rows.append((it.instruction, pics))
+    image_sheet(rows, path, cell)
 
 
 if __name__ == "__main__":
