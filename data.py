@@ -1,46 +1,43 @@
 """
-data.py: every data format nanoEditRL reads, tie-disentanglement, and a procedural toy editing world.
+data.py: the data every nanoEditRL script reads, the pieces every script shares, and a procedural toy editing world.
 
-Three things move through the project, each a plain dataclass:
-  PreferencePair  one instruction, source image(s), a preferred and a rejected edit, and the preference in
-                  every dimension (+1 preferred better, -1 rejected better, 0 tie)   -> rewardmodel.py, bench.py
-  CandidateGroup  one instruction, source image(s), K candidate edits and their ranking with ties -> bench.py
-  EditPrompt      one instruction and source image(s) (optionally a target edit) for the editor -> grpo.py
-plus CotTrace (source, instruction, edited, written response) for the verifier's SFT cold start.
+Four plain dataclasses move through the project:
+  PreferencePair  an instruction, source image(s), a preferred and a rejected edit and the preference per dimension
+                  (+1 preferred better, -1 rejected better, 0 tie)              -> rewardmodel.py, bench.py
+  CandidateGroup  an instruction, source image(s), K edits and their ranking with ties            -> bench.py
+  EditPrompt      an instruction and source image(s), optionally a target edit                    -> grpo.py
+  CotTrace        source, instruction, edited image and a written judgement (verifier SFT)         -> rewardmodel.py
+Formats, told apart by the columns of the first row (or fmt=):
+  editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
+  editreward_data  TIGER-Lab/EditReward-Data parquet: left/right images with 1..4 human scores per dimension
+  editscore_bench  EditScore/EditReward-Bench: output_images[0] preferred on one dimension
+  tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: one pairwise comparison a row; load_groups
+                   rebuilds the 2-, 3- and 4-candidate groups from the ids
+  genai_bench      TIGER-Lab/GenAI-Bench image_edition (split test_v1 by default): left/right votes
+  editscore_rl     EditScore-RL-Data jsonl prompts;  gedit  stepfun-ai/GEdit-Bench prompts
+  jsonl            this project's own JSONL (image paths relative to the file), one object a line:
+                     pair   {"id", "instruction", "source", "preferred", "rejected", "prefs": {dim: 1 | 0 | -1}}
+                     group  {"id", "instruction", "source", "candidates": [paths], "ranking": "A>B=C" | "ranks"}
+                     trace  {"id", "instruction", "source", "edited", "response"}
+                     prompt {"id", "instruction", "source", "category"} (+ "target" for editor training)
+A source is a .json / .jsonl / .parquet file, a local folder (a save_to_disk folder included) or a hub name.
+A bad row stops the load with a DataError naming file, row and column; skip_bad skips and reports it instead.
+Tie-disentanglement follows EditReward (arXiv 2509.26346, section 3.3).
 
-Supported formats (REFERENCE.md section 5), picked from the columns of the first row (or --fmt):
-  editreward_json  EditReward training JSON: prompt, path_src, path1 (preferred), path2, model{1,2}_dim{1,2}_score
-  editreward_data  EditReward-Data parquet: instruction, source_img, left/right_output_image, left/right_*_score
-  editscore_bench  EditScore/EditReward-Bench: key, instruction, input_image, output_images (0 = preferred), dimension
-  tiger_bench      TIGER-Lab/EditReward-Bench 2/3/4pair: source_image, candidate_1..K, ranking ("A>B=C")
-  genai_bench      GenAI-Bench image_edition: instruct_prompt, source_image, left/right_output_image, vote_type
-  editscore_rl     EditScore-RL-Data jsonl: instruction, input_images (list of paths), task_type
-  gedit            GEdit-Bench: key, task_type, instruction, instruction_language, input_image
-  jsonl            the project's own JSONL, one object per line; image fields are paths relative to the file:
-                     pair:   {"id", "instruction", "source": path | [paths], "preferred", "rejected",
-                              "prefs": {"instruction_following": 1, "visual_quality": -1, "overall": 0}, "category"}
-                     group:  {"id", "instruction", "source", "candidates": [paths], "ranking": "A>B=C", "category"}
-                     (+ optional "outcomes": what each candidate is, for bench.py's breakdown)
-                     trace:  {"id", "instruction", "source", "edited", "response"}
-                     prompt: {"id", "instruction", "source", "category"} (+ "target" for editor training)
-A path can be a .jsonl / .json / .parquet file, a local folder, or a hub dataset name (via `datasets`).
-Images are kept lazy (a path or embedded bytes) until load_image() decodes them.
+The toy world draws shapes on a plain background at 56 px and edits them ("make the red circle blue", "remove ...",
+"add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from pixels alone, so it labels
+the data and later tells whether RL really improved the editor. Candidates are made factorially (what the edit does
+x how noisy the image is) so that quality cannot be guessed from content.
 
-The toy world draws shapes on a plain background at 56 px and edits them ("make the red circle blue",
-"remove ...", "add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from
-pixels alone, so it labels the data and later tells whether RL really improved the editor. Candidates are
-made factorially (what the edit does x how noisy the image is) so that quality cannot be guessed from content.
-Instruction twins (--n_twins, pairs_twins.jsonl) rank the same two edits under two instructions, each way round.
-
-  python data.py --toy --out data/toy                 # write the toy world (~1 min, a progress bar)
+  python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores, a progress bar)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
-  python data.py --inspect TIGER-Lab/EditReward-Bench --config 2pair --split train
+  python data.py --inspect TIGER-Lab/EditReward-Bench --config 3pair --skip_bad
 """
 import argparse
 import dataclasses
-import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -56,11 +53,11 @@ FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench
 
 
 class DataError(ValueError):
-    """Bad input. The message always names the file and the row."""
+    """Bad input. The message always names the source and the row (or group)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the three things the project moves around
+# the things the project moves around
 
 @dataclass
 class PreferencePair:
@@ -73,7 +70,7 @@ class PreferencePair:
     tie: bool = False      # tied overall: then preferred/rejected is only an order, not a preference
     category: str = ""
     scores: dict = None    # raw human scores {"preferred": {dim: x}, "rejected": {dim: x}} when known
-    origin: str = ""       # "file:row", for error messages
+    origin: str = ""       # "source:row", for error messages
     meta: dict = field(default_factory=dict)  # e.g. "outcomes": {"preferred": "correct", "rejected": "wrong"} (toy)
 
 
@@ -91,24 +88,19 @@ class CandidateGroup:
 
     def to_pairs(self):
         """All K(K-1)/2 pairs, the better candidate first; tied candidates give tie pairs."""
-        pairs = []
-        for i in range(len(self.candidates)):
-            for j in range(i + 1, len(self.candidates)):
-                a, b = (i, j) if self.ranks[i] <= self.ranks[j] else (j, i)
-                tie = self.ranks[a] == self.ranks[b]
-                prefs = {"overall": 0 if tie else 1}
-                scores = None
-                if self.scores:
-                    scores = {"preferred": self.scores[a], "rejected": self.scores[b]}
-                    for d in self.scores[a]:
-                        if d != "overall":
-                            prefs[d] = _sign(self.scores[a][d] - self.scores[b][d])
-                meta = dict(self.meta)
-                if "outcomes" in meta:  # per candidate -> this pair's two
-                    meta["outcomes"] = {"preferred": meta["outcomes"][a], "rejected": meta["outcomes"][b]}
-                pairs.append(PreferencePair(f"{self.id}:{a}-{b}", self.instruction, self.sources,
-                                            self.candidates[a], self.candidates[b], prefs, tie,
-                                            self.category, scores, self.origin, meta))
+        pairs, k = [], len(self.candidates)
+        for i, j in ((i, j) for i in range(k) for j in range(i + 1, k)):
+            a, b = (i, j) if self.ranks[i] <= self.ranks[j] else (j, i)
+            tie = self.ranks[a] == self.ranks[b]
+            prefs, scores, meta = {"overall": 0 if tie else 1}, None, dict(self.meta)
+            if self.scores:
+                scores = {"preferred": self.scores[a], "rejected": self.scores[b]}
+                prefs.update({d: _sign(self.scores[a][d] - self.scores[b][d]) for d in self.scores[a] if d != "overall"})
+            for key in ("outcomes", "models"):  # per candidate -> this pair's two
+                if isinstance(meta.get(key), list):
+                    meta[key] = {"preferred": meta[key][a], "rejected": meta[key][b]}
+            pairs.append(PreferencePair(f"{self.id}:{a}-{b}", self.instruction, self.sources, self.candidates[a],
+                                        self.candidates[b], prefs, tie, self.category, scores, self.origin, meta))
         return pairs
 
 
@@ -135,7 +127,7 @@ class CotTrace:
 
 
 class Loaded(list):
-    """A list of items that also remembers which rows were skipped (origin, reason) under skip_bad."""
+    """A list of items that also remembers what was skipped, as (origin, reason), under skip_bad."""
     skipped: list = ()
 
 
@@ -160,56 +152,64 @@ def to_rgb(img):
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
+
+
+def _open_image(ref, origin, verify):
+    """Open an image reference (PIL image, path, bytes or a `datasets` {"bytes", "path"} dict): verify() only
+    checks the header and chunk checksums (cheap), else the image is decoded to RGB."""
+    if isinstance(ref, Image.Image):
+        return ref if verify else to_rgb(ref)
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    name = ref if isinstance(ref, str) else "<bytes>"
+    if isinstance(ref, str) and not os.path.exists(ref):
+        raise DataError(f"{origin}: image file not found: {ref}")
+    if not isinstance(ref, (str, bytes, bytearray)):
+        raise DataError(f"{origin}: not an image reference: {type(ref).__name__}")
+    try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
+        with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:
+            if verify:
+                return img.verify()
+            img.load()
+            return to_rgb(img)
+    except Exception as e:
+        raise DataError(f"{origin}: {'corrupt' if verify else 'cannot decode'} image {name}: {e}") from e
 
 
 def load_image(ref, origin=""):
     """Decode an image reference (PIL image, path, bytes, or a `datasets` {"bytes", "path"} dict) to RGB."""
-    try:
-        if isinstance(ref, Image.Image):
-            return to_rgb(ref)
-        if isinstance(ref, dict):
-            ref = ref.get("bytes") or ref.get("path")
-        if isinstance(ref, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(ref))
-        elif isinstance(ref, str):
-            if not os.path.exists(ref):
-                raise DataError(f"{origin}: image file not found: {ref}")
-            img = Image.open(ref)
-        else:
-            raise DataError(f"{origin}: not an image reference: {type(ref).__name__}")
-        img.load()
-        return to_rgb(img)
-    except DataError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
-        raise DataError(f"{origin}: cannot decode image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
+    return _open_image(ref, origin, verify=False)
 
 
-def fit_pixels(img, max_pixels, min_pixels=0, multiple=28):
-    """Resize keeping the aspect ratio so that min_pixels <= h*w <= max_pixels, both sides a multiple of
-    `multiple` (a VLM's patch size x merge size)."""
-    w, h = img.size
-    scale = 1.0
-    if w * h > max_pixels:
-        scale = (max_pixels / (w * h)) ** 0.5
-    elif w * h < min_pixels:
-        scale = (min_pixels / (w * h)) ** 0.5
-    nw = max(multiple, int(round(w * scale / multiple)) * multiple)
-    nh = max(multiple, int(round(h * scale / multiple)) * multiple)
-    while nw * nh > max_pixels and max(nw, nh) > multiple:  # rounding up may overshoot the budget
-        if nw >= nh:
-            nw -= multiple
-        else:
-            nh -= multiple
-    return img if (nw, nh) == (w, h) else img.resize((nw, nh), Image.BICUBIC)
+def check_image(ref, origin):
+    """Cheap validity check of an image reference (exists, header + chunk checksums) without decoding."""
+    _open_image(ref, origin, verify=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # reading rows from files, folders and the hub
+
+# hub datasets whose official evaluation split and config are not the `datasets` defaults: GenAI-Bench's image
+# editing votes are its 919-vote test_v1 split (TIGER-AI-Lab/GenAI-Bench README: "919 votes for image editing")
+HUB_DEFAULTS = {"TIGER-Lab/GenAI-Bench": ("image_edition", "test_v1")}
+
+
+def _open_dataset(path, split, config):
+    """A `datasets.Dataset` from a parquet file, a save_to_disk folder (state.json + data-*.arrow, the layout of
+    the EditScore/EditReward-Bench hub repository), any other local folder or a hub name."""
+    import datasets
+    if os.path.isfile(path):
+        return datasets.load_dataset("parquet", data_files=path, split="train")
+    if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_from_disk(path)
+        return ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+    if not (os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        raise DataError(f"{path}: no such file, folder or hub dataset name")
+    hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
+    return datasets.load_dataset(path, config or hub_config, split=split or hub_split)
+
 
 def _rows(path, split=None, config=None):
     """Yield (origin, row) from a .jsonl / .json / .parquet file, a local folder or a hub dataset.
@@ -219,43 +219,36 @@ def _rows(path, split=None, config=None):
             text = f.read()
         if path.endswith(".json") and text.lstrip().startswith("["):
             try:
-                rows = json.loads(text)
+                yield from ((f"{path}:{i}", row) for i, row in enumerate(json.loads(text)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON: {e}") from e
-            for i, row in enumerate(rows):
-                yield f"{path}:{i}", row
             return
         for i, line in enumerate(text.splitlines(), start=1):  # jsonl rows are numbered like the lines
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
+            if line.strip():
+                try:
+                    yield f"{path}:{i}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
         return
-    if not (os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
-        raise DataError(f"{path}: no such file, folder or hub dataset name")
-    import datasets  # parquet, folders and hub names all go through `datasets`
-    if os.path.isfile(path):
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
-    else:
-        ds = datasets.load_dataset(path, config, split=split or "train")
-    for name, feat in ds.features.items():  # keep embedded images as bytes: decode lazily, with a row number
-        if isinstance(feat, datasets.Image):
-            ds = ds.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
-            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
-    where = path if config is None else f"{path}[{config}]"
+    import datasets
+    try:  # whatever goes wrong while opening (a wrong config, a missing split, no network) names the source
+        ds = _open_dataset(path, split, config)
+        for name, feat in ds.features.items():  # keep embedded images as bytes: decode lazily, with a row number
+            if isinstance(feat, datasets.Image):
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+            elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
+                ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path}: cannot open it as a dataset: {type(e).__name__}: {e}") from e
+    where = path + (f"[{config}]" if config else "") + (f"[{split}]" if split else "")
     for i, row in enumerate(ds):
         yield f"{where}:{i}", row
 
 
-def _base_dir(path):
-    return os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
-
-
-class _Rowctx:
-    """Column access for one row with errors that name the file and the row."""
+class _Row:
+    """Column access for one row with errors that name the source, the row and the column."""
 
     def __init__(self, row, origin, base):
         self.row, self.origin, self.base = row, origin, base
@@ -263,23 +256,39 @@ class _Rowctx:
     def get(self, col, default=None):
         return self.row.get(col, default)
 
+    def fail(self, msg):
+        raise DataError(f"{self.origin}: {msg}")
+
     def req(self, col):
-        if col not in self.row or self.row[col] is None:
-            raise DataError(f"{self.origin}: missing column '{col}'")
+        if col not in self.row:
+            self.fail(f"missing column '{col}'")
+        if self.row[col] is None:
+            self.fail(f"column '{col}' is null")
         return self.row[col]
+
+    def id(self, *cols):
+        """The row's own id from the first of cols it has, else one derived from the source and the row, so that
+        ids never collide across files (a test prompt and a train prompt both called "0" once shared a cache)."""
+        return next((str(self.row[c]) for c in cols if self.row.get(c) is not None), self.origin)
 
     def text(self, col):
         v = self.req(col)
         if not isinstance(v, str) or not v.strip():
-            raise DataError(f"{self.origin}: column '{col}' must be a non-empty string, got {v!r}")
+            self.fail(f"column '{col}' must be a non-empty string, got {v!r}")
         return v.strip()
 
-    def num(self, col):
+    def num(self, col, optional=False):
+        """A finite number; with optional, an absent or null column is None. A boolean, NaN or inf is an error."""
+        if optional and self.row.get(col) is None:
+            return None
         v = self.req(col)
         try:
-            return float(v)
+            x = float(v) if not isinstance(v, bool) else math.nan
         except (TypeError, ValueError):
-            raise DataError(f"{self.origin}: column '{col}' must be a number, got {v!r}") from None
+            x = math.nan
+        if not math.isfinite(x):
+            self.fail(f"column '{col}' must be a finite number, got {v!r}")
+        return x
 
     def image(self, col, value=None):
         """An image reference from a column: a path (relative to the manifest), embedded bytes or PIL."""
@@ -290,154 +299,127 @@ class _Rowctx:
             return v if os.path.isabs(v) else os.path.join(self.base, v)
         if isinstance(v, (bytes, bytearray, Image.Image)):
             return v
-        raise DataError(f"{self.origin}: column '{col}' holds no image (got {type(v).__name__})")
+        self.fail(f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
         v = self.req(col)
         vs = v if isinstance(v, (list, tuple)) else [v]
         if not vs:
-            raise DataError(f"{self.origin}: column '{col}' is an empty list of images")
+            self.fail(f"column '{col}' is an empty list of images")
         return [self.image(col, x) for x in vs]
 
 
-def check_image(ref, origin):
-    """Cheap validity check of an image reference (exists, header + chunk checksums) without decoding."""
-    if isinstance(ref, Image.Image):
-        return
-    try:
-        if isinstance(ref, str) and not os.path.exists(ref):
-            raise DataError(f"{origin}: image file not found: {ref}")
-        with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:
-            img.verify()
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{origin}: corrupt image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
-
-
 # ----------------------------------------------------------------------------------------------------------
-# one parser per format: (row context, row index) -> PreferencePair | CandidateGroup | EditPrompt | CotTrace
+# one parser per format: a row -> PreferencePair | CandidateGroup | EditPrompt | CotTrace
 
-def _oriented_pair(c, id, instruction, sources, a, b, sa, sb, category, meta):
-    """A pair from two scored images, the higher overall score first; per-dimension prefs from the scores."""
-    if sb["overall"] > sa["overall"]:
-        a, b, sa, sb = b, a, sb, sa
-    prefs = {d: _sign(sa[d] - sb[d]) for d in sa}
-    return PreferencePair(id, instruction, sources, a, b, prefs, prefs["overall"] == 0, category,
-                          {"preferred": sa, "rejected": sb}, c.origin, meta)
+def _parse_editreward_json(c):
+    # TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: "path1's image is always the preferred one", so the order
+    # never follows the scores; dim1 is instruction following, dim2 visual quality; tie_case marks an annotated tie
+    # (equal scores with tie_case false are still path1 first). The validation files data/dataset/valid_dataset_*.json
+    # carry dim1 only and a 0..1 float overall score.
+    cols = {"instruction_following": "dim1", "visual_quality": "dim2", "overall": "overall"}
+    s = [{d: c.num(f"model{k}_{col}_score", optional=d != "instruction_following") for d, col in cols.items()}
+         for k in (1, 2)]
+    s = [{d: x for d, x in side.items() if x is not None and s[1 - i][d] is not None} for i, side in enumerate(s)]
+    tie = c.get("tie_case", False)
+    if tie not in (True, False, 0, 1):
+        c.fail(f"column 'tie_case' must be true or false, got {tie!r}")
+    prefs = {d: _sign(s[0][d] - s[1][d]) for d in s[0] if d != "overall"}
+    prefs["overall"] = 0 if tie else 1
+    return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
+                          prefs, bool(tie), str(c.get("category") or ""), {"preferred": s[0], "rejected": s[1]},
+                          c.origin, {"models": {"preferred": c.get("model1"), "rejected": c.get("model2")},
+                                     "confidence": c.get("confidence")})
 
 
-def _parse_editreward_json(c, i):
-    # EditReward's dim1 is instruction following and dim2 visual quality; path1 is the preferred image
-    s = [{"instruction_following": c.num(f"model{k}_dim1_score"), "visual_quality": c.num(f"model{k}_dim2_score"),
-          "overall": c.num(f"model{k}_overall_score")} for k in (1, 2)]
-    p = _oriented_pair(c, str(c.get("id", i)), c.text("prompt"), [c.image("path_src")], c.image("path1"),
-                       c.image("path2"), s[0], s[1], c.get("category", ""), {"confidence": c.get("confidence")})
-    if c.get("tie_case"):  # the annotators called it a tie even if the summed scores differ
-        p.tie, p.prefs["overall"] = True, 0
-    return p
-
-
-def _parse_editreward_data(c, i):
-    # quality_aesthetic is what the rest of the project calls visual_quality
+def _parse_editreward_data(c):
+    # TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score, 1..4 per
+    # dimension and overall their sum; the higher overall is preferred, equal overall is a tie. key / unique_key is
+    # the row's id. quality_aesthetic is what the rest of the project calls visual_quality.
     s = [{"instruction_following": c.num(f"{side}_instruction_following_score"),
           "visual_quality": c.num(f"{side}_quality_aesthetic_score"), "overall": c.num(f"{side}_overall_score")}
          for side in ("left", "right")]
-    return _oriented_pair(c, str(c.get("id", i)), c.text("instruction"), [c.image("source_img")],
-                          c.image("left_output_image"), c.image("right_output_image"), s[0], s[1], "",
+    a, b = c.image("left_output_image"), c.image("right_output_image")
+    if s[1]["overall"] > s[0]["overall"]:
+        a, b, s = b, a, s[::-1]
+    prefs = {d: _sign(s[0][d] - s[1][d]) for d in s[0]}
+    return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], a, b, prefs,
+                          prefs["overall"] == 0, "", {"preferred": s[0], "rejected": s[1]}, c.origin,
                           {"vote_type": c.get("vote_type")})
 
 
-def _parse_editscore_bench(c, i):
+def _parse_editscore_bench(c):
+    # EditScore/EditReward-Bench card and VectorSpaceLab/EditScore evaluation.py: key [2], output_images [2] of which
+    # element 0 is the human-preferred one on `dimension` (prompt_following | consistency | overall)
     outs = c.images("output_images")
     if len(outs) != 2:
-        raise DataError(f"{c.origin}: 'output_images' must hold 2 images, got {len(outs)}")
-    key = c.req("key")
-    dim = c.text("dimension")
+        c.fail(f"column 'output_images' must hold 2 images, got {len(outs)}")
+    key, dim = c.req("key"), c.text("dimension")
     id = "~".join(map(str, key)) if isinstance(key, (list, tuple)) else str(key)
     return PreferencePair(f"{id}~{dim}", c.text("instruction"), c.images("input_image"), outs[0], outs[1],
                           {dim: 1}, False, c.text("task_type"), None, c.origin, {"dimension": dim})
 
 
-def _parse_genai_bench(c, i):
+GENAI_VOTES = ("leftvote", "rightvote", "tievote", "bothbad_vote")
+
+
+def _parse_genai_bench(c):
+    # TIGER-AI-Lab/GenAI-Bench inference.py (parse_response) and results/image_edition/*/pairwise.jsonl: vote_type is
+    # leftvote, rightvote, tievote (both good) or bothbad_vote; both tie votes are ties, which one stays in meta
     vote = c.text("vote_type")
+    if vote not in GENAI_VOTES:
+        c.fail(f"column 'vote_type' must be one of {', '.join(GENAI_VOTES)}, got {vote!r}")
     left, right = c.image("left_output_image"), c.image("right_output_image")
-    if vote not in ("leftvote", "rightvote", "tie", "bothbad_vote"):
-        raise DataError(f"{c.origin}: unknown vote_type {vote!r}")
-    a, b = (right, left) if vote == "rightvote" else (left, right)
-    tie = vote in ("tie", "bothbad_vote")
-    models = (c.get("left_model"), c.get("right_model"))
-    return PreferencePair(str(c.get("id", i)), c.text("instruct_prompt"), [c.image("source_image")], a, b,
-                          {"overall": 0 if tie else 1}, tie, "", None, c.origin,
-                          {"vote_type": vote, "models": models[::-1] if vote == "rightvote" else models})
+    models = {"preferred": c.get("left_model"), "rejected": c.get("right_model")}
+    if vote == "rightvote":
+        left, right, models = right, left, {"preferred": models["rejected"], "rejected": models["preferred"]}
+    tie = vote in ("tievote", "bothbad_vote")
+    return PreferencePair(c.id("id"), c.text("instruct_prompt"), [c.image("source_image")], left, right,
+                          {"overall": 0 if tie else 1}, tie, "", None, c.origin, {"vote_type": vote, "models": models})
 
 
-def parse_ranking(ranking, k, origin=""):
-    """Ranking text -> ranks (0 = best). Accepts a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of
-    them) and "<". Every pair of candidates must end up ordered or tied; a cycle is an error."""
-    text = ",".join(ranking) if isinstance(ranking, (list, tuple)) else str(ranking)
-    parent = list(range(k))  # union-find over "=" so tied candidates share one node
-
-    def find(x):
-        while parent[x] != x:
-            x = parent[x]
-        return x
-    better, seen = [], set()
-    for chain in re.split(r"[,;\s]+", text.strip()):
-        if not chain:
-            continue
-        toks = re.split(r"([<>=])", chain.upper())
-        names, ops = toks[0::2], toks[1::2]
-        if any(len(n) != 1 or not ("A" <= n < chr(ord("A") + k)) for n in names):
-            raise DataError(f"{origin}: bad ranking {ranking!r} for {k} candidates")
-        idx = [ord(n) - ord("A") for n in names]
-        seen.update(idx)
-        for x, op, y in zip(idx, ops, idx[1:]):
-            if op == "=":
-                parent[find(x)] = find(y)
-            else:
-                better.append((x, y) if op == ">" else (y, x))
-    if len(seen) != k:
-        raise DataError(f"{origin}: ranking {ranking!r} does not mention all {k} candidates")
-    nodes = sorted({find(x) for x in range(k)})
-    edges = {(find(a), find(b)) for a, b in better}
-    if any(a == b for a, b in edges):
-        raise DataError(f"{origin}: ranking {ranking!r} contradicts itself")
-    level, remaining, depth = {}, set(nodes), 0
-    while remaining:  # peel off the nodes nothing remaining beats: one level per round
-        top = {n for n in remaining if not any(a in remaining and b == n for a, b in edges)}
-        if not top:
-            raise DataError(f"{origin}: ranking {ranking!r} has a cycle")
-        if len(top) > 1:
-            raise DataError(f"{origin}: ranking {ranking!r} leaves some candidates unordered")
-        level.update({n: depth for n in top})
-        remaining -= top
-        depth += 1
-    return [level[find(x)] for x in range(k)]
+def tiger_group_id(row_id):
+    """The group a TIGER-Lab/EditReward-Bench comparison belongs to, as TIGER-AI-Lab/EditReward's
+    evaluate/inference_{3,4}pair_hf.py group them: the id up to its first '_', or its first 10 characters."""
+    return row_id.split("_")[0] if "_" in row_id else row_id[:10]
 
 
-def _parse_tiger_bench(c, i):
-    cands, k = [], 1
-    while c.get(f"candidate_{k}") is not None:
-        cands.append(c.image(f"candidate_{k}"))
-        k += 1
-    if len(cands) < 2:
-        raise DataError(f"{c.origin}: needs columns candidate_1, candidate_2, ...")
-    ranks = parse_ranking(c.req("ranking"), len(cands), c.origin)
-    return CandidateGroup(str(c.get("id", i)), c.text("instruction"), [c.image("source_image")], cands, ranks,
-                          str(c.get("dataset") or ""), None, c.origin,
-                          {"comparison_type": c.get("comparison_type"), "dataset": c.get("dataset")})
+def _parse_tiger_bench(c):
+    # TIGER-AI-Lab/EditReward evaluate/inference_{2,3,4}pair_hf.py and evaluate/README.md: a row is one comparison of
+    # candidate_1 (left) and candidate_2 (right); comparison_type (AvsB, AvsC, ... CvsD) names their positions in the
+    # group and ranking ("A>C", "C>A", "A=C") the human verdict; score_1/2 and model_1/2 belong to the two candidates
+    m = re.fullmatch(r"([A-Z])vs([A-Z])", str(c.req("comparison_type")))
+    if not m or m[1] >= m[2]:
+        c.fail(f"column 'comparison_type' must read like AvsC, got {c.get('comparison_type')!r}")
+    ranking = str(c.req("ranking")).replace(" ", "").upper()
+    verdicts = {f"{m[1]}>{m[2]}": 1, f"{m[2]}<{m[1]}": 1, f"{m[2]}>{m[1]}": -1, f"{m[1]}<{m[2]}": -1,
+                f"{m[1]}={m[2]}": 0, f"{m[2]}={m[1]}": 0}
+    if ranking not in verdicts:
+        c.fail(f"column 'ranking' {ranking!r} does not compare the {m[0]} pair")
+    pos = [ord(m[1]) - 65, ord(m[2]) - 65]
+    imgs, scores = [c.image("candidate_1"), c.image("candidate_2")], [c.num("score_1", True), c.num("score_2", True)]
+    models = [c.get("model_1"), c.get("model_2")]
+    if verdicts[ranking] < 0:  # the right candidate first
+        pos, imgs, scores, models = pos[::-1], imgs[::-1], scores[::-1], models[::-1]
+    id = str(c.req("id"))
+    return PreferencePair(id, c.text("instruction"), [c.image("source_image")], imgs[0], imgs[1],
+                          {"overall": abs(verdicts[ranking])}, verdicts[ranking] == 0, str(c.get("dataset") or ""),
+                          None if None in scores else {"preferred": {"overall": scores[0]},
+                                                       "rejected": {"overall": scores[1]}},
+                          c.origin, {"group": tiger_group_id(id), "positions": pos, "comparison_type": m[0],
+                                     "models": {"preferred": models[0], "rejected": models[1]}})
 
 
-def _parse_editscore_rl(c, i):
-    return EditPrompt(str(c.get("id", i)), c.text("instruction"), c.images("input_images"),
-                      str(c.get("task_type") or ""), None, c.origin)
+def _parse_editscore_rl(c):
+    # EditScore-RL-Data card: instruction, input_images (relative paths), task_type, meta_data
+    return EditPrompt(c.id("id", "key"), c.text("instruction"), c.images("input_images"),
+                      str(c.get("task_type") or ""), None, c.origin, {"meta_data": c.get("meta_data")})
 
 
-def _parse_gedit(c, i):
-    return EditPrompt(str(c.get("key", i)), c.text("instruction"), c.images("input_image"),
-                      str(c.get("task_type") or ""), None, c.origin,
-                      {"instruction_language": c.get("instruction_language")})
+def _parse_gedit(c):
+    # stepfun-ai/GEdit-Bench card: key, task_type, instruction, instruction_language, input_image
+    return EditPrompt(c.id("key"), c.text("instruction"), c.images("input_image"), str(c.get("task_type") or ""),
+                      None, c.origin, {"instruction_language": c.get("instruction_language")})
 
 
 def _outcomes(c, k=None):
@@ -448,27 +430,25 @@ def _outcomes(c, k=None):
         return {}
     ok = (isinstance(v, list) and len(v) == k) if k else (isinstance(v, dict) and set(v) == {"preferred", "rejected"})
     if not ok or not all(isinstance(x, str) for x in (v if k else v.values())):
-        want = f"a list of {k} strings" if k else '{"preferred": str, "rejected": str}'
-        raise DataError(f"{c.origin}: 'outcomes' must be {want}, got {v!r}")
+        c.fail(f"'outcomes' must be {f'a list of {k} strings' if k else 'a preferred/rejected dict'}, got {v!r}")
     return {"outcomes": v}
 
 
-def _parse_jsonl(c, i):
-    id, instruction, cat = str(c.get("id", i)), c.text("instruction"), str(c.get("category") or "")
-    sources = c.images("source")
+def _parse_jsonl(c):
+    id, instruction, cat, sources = c.id("id"), c.text("instruction"), str(c.get("category") or ""), c.images("source")
     if "candidates" in c.row:
         cands = c.images("candidates")
         ranks = c.get("ranks")
         if ranks is None:
             ranks = parse_ranking(c.req("ranking"), len(cands), c.origin)
         if len(ranks) != len(cands):
-            raise DataError(f"{c.origin}: {len(ranks)} ranks for {len(cands)} candidates")
+            c.fail(f"{len(ranks)} ranks for {len(cands)} candidates")
         return CandidateGroup(id, instruction, sources, cands, [int(r) for r in ranks], cat, c.get("scores"),
                               c.origin, _outcomes(c, len(cands)))
     if "preferred" in c.row or "rejected" in c.row:
         prefs = c.get("prefs") or {"overall": 1}
-        if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) for v in prefs.values()):
-            raise DataError(f"{c.origin}: 'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
+        if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) or isinstance(v, bool) for v in prefs.values()):
+            c.fail(f"'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
         tie = bool(c.get("tie", prefs.get("overall", 1) == 0))
         return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
                               tie, cat, c.get("scores"), c.origin, _outcomes(c))
@@ -493,6 +473,96 @@ def detect_format(row):
     return next((name for name, cols in rules if cols <= keys), None)
 
 
+def parse_ranking(ranking, k, origin=""):
+    """Ranking text -> ranks (0 = best). Accepts a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of
+    them) and "<". Every pair of candidates must end up ordered or tied; a cycle is an error."""
+    text = ",".join(ranking) if isinstance(ranking, (list, tuple)) else str(ranking)
+    parent = list(range(k))  # union-find over "=" so tied candidates share one node
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+    better, seen = [], set()
+    for chain in filter(None, re.split(r"[,;\s]+", text.strip())):
+        toks = re.split(r"([<>=])", chain.upper())
+        names, ops = toks[0::2], toks[1::2]
+        if any(len(n) != 1 or not ("A" <= n < chr(ord("A") + k)) for n in names):
+            raise DataError(f"{origin}: bad ranking {ranking!r} for {k} candidates")
+        idx = [ord(n) - ord("A") for n in names]
+        seen.update(idx)
+        for x, op, y in zip(idx, ops, idx[1:]):
+            if op == "=":
+                parent[find(x)] = find(y)
+            else:
+                better.append((x, y) if op == ">" else (y, x))
+    if len(seen) != k:
+        raise DataError(f"{origin}: ranking {ranking!r} does not mention all {k} candidates")
+    edges = {(find(a), find(b)) for a, b in better}
+    if any(a == b for a, b in edges):
+        raise DataError(f"{origin}: ranking {ranking!r} contradicts itself")
+    level, remaining, depth = {}, {find(x) for x in range(k)}, 0
+    while remaining:  # peel off the nodes nothing remaining beats: one level per round
+        top = {n for n in remaining if not any(a in remaining and b == n for a, b in edges)}
+        if not top:
+            raise DataError(f"{origin}: ranking {ranking!r} has a cycle")
+        if len(top) > 1:
+            raise DataError(f"{origin}: ranking {ranking!r} leaves some candidates unordered")
+        level.update({n: depth for n in top})
+        remaining -= top
+        depth += 1
+    return [level[find(x)] for x in range(k)]
+
+
+def _regroup(pairs, skipped=None):
+    """Pairs -> candidate groups. Comparisons that name a group and their positions in it (TIGER-Lab/EditReward-Bench)
+    are rebuilt into one group each, ranked by all its comparisons together, ties allowed; a contradiction or a
+    missing comparison is a DataError naming the group (with a `skipped` list: recorded there, the group dropped).
+    Any other pair is a group of two."""
+    out, parts = [], {}
+    for p in pairs:
+        if not isinstance(p, PreferencePair):
+            out.append(p)
+        elif "group" in p.meta:
+            out.append(p.meta["group"] if p.meta["group"] not in parts else None)
+            parts.setdefault(p.meta["group"], []).append(p)
+        else:
+            sc = [p.scores["preferred"], p.scores["rejected"]] if p.scores else None
+            meta = {k: [v["preferred"], v["rejected"]] if k in ("outcomes", "models") and isinstance(v, dict) else v
+                    for k, v in {**p.meta, "prefs": p.prefs}.items()}  # per side -> per candidate
+            out.append(CandidateGroup(p.id, p.instruction, p.sources, [p.preferred, p.rejected], [0, 0 if p.tie else 1],
+                                      p.category, sc, p.origin, meta))
+    for i, g in enumerate(out):
+        try:
+            out[i] = _rebuild_group(g, parts[g]) if isinstance(g, str) else g
+        except DataError as e:
+            if skipped is None:
+                raise
+            out[i] = skipped.append((f"group {g!r}", str(e)))
+    return [g for g in out if g is not None]
+
+
+def _rebuild_group(gid, comps):
+    """One TIGER group from its comparisons (meta "positions": the preferred and the rejected candidate's)."""
+    first, k = comps[0], 1 + max(q for p in comps for q in p.meta["positions"])
+    cands, models, scores = [None] * k, [None] * k, [None] * k
+    for p in comps:
+        for side, pos in zip(("preferred", "rejected"), p.meta["positions"]):
+            cands[pos], models[pos] = getattr(p, side), p.meta["models"][side]
+            scores[pos] = p.scores[side] if p.scores else None
+    ranking = ",".join(f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}{chr(65 + p.meta['positions'][1])}"
+                       for p in comps)
+    try:
+        ranks = parse_ranking(ranking, k, first.origin)
+    except DataError as e:
+        raise DataError(f"group {gid!r} ({len(comps)} comparisons, first at {first.origin}): {e}") from None
+    return CandidateGroup(gid, first.instruction, first.sources, cands, ranks, first.category,
+                          None if None in scores else scores, first.origin, {"models": models})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading: one path for every kind of item
+
 def _image_refs(item):
     if isinstance(item, PreferencePair):
         return item.sources + [item.preferred, item.rejected]
@@ -503,14 +573,13 @@ def _image_refs(item):
     return item.sources + ([item.target] if item.target is not None else [])
 
 
-def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Parse every row of `path` into dataclasses. A bad row (malformed line, missing column, empty
-    instruction, missing or corrupt image) raises DataError naming the file and the row, or with skip_bad
-    is skipped, counted and reported at the end; it is never dropped silently."""
+def _parse_rows(path, fmt, split, config, skip_bad, check_images, skipped):
+    """Every row of `path` as a dataclass; a bad row raises a DataError or, with skip_bad, goes to `skipped`."""
     if fmt != "auto" and fmt not in PARSERS:
         raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    out, skipped, checked, base = Loaded(), [], set(), _base_dir(path)
-    for i, (origin, row) in enumerate(_rows(path, split, config)):
+    out, checked = [], set()
+    base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
+    for origin, row in _rows(path, split, config):
         try:
             if isinstance(row, Exception):
                 raise row
@@ -520,18 +589,36 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
                 fmt = detect_format(row) or "auto"
                 if fmt == "auto":
                     raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
-            item = PARSERS[fmt](_Rowctx(row, origin, base), i)
-            if check_images:
-                for ref in _image_refs(item):
-                    if not (isinstance(ref, str) and ref in checked):
-                        check_image(ref, origin)
-                        if isinstance(ref, str):
-                            checked.add(ref)
+            item = PARSERS[fmt](_Row(row, origin, base))
+            for ref in _image_refs(item) if check_images else ():
+                if not (isinstance(ref, str) and ref in checked):
+                    check_image(ref, origin)
+                    checked.add(ref if isinstance(ref, str) else None)
             out.append(item)
         except DataError as e:
             if not skip_bad:
                 raise
             skipped.append((origin, str(e)))
+    return out
+
+
+def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, disentangle=False):
+    """The one loading path: parse, then turn the items into `want` (None: as they are). Groups become their pairs
+    for PreferencePair, pairs become groups (TIGER comparisons rebuilt into theirs) for CandidateGroup."""
+    skipped = []
+    items = _parse_rows(path, fmt, split, config, skip_bad, check_images, skipped)
+    if want is CandidateGroup:
+        items = _regroup(items, skipped if skip_bad else None)
+    out = Loaded()
+    for it in items:
+        if want is PreferencePair and isinstance(it, CandidateGroup):
+            out += it.to_pairs()
+        elif want is None or isinstance(it, want):
+            out.append(it)
+        else:
+            raise DataError(f"{it.origin}: a {type(it).__name__} where a {want.__name__} was expected")
+    if disentangle:
+        out = Loaded(disentangle_ties(out))
     out.skipped = skipped
     if skipped:
         print(f"skipped {len(skipped)} bad row(s) of {path}:", file=sys.stderr)
@@ -540,61 +627,34 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     return out
 
 
-def _relist(items, new):
-    out = Loaded(new)
-    out.skipped = items.skipped
-    return out
+def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
+    """Parse every row of `path` into dataclasses, one per row. A bad row (malformed line, missing or null column,
+    a non-number or non-finite score, empty instruction, missing or corrupt image) raises DataError naming the source
+    and the row, or with skip_bad is skipped, counted and reported at the end; it is never dropped silently."""
+    return _load(None, path, fmt, split, config, skip_bad, check_images)
 
 
 def load_pairs(path, fmt="auto", split=None, config=None, skip_bad=False, disentangle=True, check_images=True):
-    """Preference pairs from any pair or group format (groups expand to all their pairs)."""
-    items = load_items(path, fmt, split, config, skip_bad, check_images)
-    pairs = []
-    for it in items:
-        if isinstance(it, CandidateGroup):
-            pairs += it.to_pairs()
-        elif isinstance(it, PreferencePair):
-            pairs.append(it)
-        else:
-            raise DataError(f"{it.origin}: a {type(it).__name__} where a preference pair was expected")
-    return _relist(items, disentangle_ties(pairs) if disentangle else pairs)
+    """Preference pairs from any pair or group format (groups expand to all their pairs; TIGER comparisons as they
+    are, ties included), tie-disentangled unless disentangle=False."""
+    return _load(PreferencePair, path, fmt, split, config, skip_bad, check_images, disentangle)
 
 
 def load_groups(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Candidate groups from any group or pair format (a pair is a group of two)."""
-    items = load_items(path, fmt, split, config, skip_bad, check_images)
-    groups = []
-    for it in items:
-        if isinstance(it, PreferencePair):
-            sc = [it.scores["preferred"], it.scores["rejected"]] if it.scores else None
-            it = CandidateGroup(it.id, it.instruction, it.sources, [it.preferred, it.rejected],
-                                [0, 0 if it.tie else 1], it.category, sc, it.origin, {**it.meta, "prefs": it.prefs})
-        if not isinstance(it, CandidateGroup):
-            raise DataError(f"{it.origin}: a {type(it).__name__} where a candidate group was expected")
-        groups.append(it)
-    return _relist(items, groups)
-
-
-def _load_kind(kind, path, fmt, split, config, skip_bad, check_images):
-    items = load_items(path, fmt, split, config, skip_bad, check_images)
-    for it in items:
-        if not isinstance(it, kind):
-            raise DataError(f"{it.origin}: a {type(it).__name__} where a {kind.__name__} was expected")
-    return items
+    """Candidate groups from any group or pair format (a pair is a group of two, TIGER comparisons are rebuilt
+    into their groups of 2, 3 or 4)."""
+    return _load(CandidateGroup, path, fmt, split, config, skip_bad, check_images)
 
 
 def load_prompts(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Edit prompts for RL (and editor warm-up triples, which carry a target)."""
-    return _load_kind(EditPrompt, path, fmt, split, config, skip_bad, check_images)
+    return _load(EditPrompt, path, fmt, split, config, skip_bad, check_images)
 
 
 def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Chain-of-thought verifier traces for SFT."""
-    return _load_kind(CotTrace, path, fmt, split, config, skip_bad, check_images)
+    return _load(CotTrace, path, fmt, split, config, skip_bad, check_images)
 
-
-# ----------------------------------------------------------------------------------------------------------
-# ties, order, shards
 
 def _swap(sides):
     """{"preferred": a, "rejected": b} -> {"preferred": b, "rejected": a}; None stays None."""
@@ -614,20 +674,12 @@ def disentangle_ties(pairs):
             continue
         for d, v in dim_prefs.items():
             w, l, sc, meta = p.preferred, p.rejected, p.scores, {**p.meta, "disentangled": True}
-            if v < 0:  # the dimension's winner goes first, and with it its scores and outcome
+            if v < 0:  # the dimension's winner goes first, and with it its scores, outcome and model
                 w, l, sc = l, w, _swap(sc)
-                if "outcomes" in meta:
-                    meta["outcomes"] = _swap(meta["outcomes"])
-            out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0}, tie=False,
-                                           scores=sc, meta=meta))
+                meta.update({k: _swap(meta[k]) for k in ("outcomes", "models") if isinstance(meta.get(k), dict)})
+            out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0},
+                                           tie=False, scores=sc, meta=meta))
     return out
-
-
-def shuffled(items, seed):
-    """A copy of items in an order fixed by the seed (and only by it)."""
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items
 
 
 def shard(items, rank, world_size):
@@ -747,6 +799,7 @@ def image_sheet(rows, path, cell=128):
 def load_sources(item):
     """The source image(s) of any item as RGB PIL images, errors naming the item's file and row."""
     return [load_image(s, item.origin) for s in item.sources]
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -881,20 +934,16 @@ def toy_ranks(human):
     return [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human]
 
 
-COT_SCORES = ("instruction_following", "overall")
-
-
-def toy_cot_response(instruction, scores, cot_score=COT_SCORES[0]):
+def toy_cot_response(instruction, scores):
     """A short templated chain of thought for verifier SFT, as a teacher model would write it: the principles
     the edit must satisfy, a 1..4 verdict for each, and a final JSON object (rewardmodel.parse_verifier_output).
       'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
-    score = round(10 * oracle[cot_score]), 0..10. By default the teacher's final score is its instruction-following
-    judgement: it rates quality but leaves it out of the score, while the human-like pair labels weigh both. That
-    is the gap GCPO closes in Edit-R1 (SFT traces from a teacher, GCPO from human preferences). With "overall"
-    the traces already agree with the pair labels and GCPO has nothing to add (README)."""
+    score = round(10 * instruction_following), 0..10: the teacher rates quality but leaves it out of its score,
+    while the human-like pair labels weigh both. That is the gap GCPO closes in Edit-R1 (SFT traces from a
+    teacher, GCPO from human preferences)."""
     kind = (parse_toy_instruction(instruction) or ("edit",))[0]
     f, k, q = (int(toy_level(scores[d])) for d in ("change", "keep", "visual_quality"))
-    score = int(round(10 * scores[cot_score]))
+    score = int(round(10 * scores["instruction_following"]))
     return (f"{kind}: follow {f}/4; keep {k}/4; quality {q}/4\n"
             f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {score}}}')
 
@@ -954,122 +1003,90 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
     return np.clip(img.astype(np.float32) + noise, 0, 255).round().astype(np.uint8)
 
 
+
+
+def _save_png(out, name, arr):
+    path = f"images/{name}.png"
+    atomic_write(os.path.join(out, path), lambda f: Image.fromarray(arr).save(f, format="PNG"), "wb")
+    return path
+
+
+def _write_jsonl(out, name, rows):
+    path = os.path.join(out, name)
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _toy_group(rng, gid, k, size, out):
+    """One candidate group: a scene, an instruction and k candidates whose outcome and noise level are drawn
+    independently (the factorial design), labelled by the oracle through human-like 1..4 ratings."""
+    scene = _random_scene(rng)
+    instruction = _random_instruction(rng, scene)
+    src = render_scene(scene, size)
+    outcomes, cands = [], []
+    for _ in range(k):
+        outcomes.append(rng.choice(OUTCOMES))
+        cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
+    scores = toy_oracles(src, instruction, cands)
+    human = [toy_human(s) for s in scores]
+    return {"id": gid, "instruction": instruction, "source": _save_png(out, gid + "_src", src),
+            "candidates": [_save_png(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)], "ranks": toy_ranks(human),
+            "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes, "oracle": scores}
+
+
+def _toy_pair_rows(groups):
+    rows = []
+    for g in groups:
+        cg = CandidateGroup(g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"], g["category"],
+                            g["scores"], meta={"outcomes": g["outcomes"]})
+        rows += [{"id": p.id, "instruction": p.instruction, "source": g["source"], "preferred": p.preferred,
+                  "rejected": p.rejected, "prefs": p.prefs, "tie": p.tie, "category": p.category, "scores": p.scores,
+                  "outcomes": p.meta["outcomes"]} for p in cg.to_pairs()]
+    return rows
+
+
+def _toy_prompt(rng, pid, size, out, editor_wrong=None):
+    """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit than the
+    one asked for (a noisy editing dataset)."""
+    scene = _random_scene(rng)
+    instruction = _random_instruction(rng, scene)
+    row = {"id": pid, "instruction": instruction, "source": _save_png(out, pid + "_src", render_scene(scene, size)),
+           "category": parse_toy_instruction(instruction)[0]}
+    if editor_wrong is not None:
+        correct = rng.random() >= editor_wrong
+        tgt = toy_candidate(rng, scene, instruction, "correct" if correct else "wrong", 0, size)
+        row.update(target=_save_png(out, pid + "_tgt", tgt), correct=correct)
+    return row
+
+
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
-             editor_wrong=0.65, cot_score=COT_SCORES[0], n_twins=0):
-    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}.
-    n_twins: instruction-twin scenes for pairs_twins.jsonl (0: no such file), drawn from a random stream of
-    their own so that every other file is the same whatever their number."""
-    if cot_score not in COT_SCORES:
-        raise ValueError(f"cot_score must be one of {COT_SCORES}, got {cot_score!r}")
+             editor_wrong=0.65):
+    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}."""
+    from tqdm import tqdm  # ~20 ms per group: the default world takes under a minute
     rng = random.Random(seed)
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    saved = {}
-
-    def save(arr, name):
-        path = f"images/{name}.png"
-        Image.fromarray(arr).save(os.path.join(out, path))
-        return path
-
-    def write(name, rows):
-        path = os.path.join(out, name)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(path + ".tmp", path)
-        saved[name] = path
-
-    def group(i, split):
-        scene = _random_scene(rng)
-        instruction = _random_instruction(rng, scene)
-        src = render_scene(scene, size)
-        outcomes, cands = [], []
-        for _ in range(k):  # factorial design: outcome and noise level drawn independently for each candidate
-            outcomes.append(rng.choice(OUTCOMES))
-            cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
-        scores = toy_oracles(src, instruction, cands)
-        human = [toy_human(s) for s in scores]
-        ranks = toy_ranks(human)
-        gid = f"{split}{i:05d}"
-        return {"id": gid, "instruction": instruction, "source": save(src, gid + "_src"),
-                "candidates": [save(c, f"{gid}_c{j}") for j, c in enumerate(cands)], "ranks": ranks,
-                "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes,
-                "oracle": scores}
-
-    from tqdm import tqdm  # ~25 ms per group: the default world takes about a minute
+    groups = {"train": [], "val": []}
     with tqdm(total=n_train + n_val, desc="toy candidate groups", disable=n_train + n_val < 500) as bar:
-        train, val = [], []
-        for split, n, into in (("train", n_train, train), ("val", n_val, val)):
+        for split, n in (("train", n_train), ("val", n_val)):
             for i in range(n):
-                into.append(group(i, split))
+                groups[split].append(_toy_group(rng, f"{split}{i:05d}", k, size, out))
                 bar.update()
-    strip = lambda g: {k2: v for k2, v in g.items() if k2 != "oracle"}
-    write("bench.jsonl", [strip(g) for g in val])
-
-    def pair_rows(groups):
-        rows = []
-        for g in groups:
-            cg = CandidateGroup(g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"],
-                                g["category"], g["scores"], meta={"outcomes": g["outcomes"]})
-            for p in cg.to_pairs():
-                rows.append({"id": p.id, "instruction": p.instruction, "source": g["source"], "preferred": p.preferred,
-                             "rejected": p.rejected, "prefs": p.prefs, "tie": p.tie, "category": p.category,
-                             "scores": p.scores, "outcomes": p.meta["outcomes"]})
-        return rows
     # the last quarter of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT
-    n_gcpo = n_train // 4
-    write("pairs_train.jsonl", pair_rows(train[:n_train - n_gcpo]))
-    write("gcpo_train.jsonl", [r for r in pair_rows(train[n_train - n_gcpo:]) if not r["tie"]])
-    write("pairs_val.jsonl", pair_rows(val))
-    write("cot_train.jsonl", [{"id": f"{g['id']}_c{j}", "instruction": g["instruction"], "source": g["source"],
-                               "edited": c, "response": toy_cot_response(g["instruction"], s, cot_score), "scores": h}
-                              for g in train[:n_train - n_gcpo]
-                              for j, (c, s, h) in enumerate(zip(g["candidates"], g["oracle"], g["scores"]))])
-
-    def prompts(n, split, with_target=False):
-        rows = []
-        for i in range(n):
-            scene = _random_scene(rng)
-            instruction = _random_instruction(rng, scene)
-            pid = f"{split}{i:05d}"
-            row = {"id": pid, "instruction": instruction, "source": save(render_scene(scene, size), pid + "_src"),
-                   "category": parse_toy_instruction(instruction)[0]}
-            if with_target:  # a noisy editing dataset: some targets are another edit than the one asked for
-                correct = rng.random() >= editor_wrong
-                tgt = toy_candidate(rng, scene, instruction, "correct" if correct else "wrong", 0, size)
-                row.update(target=save(tgt, pid + "_tgt"), correct=correct)
-            rows.append(row)
-        return rows
-    write("rl_train.jsonl", prompts(n_rl, "rl"))
-    write("rl_test.jsonl", prompts(n_rl_test, "rltest"))
-    write("editor_train.jsonl", prompts(n_editor, "ed", with_target=True))
-
-    def twins(n, trng, bar):
-        """Instruction twins: a scene, two instructions A and B of one kind (not background) and the two edits
-        they ask for, each at its own noise level, ranked once under A and once under B. The same two images win
-        and lose by the instruction alone: what the toy's candidates rarely force a model to read (README)."""
-        groups = []
-        while len(groups) < 2 * n:
-            scene = _random_scene(trng)
-            kind = trng.choice([e for e in EDIT_KINDS if e != "background"])
-            pair = [_random_instruction(trng, scene, kind) for _ in range(2)]
-            if pair[0] == pair[1] or any(parse_toy_instruction(x)[0] != kind for x in pair):
-                continue  # a scene where the kind has one way only (e.g. remove with one shape), or none
-            src = render_scene(scene, size)
-            imgs = [toy_candidate(trng, scene, x, "correct", trng.randrange(4), size) for x in pair]
-            gid = f"twin{len(groups) // 2:05d}"
-            source, edits = save(src, gid + "_src"), [save(im, f"{gid}_{c}") for im, c in zip(imgs, "ab")]
-            for j, x in enumerate(pair):
-                human = [toy_human(s) for s in toy_oracles(src, x, imgs)]
-                groups.append({"id": f"{gid}{'ab'[j]}", "instruction": x, "source": source, "candidates": edits,
-                               "ranks": toy_ranks(human), "category": kind, "scores": human,
-                               "outcomes": ["correct", "wrong"] if j == 0 else ["wrong", "correct"]})
-            bar.update()
-        return groups
-    if n_twins:  # opt-in: their labels cost 4 oracle scores a scene (2400 scenes double the world's time)
-        with tqdm(total=n_twins, desc="toy instruction twins", disable=n_twins < 500) as bar:
-            write("pairs_twins.jsonl", pair_rows(twins(n_twins, random.Random(f"twins {seed}"), bar)))
-    with open(os.path.join(out, "toy.json"), "w") as f:
-        json.dump({"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k,
-                   "editor_wrong": editor_wrong, "cot_score": cot_score, "n_twins": n_twins}, f)
+    sft, gcpo, val = groups["train"][:n_train - n_train // 4], groups["train"][n_train - n_train // 4:], groups["val"]
+    files = {"bench.jsonl": [{key: v for key, v in g.items() if key != "oracle"} for g in val],
+             "pairs_train.jsonl": _toy_pair_rows(sft),
+             "gcpo_train.jsonl": [r for r in _toy_pair_rows(gcpo) if not r["tie"]],
+             "pairs_val.jsonl": _toy_pair_rows(val),
+             "cot_train.jsonl": [{"id": f"{g['id']}_c{j}", "instruction": g["instruction"], "source": g["source"],
+                                  "edited": c, "response": toy_cot_response(g["instruction"], s), "scores": h}
+                                 for g in sft for j, (c, s, h) in enumerate(zip(g["candidates"], g["oracle"],
+                                                                                g["scores"]))],
+             "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
+             "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
+             "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
+    saved = {name: _write_jsonl(out, name, rows) for name, rows in files.items()}
+    world = {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k, "editor_wrong": editor_wrong}
+    atomic_write(os.path.join(out, "toy.json"), lambda f: json.dump(world, f))
     return saved
 
 
@@ -1077,27 +1094,27 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
 # looking at data
 
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
-    """Print counts, categories, tie share and dimensions of any supported source; write a contact sheet."""
-    items = load_items(path, fmt, split, config, skip_bad, check_images=False)
-    kinds = {}
+    """Print counts, categories, tie share and dimensions of any supported source and write a contact sheet.
+    With skip_bad, rows with missing or corrupt images are skipped (and reported) too, so the sheet draws."""
+    items = load_items(path, fmt, split, config, skip_bad, check_images=skip_bad)
+    kinds, cats = {}, {}
     for it in items:
         kinds[type(it).__name__] = kinds.get(type(it).__name__, 0) + 1
-    print(f"{path}: {len(items)} rows " + ", ".join(f"{n} {k}" for k, n in kinds.items()))
-    cats = {}
-    for it in items:
         cats[getattr(it, "category", "") or "-"] = cats.get(getattr(it, "category", "") or "-", 0) + 1
+    print(f"{path}: {len(items)} rows " + ", ".join(f"{n} {k}" for k, n in kinds.items()) +
+          (f" | skipped {len(items.skipped)} bad row(s), listed above" if items.skipped else ""))
     print("categories: " + ", ".join(f"{c} {n}" for c, n in sorted(cats.items(), key=lambda x: -x[1])))
     pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else
                                          [it] if isinstance(it, PreferencePair) else [])]
     if pairs:
-        dims = sorted({d for p in pairs for d in p.prefs})
         ties = sum(p.tie for p in pairs)
         split = sum(p.tie and {p.prefs[d] for d in p.prefs if d != "overall"} >= {-1, 1} for p in pairs)
         print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}), of which {split} have "
               f"disagreeing dimensions (tie-disentangled into single-dimension samples)")
-        for d in dims:
+        for d in sorted({d for p in pairs for d in p.prefs}):
             v = [p.prefs[d] for p in pairs if d in p.prefs]
-            print(f"  {d}: {len(v)} labelled | preferred better {v.count(1)} | tie {v.count(0)} | rejected better {v.count(-1)}")
+            print(f"  {d}: {len(v)} labelled | preferred better {v.count(1)} | tie {v.count(0)} | "
+                  f"rejected better {v.count(-1)}")
     sheet = sheet or os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("/", "_") + "_sheet.png"
     contact_sheet(items[:rows], sheet)
     print(f"contact sheet: {sheet}")
@@ -1122,46 +1139,37 @@ def contact_sheet(items, path, cell=128):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    # --- toy world
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # --- toy world (its image size, group size and editor noise are make_toy arguments)
     ap.add_argument("--toy", action="store_true", help="write the procedural toy world to --out")
     ap.add_argument("--out", default="data/toy", help="output folder for --toy")
     ap.add_argument("--seed", type=int, default=0, help="toy world seed (same seed, same files)")
-    ap.add_argument("--size", type=int, default=56, help="toy image side in pixels")
     ap.add_argument("--n_train", type=int, default=2400, help="training candidate groups (a quarter goes to GCPO)")
     ap.add_argument("--n_val", type=int, default=120, help="held-out candidate groups (the toy benchmark)")
-    ap.add_argument("--k", type=int, default=4, help="candidates per group")
     ap.add_argument("--n_rl", type=int, default=200, help="RL training prompts")
     ap.add_argument("--n_rl_test", type=int, default=48, help="held-out RL prompts")
     ap.add_argument("--n_editor", type=int, default=1000, help="editor warm-up triples")
-    ap.add_argument("--editor_wrong", type=float, default=0.65, help="share of editor triples with a wrong target")
-    ap.add_argument("--n_twins", type=int, default=0, help="instruction-twin scenes, 2 pairs each, for pairs_twins.jsonl (0: none)")
-    ap.add_argument("--cot_score", default=COT_SCORES[0], choices=COT_SCORES,
-                    help="what the final score of the SFT traces' teacher follows (the pair labels weigh both dimensions)")
-    # --- inspecting any source
+    # --- inspecting any source (the format is told from the columns; the sheet is written to <name>_sheet.png)
     ap.add_argument("--inspect", default=None, help="file, folder or hub name to summarise")
-    ap.add_argument("--fmt", default="auto", choices=("auto",) + FORMATS, help="input format (auto: from columns)")
     ap.add_argument("--split", default=None, help="split of a folder / hub dataset")
     ap.add_argument("--config", default=None, help="config of a hub dataset (e.g. 2pair)")
-    ap.add_argument("--skip_bad", action="store_true", help="skip bad rows (reported at the end) instead of stopping")
-    ap.add_argument("--sheet", default=None, help="contact sheet PNG path for --inspect")
+    ap.add_argument("--skip_bad", action="store_true", help="skip bad rows and images (reported) instead of stopping")
     args = ap.parse_args()
-    if not (0.0 <= args.editor_wrong <= 1.0):
-        ap.error("--editor_wrong must lie in [0, 1]")
-    if args.n_twins < 0:
-        ap.error(f"--n_twins must be >= 0, got {args.n_twins}")
+    if min(args.n_train, args.n_val, args.n_rl, args.n_rl_test, args.n_editor) < 0:
+        ap.error("the toy world's sizes must be >= 0")
     if args.toy:
         import time
         t0 = time.time()
-        files = make_toy(args.out, args.seed, args.size, args.n_train, args.n_val, args.n_rl, args.n_rl_test,
-                         args.n_editor, args.k, args.editor_wrong, args.cot_score, args.n_twins)
+        files = make_toy(args.out, args.seed, n_train=args.n_train, n_val=args.n_val, n_rl=args.n_rl,
+                         n_rl_test=args.n_rl_test, n_editor=args.n_editor)
         for name, path in files.items():
             with open(path) as f:
                 print(f"{path}: {sum(1 for _ in f)} rows")
         print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
     elif args.inspect:
         try:
-            inspect(args.inspect, args.fmt, args.split, args.config, args.skip_bad, args.sheet)
+            inspect(args.inspect, split=args.split, config=args.config, skip_bad=args.skip_bad)
         except DataError as e:
             sys.exit(f"error: {e}")
     else:

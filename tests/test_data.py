@@ -61,6 +61,8 @@ def rgb(ref):
 # ---------------------------------------------------------------------------------------------------- loaders
 
 def test_editreward_training_json(tmp_path):
+    """TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: path1 is always the preferred image; dim1 instruction
+    following, dim2 visual quality; tie_case marks the annotated ties."""
     for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0))]:
         write_png(tmp_path / f"{n}.png", c)
     base = {"prompt": "make it red", "path_src": "s.png", "path1": "a.png", "path2": "b.png", "confidence": 0.9}
@@ -81,6 +83,33 @@ def test_editreward_training_json(tmp_path):
     assert all(q.prefs == {d: 1, "overall": 0} and not q.tie for d, q in by_dim.items())
     kept = data.load_pairs(str(tmp_path / "train.json"), disentangle=False)
     assert len(kept) == 2 and kept[1].tie and kept[1].prefs["overall"] == 0
+    # path1 first even where path2 has the larger overall score; equal scores with tie_case false are no tie
+    rows = [dict(base, model1_dim1_score=2, model1_dim2_score=2, model1_overall_score=4, model1="m1", model2="m2",
+                 model2_dim1_score=4, model2_dim2_score=3, model2_overall_score=7, tie_case=False),
+            dict(base, model1_dim1_score=2, model1_dim2_score=3, model1_overall_score=5,
+                 model2_dim1_score=3, model2_dim2_score=2, model2_overall_score=5, tie_case=False)]
+    (tmp_path / "t2.json").write_text(json.dumps(rows))
+    a, b = data.load_pairs(str(tmp_path / "t2.json"))
+    assert rgb(a.preferred) == (255, 0, 0) and a.prefs == {"instruction_following": -1, "visual_quality": -1,
+                                                           "overall": 1}
+    assert a.meta["models"] == {"preferred": "m1", "rejected": "m2"} and a.scores["rejected"]["overall"] == 7
+    assert not b.tie and b.prefs["overall"] == 1 and rgb(b.preferred) == (255, 0, 0)
+
+
+def test_editreward_validation_json(tmp_path):
+    """TIGER-AI-Lab/EditReward data/dataset/valid_dataset_1.json: dim1 scores only and a 0..1 float overall score
+    (which may favour path2); no tie_case. path1 is the preferred image all the same (TRAIN_README.md)."""
+    for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0))]:
+        write_png(tmp_path / f"{n}.png", c)
+    rows = [{"prompt": "Put popcorn in the plate.", "choice_dist": None, "confidence": None, "path_src": "s.png",
+             "path1": "a.png", "path2": "b.png", "model1": "Prompt2prompt", "model2": "InstructPix2Pix",
+             "model1_dim1_score": 4, "model2_dim1_score": 2, "model1_overall_score": 0.29556744009866087,
+             "model2_overall_score": 0.64284362778929}]
+    (tmp_path / "valid_dataset_1.json").write_text(json.dumps(rows))
+    (p,) = data.load_pairs(str(tmp_path / "valid_dataset_1.json"))
+    assert rgb(p.preferred) == (255, 0, 0) and not p.tie
+    assert p.prefs == {"instruction_following": 1, "overall": 1}
+    assert p.scores["preferred"] == {"instruction_following": 4, "overall": 0.29556744009866087}
 
 
 def test_editreward_data_parquet_with_embedded_images(tmp_path):
@@ -90,7 +119,7 @@ def test_editreward_data_parquet_with_embedded_images(tmp_path):
             "left_instruction_following_score": [2, 3], "left_quality_aesthetic_score": [2, 3],
             "left_overall_score": [4, 6], "right_instruction_following_score": [4, 3],
             "right_quality_aesthetic_score": [3, 3], "right_overall_score": [7, 6],
-            "vote_type": ["rightvote", "tie"]}
+            "vote_type": ["rightvote", "tie"], "unique_key": ["u0", "u1"]}
     path = to_parquet(tmp_path / "d.parquet", cols, images=("source_img", "left_output_image", "right_output_image"))
     pairs = data.load_pairs(path)
     assert len(pairs) == 2
@@ -98,6 +127,7 @@ def test_editreward_data_parquet_with_embedded_images(tmp_path):
     assert pairs[0].prefs == {"instruction_following": 1, "visual_quality": 1, "overall": 1}
     assert pairs[1].tie and pairs[1].prefs == {"instruction_following": 0, "visual_quality": 0, "overall": 0}
     assert pairs[0].origin.endswith(":0") and pairs[1].origin.endswith(":1")
+    assert [p.id for p in pairs] == ["u0", "u1"]  # TIGER-Lab/EditReward-Data's unique_key, not the row index
 
 
 def test_editscore_bench(tmp_path):
@@ -111,20 +141,79 @@ def test_editscore_bench(tmp_path):
     assert pairs[0].id != pairs[1].id  # one image pair judged on two dimensions stays two items
 
 
-def test_tiger_bench_groups_with_ties(tmp_path):
-    cols = {"id": ["g1", "g2"], "instruction": ["turn it blue"] * 2, "source_image": [img((0, 0, 0))] * 2,
-            "candidate_1": [img((10, 0, 0))] * 2, "candidate_2": [img((20, 0, 0))] * 2,
-            "candidate_3": [img((30, 0, 0))] * 2, "ranking": ["B>A=C", "A>B, A>C, C>B"],
-            "comparison_type": ["3pair"] * 2, "dataset": ["x"] * 2}
-    path = to_parquet(tmp_path / "t.parquet", cols, images=("source_image", "candidate_1", "candidate_2", "candidate_3"))
+def test_editscore_bench_save_to_disk_folder(tmp_path):
+    """EditScore/EditReward-Bench on the hub is a save_to_disk folder (state.json + data-*.arrow; its card loads it
+    with load_dataset(..., split="train"), VectorSpaceLab/EditScore evaluation.py): a local copy reads the same."""
+    import datasets
+    feats = datasets.Features({"key": datasets.List(datasets.Value("string")), "instruction": datasets.Value("string"),
+                               "input_image": datasets.Image(), "output_images": datasets.List(datasets.Image()),
+                               "task_type": datasets.Value("string"), "dimension": datasets.Value("string")})
+    cols = {"key": [["k1", "k2"]], "instruction": ["make the sky pink"], "input_image": [img((1, 1, 1))],
+            "output_images": [[img((9, 9, 9)), img((200, 0, 0))]], "task_type": ["color_alter"],
+            "dimension": ["consistency"]}
+    datasets.Dataset.from_dict(cols, features=feats).save_to_disk(str(tmp_path / "bench"))
+    assert (tmp_path / "bench" / "state.json").exists()
+    (p,) = data.load_pairs(str(tmp_path / "bench"))
+    assert p.prefs == {"consistency": 1} and rgb(p.preferred) == (9, 9, 9) and p.id == "k1~k2~consistency"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.json").write_text("{not json")
+    with pytest.raises(DataError, match="broken: cannot open"):  # never a raw traceback from `datasets`
+        data.load_pairs(str(tmp_path / "broken"))
+
+
+def tiger_rows(groups):
+    """Rows in the TIGER-Lab/EditReward-Bench schema (TIGER-AI-Lab/EditReward evaluate/inference_{2,3,4}pair_hf.py):
+    one comparison a row; candidate_1 is the left, candidate_2 the right image of comparison_type."""
+    cols = {k: [] for k in ("id", "instruction", "source_image", "candidate_1", "candidate_2", "ranking",
+                            "comparison_type", "dataset", "score_1", "score_2", "model_1", "model_2")}
+    for gid, shades, scores, rankings in groups:
+        for n, (ct, ranking) in enumerate(rankings.items()):
+            i, j = ord(ct[0]) - 65, ord(ct[3]) - 65
+            for k, v in [("id", f"{gid}_{n}"), ("instruction", "turn it blue"), ("source_image", img((0, 0, 0))),
+                         ("candidate_1", img((shades[i], 0, 0))), ("candidate_2", img((shades[j], 0, 0))),
+                         ("ranking", ranking), ("comparison_type", ct), ("dataset", f"{len(shades)}pair"),
+                         ("score_1", scores[i]), ("score_2", scores[j]), ("model_1", f"m{i}"), ("model_2", f"m{j}")]:
+                cols[k].append(v)
+    return cols
+
+
+TIGER_IMAGES = ("source_image", "candidate_1", "candidate_2")
+
+
+def test_tiger_bench_pairs_and_rebuilt_groups(tmp_path):
+    three = ("g3", (10, 20, 30), (5.0, 8.0, 5.0), {"AvsB": "B>A", "AvsC": "A=C", "BvsC": "B>C"})
+    four = ("g4", (1, 2, 3, 4), (9.0, 4.0, 6.0, 4.0),
+            {"AvsB": "A>B", "AvsC": "A>C", "AvsD": "A>D", "BvsC": "C>B", "BvsD": "B=D", "CvsD": "C>D"})
+    two = ("g2", (7, 8), (3.0, 3.0), {"AvsB": "A=B"})
+    path = to_parquet(tmp_path / "t.parquet", tiger_rows([three, four, two]), images=TIGER_IMAGES)
+    pairs = data.load_pairs(path)
+    assert len(pairs) == 3 + 6 + 1 and [p.tie for p in pairs[:3]] == [False, True, False]
+    p = pairs[0]  # B>A: the right image first, with its score and model
+    assert rgb(p.preferred) == (20, 0, 0) and p.scores == {"preferred": {"overall": 8.0}, "rejected": {"overall": 5.0}}
+    assert p.meta["models"] == {"preferred": "m1", "rejected": "m0"} and p.meta["group"] == "g3"
     groups = data.load_groups(path)
-    assert [g.ranks for g in groups] == [[1, 0, 1], [0, 2, 1]]
-    pairs = groups[0].to_pairs()
-    assert len(pairs) == 3
-    ties = [p for p in pairs if p.tie]
-    assert len(ties) == 1 and {rgb(ties[0].preferred), rgb(ties[0].rejected)} == {(10, 0, 0), (30, 0, 0)}
-    assert all(rgb(p.preferred) == (20, 0, 0) for p in pairs if not p.tie)
-    assert len(data.load_pairs(path)) == 6
+    assert [(g.id, g.ranks) for g in groups] == [("g3", [1, 0, 1]), ("g4", [0, 2, 1, 2]), ("g2", [0, 0])]
+    assert [rgb(c)[0] for c in groups[1].candidates] == [1, 2, 3, 4] and groups[1].meta["models"][2] == "m2"
+    assert [s["overall"] for s in groups[0].scores] == [5.0, 8.0, 5.0]
+    assert len(groups[1].to_pairs()) == 6 and sum(q.tie for q in groups[1].to_pairs()) == 1
+
+
+def test_tiger_bench_contradictions_name_the_group(tmp_path):
+    cyc = ("g7", (1, 2, 3), (1.0, 2.0, 3.0), {"AvsB": "A>B", "AvsC": "C>A", "BvsC": "B>C"})
+    ok = ("g8", (1, 2, 3), (3.0, 2.0, 1.0), {"AvsB": "A>B", "AvsC": "A>C", "BvsC": "B>C"})
+    path = to_parquet(tmp_path / "c.parquet", tiger_rows([cyc, ok]), images=TIGER_IMAGES)
+    assert len(data.load_pairs(path)) == 6  # each comparison alone is fine
+    with pytest.raises(DataError, match="group 'g7'.*cycle"):
+        data.load_groups(path)
+    (g,) = data.load_groups(path, skip_bad=True)
+    assert g.id == "g8" and g.ranks == [0, 1, 2]
+    tie = ("g9", (1, 2, 3), (1.0, 1.0, 1.0), {"AvsB": "A=B", "AvsC": "A>C", "BvsC": "B=C"})  # ties are transitive
+    with pytest.raises(DataError, match="group 'g9'.*contradicts"):
+        data.load_groups(to_parquet(tmp_path / "t.parquet", tiger_rows([tie]), images=TIGER_IMAGES))
+    bad = tiger_rows([ok])
+    bad["ranking"][0] = "A>C"  # a verdict on another pair than comparison_type's
+    with pytest.raises(DataError, match=r"b.parquet:0: column 'ranking'"):
+        data.load_pairs(to_parquet(tmp_path / "b.parquet", bad, images=TIGER_IMAGES))
 
 
 def test_parse_ranking_by_hand():
@@ -148,8 +237,10 @@ def test_group_to_pairs_by_hand():
                    ("b", "c"): (False, {"overall": 1, "q": -1})}
 
 
-def test_genai_bench_votes(tmp_path):
-    votes = ["leftvote", "rightvote", "tie", "bothbad_vote"]
+def test_genai_bench_votes(tmp_path, monkeypatch):
+    """TIGER-AI-Lab/GenAI-Bench inference.py (parse_response) and results/image_edition/*/pairwise.jsonl: vote_type is
+    leftvote, rightvote, tievote or bothbad_vote."""
+    votes = ["leftvote", "rightvote", "tievote", "bothbad_vote"]
     cols = {"source_prompt": ["a cat"] * 4, "target_prompt": ["a dog"] * 4, "instruct_prompt": ["make it a dog"] * 4,
             "source_image": [img((0, 0, 0))] * 4, "left_model": ["m1"] * 4, "right_model": ["m2"] * 4,
             "left_output_image": [img((255, 0, 0))] * 4, "right_output_image": [img((0, 255, 0))] * 4,
@@ -158,7 +249,20 @@ def test_genai_bench_votes(tmp_path):
     pairs = data.load_pairs(path)
     assert [p.tie for p in pairs] == [False, False, True, True]
     assert rgb(pairs[0].preferred) == (255, 0, 0) and rgb(pairs[1].preferred) == (0, 255, 0)
-    assert pairs[1].meta["models"] == ("m2", "m1") and pairs[3].meta["vote_type"] == "bothbad_vote"
+    assert pairs[1].meta["models"] == {"preferred": "m2", "rejected": "m1"}
+    assert [p.meta["vote_type"] for p in pairs[2:]] == ["tievote", "bothbad_vote"]
+    cols["vote_type"] = ["leftvote", "tie", "leftvote", "leftvote"]  # not a GenAI-Bench vote
+    with pytest.raises(DataError, match=r"h.parquet:1: column 'vote_type' must be one of"):
+        data.load_pairs(to_parquet(tmp_path / "h.parquet", cols, images=("source_image", "left_output_image",
+                                                                        "right_output_image")))
+    import datasets  # by hub name: the image_edition config and its test_v1 split (919 votes) unless told otherwise
+    seen = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: seen.append((a, kw)) or datasets.Dataset.from_dict(
+        {k: v[:1] for k, v in cols.items()}))
+    data.load_items("TIGER-Lab/GenAI-Bench", check_images=False)
+    data.load_items("TIGER-Lab/GenAI-Bench", split="test", check_images=False)
+    assert seen == [(("TIGER-Lab/GenAI-Bench", "image_edition"), {"split": "test_v1"}),
+                    (("TIGER-Lab/GenAI-Bench", "image_edition"), {"split": "test"})]
 
 
 def test_rl_prompt_sets(tmp_path):
@@ -166,13 +270,18 @@ def test_rl_prompt_sets(tmp_path):
     write_png(tmp_path / "imgs" / "a.png", (1, 2, 3))
     write_png(tmp_path / "imgs" / "b.png", (4, 5, 6))
     path = write_jsonl(tmp_path / "rl.jsonl", [
-        {"instruction": "add a tree", "input_images": ["imgs/a.png", "imgs/b.png"], "task_type": "subject_add"}])
+        {"instruction": "add a tree", "input_images": ["imgs/a.png", "imgs/b.png"], "task_type": "subject_add",
+         "meta_data": {"source": "x"}}])
     (p,) = data.load_prompts(path)
     assert len(p.sources) == 2 and rgb(p.sources[1]) == (4, 5, 6) and p.category == "subject_add"
+    assert p.meta["meta_data"] == {"source": "x"}  # EditScore-RL-Data's meta_data is kept
+    other = write_jsonl(tmp_path / "rl_test.jsonl", [json.loads(open(path).read())])
+    (q,) = data.load_prompts(other)
+    assert p.id != q.id  # no id column: ids derived from file and row never collide across files
     cols = {"key": ["g1"], "task_type": ["style"], "instruction": ["in van gogh style"],
             "instruction_language": ["en"], "input_image": [img((7, 8, 9))]}
     gpath = to_parquet(tmp_path / "gedit.parquet", cols, images=("input_image",))
-    (q,) = data.load_prompts(gpath)
+    (q,) = data.load_prompts(gpath)  # stepfun-ai/GEdit-Bench card: key is the id
     assert q.id == "g1" and rgb(q.sources[0]) == (7, 8, 9) and q.meta["instruction_language"] == "en"
 
 
@@ -275,6 +384,22 @@ def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
     assert "skipped 5 bad row(s)" in err and "bad.jsonl:6" in err
 
 
+@pytest.mark.parametrize("value, pattern", [
+    (float("nan"), "must be a finite number, got nan"), (float("inf"), "must be a finite number, got inf"),
+    (True, "must be a finite number, got True"), (None, "column 'model2_dim1_score' is null"),
+    ("four", "must be a finite number, got 'four'")])
+def test_bad_scores_name_file_row_and_column(tmp_path, value, pattern):
+    write_png(tmp_path / "s.png", (0, 0, 0))
+    row = {"prompt": "p", "path_src": "s.png", "path1": "s.png", "path2": "s.png", "model1_dim1_score": 4,
+           "model2_dim1_score": 2}
+    (tmp_path / "v.json").write_text(json.dumps([row, dict(row, model2_dim1_score=value)]))
+    with pytest.raises(DataError, match=r"v.json:1: column 'model2_dim1_score'") as e:
+        data.load_pairs(str(tmp_path / "v.json"))
+    assert pattern in str(e.value)
+    pairs = data.load_pairs(str(tmp_path / "v.json"), skip_bad=True)
+    assert len(pairs) == 1 and pairs.skipped[0][0].endswith("v.json:1")
+
+
 def test_decoding_a_corrupt_embedded_image_names_the_row(tmp_path):
     cols = {"key": ["g1"], "task_type": ["style"], "instruction": ["x"], "instruction_language": ["en"],
             "input_image": [{"bytes": png_bytes((1, 1, 1), (32, 32))[:50], "path": None}]}
@@ -307,15 +432,6 @@ def test_exif_orientation_is_applied(tmp_path):
     assert data.load_image(str(tmp_path / "rot.jpg")).size == (2, 6)
 
 
-def test_fit_pixels_budget_and_multiple():
-    for w, h in [(1000, 700), (50, 40), (3000, 200), (448, 448)]:
-        out = data.fit_pixels(Image.new("RGB", (w, h)), max_pixels=200704, min_pixels=3136, multiple=28)
-        ow, oh = out.size
-        assert ow % 28 == 0 and oh % 28 == 0 and ow * oh <= 200704
-        assert ow * oh >= 3136 or (w * h < 3136 and ow * oh >= 28 * 28)
-    assert data.fit_pixels(Image.new("RGB", (448, 448)), 448 * 448).size == (448, 448)
-
-
 # ---------------------------------------------------------------------------------------------------- order, shards
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -325,11 +441,6 @@ def test_shards_partition_exactly(world_size):
     flat = sorted(x for s in shards for x in s)
     assert flat == items
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-
-def test_shuffled_is_deterministic_per_seed():
-    a, b, c = data.shuffled(range(50), 1), data.shuffled(range(50), 1), data.shuffled(range(50), 2)
-    assert a == b and a != c and sorted(a) == list(range(50))
 
 
 # ---------------------------------------------------------------------------------------------------- toy world
@@ -377,20 +488,16 @@ def _digest(folder):
     return h.hexdigest()
 
 
-def test_toy_cot_response_score_follows_the_chosen_dimension():
+def test_toy_cot_response_score_is_instruction_following():
     scores = {"instruction_following": 0.93, "visual_quality": 0.3, "overall": 0.615, "change": 1.0, "keep": 0.93}
     follow = data.toy_cot_response("make the red circle blue", scores)
     assert follow == 'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
-    overall = data.toy_cot_response("make the red circle blue", scores, cot_score="overall")
-    assert overall.endswith('"quality": 2, "score": 6}')
-    with pytest.raises(ValueError, match="cot_score"):
-        data.make_toy("unused", cot_score="visual_quality")
 
 
 def test_toy_world_is_deterministic_and_loads(tmp_path):
     kw = dict(n_train=8, n_val=4, n_rl=4, n_rl_test=2, n_editor=6)
-    data.make_toy(str(tmp_path / "a"), seed=3, n_twins=5, **kw)
-    data.make_toy(str(tmp_path / "b"), seed=3, n_twins=5, **kw)
+    data.make_toy(str(tmp_path / "a"), seed=3, **kw)
+    data.make_toy(str(tmp_path / "b"), seed=3, **kw)
     data.make_toy(str(tmp_path / "c"), seed=4, **kw)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b") != _digest(tmp_path / "c")
     a = str(tmp_path / "a")
@@ -409,21 +516,9 @@ def test_toy_world_is_deterministic_and_loads(tmp_path):
             lv = data.toy_level(s["instruction_following"])
             assert {"correct": lv == 4, "partial": lv == 3, "unchanged": lv == 1}.get(o, o in data.OUTCOMES), (o, lv)
     assert all(p.meta["outcomes"]["preferred"] in data.OUTCOMES for p in pairs)
-    twins = data.load_pairs(f"{a}/pairs_twins.jsonl", disentangle=False)
-    assert len(twins) == 2 * 5  # two pairs per scene
-    for p, q in zip(twins[::2], twins[1::2]):  # the same two edits, each the right one under one instruction
-        assert p.sources == q.sources and {p.preferred, p.rejected} == {q.preferred, q.rejected}
-        assert p.instruction != q.instruction and p.category == q.category != "background"
-        for t in (p, q):
-            right = t.preferred if t.prefs["instruction_following"] == 1 else t.rejected
-            assert t.prefs["instruction_following"] != 0 and t.meta["outcomes"][
-                "preferred" if right == t.preferred else "rejected"] == "correct"
-            s = data.toy_oracle(data.load_image(t.sources[0]), t.instruction, data.load_image(right))
-            assert data.toy_level(s["instruction_following"]) == 4  # noise may misplace a pixel or two
-    data.make_toy(str(tmp_path / "d"), seed=3, **kw)  # twins have their own random stream; none by default
-    same = lambda f: open(f"{a}/{f}", "rb").read() == open(f"{tmp_path}/d/{f}", "rb").read()
-    assert all(same(f) for f in ("pairs_train.jsonl", "pairs_val.jsonl", "editor_train.jsonl"))
-    assert not os.path.exists(f"{tmp_path}/d/pairs_twins.jsonl")
+    assert json.load(open(f"{a}/toy.json")) == {"seed": 3, "size": 56, "n_train": 8, "n_val": 4, "k": 4,
+                                                 "editor_wrong": 0.65}
+    assert not [f for f in os.listdir(a) if ".tmp" in f]  # every file written atomically, no leftovers
     traces = data.load_traces(f"{a}/cot_train.jsonl")
     assert traces and traces[0].response.count("\n") == 1 and '"score":' in traces[0].response
     # the teacher's final score follows instruction following alone; its verdicts include quality
@@ -460,18 +555,32 @@ def test_toy_candidates_are_factorial():
 
 def test_cli_toy_and_inspect(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    out = tmp_path / "toy"
-    r = subprocess.run([sys.executable, "data.py", "--toy", "--out", str(out), "--n_train", "8", "--n_val", "4",
-                        "--n_rl", "4", "--n_rl_test", "2", "--n_editor", "4"], cwd=ROOT, env=env,
+    out, script = tmp_path / "toy", os.path.join(ROOT, "data.py")
+    r = subprocess.run([sys.executable, script, "--toy", "--out", str(out), "--n_train", "8", "--n_val", "4",
+                        "--n_rl", "4", "--n_rl_test", "2", "--n_editor", "4"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "toy world written" in r.stdout
-    sheet = tmp_path / "sheet.png"
-    r = subprocess.run([sys.executable, "data.py", "--inspect", str(out / "bench.jsonl"), "--sheet", str(sheet)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, script, "--inspect", str(out / "bench.jsonl")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "4 rows 4 CandidateGroup" in r.stdout and "tied overall" in r.stdout
-    assert Image.open(sheet).size[0] == 5 * 128
-    r = subprocess.run([sys.executable, "data.py", "--inspect", str(tmp_path / "nope.jsonl")], cwd=ROOT, env=env,
+    assert Image.open(tmp_path / "bench_sheet.png").size[0] == 5 * 128
+    r = subprocess.run([sys.executable, script, "--inspect", str(tmp_path / "nope.jsonl")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "nope.jsonl" in r.stderr
+    with open(script) as f:
+        assert f.read().count("add_argument(") <= 12
+
+
+def test_cli_inspect_skip_bad_skips_missing_and_corrupt_images(corpus, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--inspect", corpus], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "bad.jsonl:" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--inspect", corpus, "--skip_bad"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "1 rows 1 PreferencePair" in r.stdout and "skipped 5 bad row(s)" in r.stdout
+    assert "missing.png" in r.stderr and "trunc.png" in r.stderr  # each skipped row is reported with its reason
+    assert Image.open(tmp_path / "bad_sheet.png").size[0] == 3 * 128
