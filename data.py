@@ -1,35 +1,29 @@
 """
-data.py: the data every nanoEditRL script reads, the pieces every script shares, and a procedural toy editing world.
+data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
 
-Four plain dataclasses move through the project:
-  PreferencePair  an instruction, source image(s), a preferred and a rejected edit and the preference per dimension
-                  (+1 preferred better, -1 rejected better, 0 tie)              -> rewardmodel.py, bench.py
-  CandidateGroup  an instruction, source image(s), K edits and their ranking with ties            -> bench.py
-  EditPrompt      an instruction and source image(s), optionally a target edit                    -> grpo.py
-  CotTrace        source, instruction, edited image and a written judgement (verifier SFT)         -> rewardmodel.py
-Formats, told apart by the columns of the first row (or fmt=):
+Items (plain dataclasses): PreferencePair (instruction, source image(s), a preferred and a rejected edit, the
+preference per dimension: +1, -1, or 0 for a tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (an
+instruction and source image(s), optionally a target edit), CotTrace (an edit and a written judgement, verifier SFT).
+Formats, told apart by the columns of the first row (or fmt=); each parser cites the schema it follows:
   editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
-  editreward_data  TIGER-Lab/EditReward-Data parquet: left/right images with 1..4 human scores per dimension
-  editscore_bench  EditScore/EditReward-Bench: output_images[0] preferred on one dimension
-  tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: one pairwise comparison a row; load_groups
-                   rebuilds the 2-, 3- and 4-candidate groups from the ids
-  genai_bench      TIGER-Lab/GenAI-Bench image_edition (split test_v1 by default): left/right votes
-  editscore_rl     EditScore-RL-Data jsonl prompts;  gedit  stepfun-ai/GEdit-Bench prompts
-  jsonl            this project's own JSONL (image paths relative to the file), one object a line:
-                     pair   {"id", "instruction", "source", "preferred", "rejected", "prefs": {dim: 1 | 0 | -1}}
-                     group  {"id", "instruction", "source", "candidates": [paths], "ranking": "A>B=C" | "ranks"}
-                     trace  {"id", "instruction", "source", "edited", "response"}
-                     prompt {"id", "instruction", "source", "category"} (+ "target" for editor training)
-A source is a .json / .jsonl / .parquet file, a local folder (a save_to_disk folder included) or a hub name.
-A bad row stops the load with a DataError naming file, row and column; skip_bad skips and reports it instead.
+  editreward_data  TIGER-Lab/EditReward-Data: left/right edits with 1..4 human scores per dimension
+  editscore_bench  EditScore/EditReward-Bench: output_images[0] is preferred on one dimension
+  tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: a comparison a row, rebuilt into groups by load_groups
+  genai_bench      TIGER-Lab/GenAI-Bench image_edition (split test_v1 by default): left/right/tie votes
+  editscore_rl     EditScore-RL-Data prompts;  gedit  stepfun-ai/GEdit-Bench prompts
+  jsonl            the project's own, image paths relative to the file: {"id", "instruction", "source", ...} plus
+                   "preferred", "rejected", "prefs" (a pair) | "candidates", "ranking" "A>B=C" or "ranks" (a group) |
+                   "edited", "response" (a trace) | "category" and an optional "target" (a prompt)
+A source is a .json / .jsonl / .parquet file, a local folder (save_to_disk folders included) or a hub name.
+A bad row stops the load with a DataError naming source, row and column; skip_bad skips and reports it instead.
 Tie-disentanglement follows EditReward (arXiv 2509.26346, section 3.3).
 
 The toy world draws shapes on a plain background at 56 px and edits them ("make the red circle blue", "remove ...",
 "add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from pixels alone, so it labels
 the data and later tells whether RL really improved the editor. Candidates are made factorially (what the edit does
-x how noisy the image is) so that quality cannot be guessed from content.
+x how noisy it is) so that quality cannot be guessed from content.
 
-  python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores, a progress bar)
+  python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
   python data.py --inspect TIGER-Lab/EditReward-Bench --config 3pair --skip_bad
 """
@@ -53,7 +47,7 @@ FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench
 
 
 class DataError(ValueError):
-    """Bad input. The message always names the source and the row (or group)."""
+    """Bad input. The message always names the source and the row (or the group)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +65,7 @@ class PreferencePair:
     category: str = ""
     scores: dict = None    # raw human scores {"preferred": {dim: x}, "rejected": {dim: x}} when known
     origin: str = ""       # "source:row", for error messages
-    meta: dict = field(default_factory=dict)  # e.g. "outcomes": {"preferred": "correct", "rejected": "wrong"} (toy)
+    meta: dict = field(default_factory=dict)  # e.g. "outcomes" / "models": {"preferred": .., "rejected": ..}
 
 
 @dataclass
@@ -84,7 +78,7 @@ class CandidateGroup:
     category: str = ""
     scores: list = None    # per-candidate {dim: x} when known
     origin: str = ""
-    meta: dict = field(default_factory=dict)  # e.g. "outcomes": what each candidate is, K strings (toy)
+    meta: dict = field(default_factory=dict)  # e.g. "outcomes" / "models": K strings, one per candidate
 
     def to_pairs(self):
         """All K(K-1)/2 pairs, the better candidate first; tied candidates give tie pairs."""
@@ -94,11 +88,10 @@ class CandidateGroup:
             tie = self.ranks[a] == self.ranks[b]
             prefs, scores, meta = {"overall": 0 if tie else 1}, None, dict(self.meta)
             if self.scores:
-                scores = {"preferred": self.scores[a], "rejected": self.scores[b]}
-                prefs.update({d: _sign(self.scores[a][d] - self.scores[b][d]) for d in self.scores[a] if d != "overall"})
-            for key in ("outcomes", "models"):  # per candidate -> this pair's two
-                if isinstance(meta.get(key), list):
-                    meta[key] = {"preferred": meta[key][a], "rejected": meta[key][b]}
+                scores = _sides(self.scores[a], self.scores[b])
+                prefs.update({d: _sign(x - self.scores[b][d]) for d, x in self.scores[a].items() if d != "overall"})
+            meta.update({key: _sides(v[a], v[b]) for key, v in meta.items()
+                         if key in ("outcomes", "models") and isinstance(v, list)})  # per candidate -> these two
             pairs.append(PreferencePair(f"{self.id}:{a}-{b}", self.instruction, self.sources, self.candidates[a],
                                         self.candidates[b], prefs, tie, self.category, scores, self.origin, meta))
         return pairs
@@ -135,6 +128,10 @@ def _sign(x):
     return (x > 0) - (x < 0)
 
 
+def _sides(preferred, rejected):
+    return {"preferred": preferred, "rejected": rejected}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # images
 
@@ -156,64 +153,58 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
-def _open_image(ref, origin, verify):
-    """Open an image reference (PIL image, path, bytes or a `datasets` {"bytes", "path"} dict): verify() only
-    checks the header and chunk checksums (cheap), else the image is decoded to RGB."""
+def load_image(ref, origin="", verify=False):
+    """Decode an image reference (PIL image, path, bytes, or a `datasets` {"bytes", "path"} dict) to RGB. With
+    verify, only check that it exists and that its header and chunk checksums hold (cheap, no decoding)."""
     if isinstance(ref, Image.Image):
-        return ref if verify else to_rgb(ref)
+        return None if verify else to_rgb(ref)
     if isinstance(ref, dict):
         ref = ref.get("bytes") or ref.get("path")
-    name = ref if isinstance(ref, str) else "<bytes>"
     if isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: image file not found: {ref}")
     if not isinstance(ref, (str, bytes, bytearray)):
         raise DataError(f"{origin}: not an image reference: {type(ref).__name__}")
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
         with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:
-            if verify:
-                return img.verify()
-            img.load()
-            return to_rgb(img)
+            return img.verify() if verify else to_rgb(img)
     except Exception as e:
-        raise DataError(f"{origin}: {'corrupt' if verify else 'cannot decode'} image {name}: {e}") from e
-
-
-def load_image(ref, origin=""):
-    """Decode an image reference (PIL image, path, bytes, or a `datasets` {"bytes", "path"} dict) to RGB."""
-    return _open_image(ref, origin, verify=False)
-
-
-def check_image(ref, origin):
-    """Cheap validity check of an image reference (exists, header + chunk checksums) without decoding."""
-    _open_image(ref, origin, verify=True)
+        what = "corrupt" if verify else "cannot decode"
+        raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------------------
-# reading rows from files, folders and the hub
+# rows from files, folders and the hub
 
-# hub datasets whose official evaluation split and config are not the `datasets` defaults: GenAI-Bench's image
-# editing votes are its 919-vote test_v1 split (TIGER-AI-Lab/GenAI-Bench README: "919 votes for image editing")
+# GenAI-Bench's image-editing benchmark is its 919-vote split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919 votes
+# for image editing"), not the `datasets` default
 HUB_DEFAULTS = {"TIGER-Lab/GenAI-Bench": ("image_edition", "test_v1")}
 
 
 def _open_dataset(path, split, config):
-    """A `datasets.Dataset` from a parquet file, a save_to_disk folder (state.json + data-*.arrow, the layout of
-    the EditScore/EditReward-Bench hub repository), any other local folder or a hub name."""
+    """A `datasets.Dataset` from a parquet file, a save_to_disk folder (state.json + data-*.arrow: how the
+    EditScore/EditReward-Bench hub repository is stored), any other local folder or a hub name."""
     import datasets
     if os.path.isfile(path):
-        return datasets.load_dataset("parquet", data_files=path, split="train")
-    if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        ds = datasets.load_dataset("parquet", data_files=path, split="train")
+    elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
-        return ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-    if not (os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+    elif os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
+        ds = datasets.load_dataset(path, config or hub_config, split=split or hub_split)
+    else:
         raise DataError(f"{path}: no such file, folder or hub dataset name")
-    hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
-    return datasets.load_dataset(path, config or hub_config, split=split or hub_split)
+    for name, feat in ds.features.items():  # keep embedded images as bytes: decode lazily, with a row number
+        if isinstance(feat, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+        elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+    return ds
 
 
 def _rows(path, split=None, config=None):
-    """Yield (origin, row) from a .jsonl / .json / .parquet file, a local folder or a hub dataset.
-    A malformed line is yielded as a DataError in place of the row, so the caller can skip or stop."""
+    """Yield (origin, row) from a .jsonl / .json file or, through `datasets`, anything else. A malformed JSON line
+    is yielded as a DataError in place of the row, so that the caller can skip it or stop."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -224,37 +215,26 @@ def _rows(path, split=None, config=None):
                 raise DataError(f"{path}: not valid JSON: {e}") from e
             return
         for i, line in enumerate(text.splitlines(), start=1):  # jsonl rows are numbered like the lines
-            if line.strip():
-                try:
-                    yield f"{path}:{i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
+            try:
+                yield from [(f"{path}:{i}", json.loads(line))] if line.strip() else []
+            except json.JSONDecodeError as e:
+                yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
         return
-    import datasets
-    try:  # whatever goes wrong while opening (a wrong config, a missing split, no network) names the source
+    try:  # whatever fails while opening (a wrong config, a missing split, no network) names the source
         ds = _open_dataset(path, split, config)
-        for name, feat in ds.features.items():  # keep embedded images as bytes: decode lazily, with a row number
-            if isinstance(feat, datasets.Image):
-                ds = ds.cast_column(name, datasets.Image(decode=False))
-            elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
-                ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path}: cannot open it as a dataset: {type(e).__name__}: {e}") from e
-    where = path + (f"[{config}]" if config else "") + (f"[{split}]" if split else "")
-    for i, row in enumerate(ds):
-        yield f"{where}:{i}", row
+        raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
+    where = path + "".join(f"[{x}]" for x in (config, split) if x)
+    yield from ((f"{where}:{i}", row) for i, row in enumerate(ds))
 
 
 class _Row:
-    """Column access for one row with errors that name the source, the row and the column."""
+    """Column access for one row, with errors that name the source, the row and the column."""
 
     def __init__(self, row, origin, base):
-        self.row, self.origin, self.base = row, origin, base
-
-    def get(self, col, default=None):
-        return self.row.get(col, default)
+        self.row, self.origin, self.base, self.get = row, origin, base, row.get
 
     def fail(self, msg):
         raise DataError(f"{self.origin}: {msg}")
@@ -262,152 +242,127 @@ class _Row:
     def req(self, col):
         if col not in self.row:
             self.fail(f"missing column '{col}'")
-        if self.row[col] is None:
-            self.fail(f"column '{col}' is null")
-        return self.row[col]
+        return self.row[col] if self.row[col] is not None else self.fail(f"column '{col}' is null")
 
     def id(self, *cols):
-        """The row's own id from the first of cols it has, else one derived from the source and the row, so that
-        ids never collide across files (a test prompt and a train prompt both called "0" once shared a cache)."""
+        """The row's id from the first of cols it has, else its origin (source and row): a fallback id must not
+        collide with another file's (grpo.py's cache once mixed up a test and a train prompt both called "0")."""
         return next((str(self.row[c]) for c in cols if self.row.get(c) is not None), self.origin)
 
     def text(self, col):
         v = self.req(col)
-        if not isinstance(v, str) or not v.strip():
-            self.fail(f"column '{col}' must be a non-empty string, got {v!r}")
-        return v.strip()
+        return v.strip() if isinstance(v, str) and v.strip() else self.fail(
+            f"column '{col}' must be a non-empty string, got {v!r}")
 
     def num(self, col, optional=False):
-        """A finite number; with optional, an absent or null column is None. A boolean, NaN or inf is an error."""
+        """A finite number (a boolean, NaN or inf is not); with optional, an absent or null column is None."""
         if optional and self.row.get(col) is None:
             return None
         v = self.req(col)
         try:
-            x = float(v) if not isinstance(v, bool) else math.nan
+            x = math.nan if isinstance(v, bool) else float(v)
         except (TypeError, ValueError):
             x = math.nan
-        if not math.isfinite(x):
-            self.fail(f"column '{col}' must be a finite number, got {v!r}")
-        return x
+        return x if math.isfinite(x) else self.fail(f"column '{col}' must be a finite number, got {v!r}")
 
     def image(self, col, value=None):
-        """An image reference from a column: a path (relative to the manifest), embedded bytes or PIL."""
+        """An image reference: a path (relative to the manifest), embedded bytes or a PIL image."""
         v = self.req(col) if value is None else value
-        if isinstance(v, dict):
-            v = v.get("bytes") or v.get("path")
+        v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
         if isinstance(v, str) and v:
             return v if os.path.isabs(v) else os.path.join(self.base, v)
-        if isinstance(v, (bytes, bytearray, Image.Image)):
-            return v
-        self.fail(f"column '{col}' holds no image (got {type(v).__name__})")
+        return v if isinstance(v, (bytes, bytearray, Image.Image)) else self.fail(
+            f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
         v = self.req(col)
         vs = v if isinstance(v, (list, tuple)) else [v]
-        if not vs:
-            self.fail(f"column '{col}' is an empty list of images")
-        return [self.image(col, x) for x in vs]
+        return [self.image(col, x) for x in vs] if vs else self.fail(f"column '{col}' is an empty list of images")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # one parser per format: a row -> PreferencePair | CandidateGroup | EditPrompt | CotTrace
 
 def _parse_editreward_json(c):
-    # TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: "path1's image is always the preferred one", so the order
-    # never follows the scores; dim1 is instruction following, dim2 visual quality; tie_case marks an annotated tie
-    # (equal scores with tie_case false are still path1 first). The validation files data/dataset/valid_dataset_*.json
-    # carry dim1 only and a 0..1 float overall score.
-    cols = {"instruction_following": "dim1", "visual_quality": "dim2", "overall": "overall"}
-    s = [{d: c.num(f"model{k}_{col}_score", optional=d != "instruction_following") for d, col in cols.items()}
+    # TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: "path1's image is always the preferred one", whatever the
+    # scores (equal scores with tie_case false are no tie); dim1 is instruction following, dim2 visual quality. Its
+    # validation files data/dataset/valid_dataset_*.json carry dim1 only and a 0..1 float overall score.
+    s = [{d: c.num(f"model{k}_{col}_score", optional=col != "dim1")
+          for d, col in (("instruction_following", "dim1"), ("visual_quality", "dim2"), ("overall", "overall"))}
          for k in (1, 2)]
     s = [{d: x for d, x in side.items() if x is not None and s[1 - i][d] is not None} for i, side in enumerate(s)]
     tie = c.get("tie_case", False)
     if tie not in (True, False, 0, 1):
         c.fail(f"column 'tie_case' must be true or false, got {tie!r}")
-    prefs = {d: _sign(s[0][d] - s[1][d]) for d in s[0] if d != "overall"}
-    prefs["overall"] = 0 if tie else 1
+    prefs = {**{d: _sign(x - s[1][d]) for d, x in s[0].items() if d != "overall"}, "overall": 0 if tie else 1}
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, bool(tie), str(c.get("category") or ""), {"preferred": s[0], "rejected": s[1]},
-                          c.origin, {"models": {"preferred": c.get("model1"), "rejected": c.get("model2")},
-                                     "confidence": c.get("confidence")})
+                          prefs, bool(tie), str(c.get("category") or ""), _sides(*s),
+                          c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
 
 
 def _parse_editreward_data(c):
-    # TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score, 1..4 per
-    # dimension and overall their sum; the higher overall is preferred, equal overall is a tie. key / unique_key is
-    # the row's id. quality_aesthetic is what the rest of the project calls visual_quality.
+    # TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score (1..4 per
+    # dimension, overall their sum; the higher overall is preferred, equal is a tie), key / unique_key the row's id
     s = [{"instruction_following": c.num(f"{side}_instruction_following_score"),
           "visual_quality": c.num(f"{side}_quality_aesthetic_score"), "overall": c.num(f"{side}_overall_score")}
          for side in ("left", "right")]
     a, b = c.image("left_output_image"), c.image("right_output_image")
     if s[1]["overall"] > s[0]["overall"]:
         a, b, s = b, a, s[::-1]
-    prefs = {d: _sign(s[0][d] - s[1][d]) for d in s[0]}
+    prefs = {d: _sign(x - s[1][d]) for d, x in s[0].items()}
     return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], a, b, prefs,
-                          prefs["overall"] == 0, "", {"preferred": s[0], "rejected": s[1]}, c.origin,
+                          prefs["overall"] == 0, "", _sides(*s), c.origin,
                           {"vote_type": c.get("vote_type")})
 
 
 def _parse_editscore_bench(c):
-    # EditScore/EditReward-Bench card and VectorSpaceLab/EditScore evaluation.py: key [2], output_images [2] of which
-    # element 0 is the human-preferred one on `dimension` (prompt_following | consistency | overall)
-    outs = c.images("output_images")
+    # EditScore/EditReward-Bench card, VectorSpaceLab/EditScore evaluation.py: key [2] and output_images [2], element 0
+    # the one humans preferred on `dimension` (prompt_following | consistency | overall)
+    outs, key, dim = c.images("output_images"), c.req("key"), c.text("dimension")
     if len(outs) != 2:
         c.fail(f"column 'output_images' must hold 2 images, got {len(outs)}")
-    key, dim = c.req("key"), c.text("dimension")
     id = "~".join(map(str, key)) if isinstance(key, (list, tuple)) else str(key)
     return PreferencePair(f"{id}~{dim}", c.text("instruction"), c.images("input_image"), outs[0], outs[1],
                           {dim: 1}, False, c.text("task_type"), None, c.origin, {"dimension": dim})
 
 
-GENAI_VOTES = ("leftvote", "rightvote", "tievote", "bothbad_vote")
-
-
 def _parse_genai_bench(c):
     # TIGER-AI-Lab/GenAI-Bench inference.py (parse_response) and results/image_edition/*/pairwise.jsonl: vote_type is
-    # leftvote, rightvote, tievote (both good) or bothbad_vote; both tie votes are ties, which one stays in meta
-    vote = c.text("vote_type")
-    if vote not in GENAI_VOTES:
-        c.fail(f"column 'vote_type' must be one of {', '.join(GENAI_VOTES)}, got {vote!r}")
-    left, right = c.image("left_output_image"), c.image("right_output_image")
-    models = {"preferred": c.get("left_model"), "rejected": c.get("right_model")}
+    # leftvote, rightvote, tievote (both good) or bothbad_vote; both tie votes are ties, meta says which
+    vote, votes = c.text("vote_type"), ("leftvote", "rightvote", "tievote", "bothbad_vote")
+    if vote not in votes:
+        c.fail(f"column 'vote_type' must be one of {', '.join(votes)}, got {vote!r}")
+    imgs, models = [c.image("left_output_image"), c.image("right_output_image")], [c.get("left_model"),
+                                                                                   c.get("right_model")]
     if vote == "rightvote":
-        left, right, models = right, left, {"preferred": models["rejected"], "rejected": models["preferred"]}
+        imgs, models = imgs[::-1], models[::-1]
     tie = vote in ("tievote", "bothbad_vote")
-    return PreferencePair(c.id("id"), c.text("instruct_prompt"), [c.image("source_image")], left, right,
-                          {"overall": 0 if tie else 1}, tie, "", None, c.origin, {"vote_type": vote, "models": models})
-
-
-def tiger_group_id(row_id):
-    """The group a TIGER-Lab/EditReward-Bench comparison belongs to, as TIGER-AI-Lab/EditReward's
-    evaluate/inference_{3,4}pair_hf.py group them: the id up to its first '_', or its first 10 characters."""
-    return row_id.split("_")[0] if "_" in row_id else row_id[:10]
+    return PreferencePair(c.id("id"), c.text("instruct_prompt"), [c.image("source_image")], *imgs,
+                          {"overall": 0 if tie else 1}, tie, "", None, c.origin,
+                          {"vote_type": vote, "models": _sides(*models)})
 
 
 def _parse_tiger_bench(c):
-    # TIGER-AI-Lab/EditReward evaluate/inference_{2,3,4}pair_hf.py and evaluate/README.md: a row is one comparison of
-    # candidate_1 (left) and candidate_2 (right); comparison_type (AvsB, AvsC, ... CvsD) names their positions in the
-    # group and ranking ("A>C", "C>A", "A=C") the human verdict; score_1/2 and model_1/2 belong to the two candidates
+    # TIGER-AI-Lab/EditReward evaluate/inference_{2,3,4}pair_hf.py and evaluate/README.md: a row compares candidate_1
+    # (left) with candidate_2 (right); comparison_type (AvsB, AvsC, ... CvsD) names their positions in the group,
+    # ranking ("A>C", "C>A", "A=C") the human verdict; score_1/2, model_1/2 belong to the two. The group is the id up
+    # to its first "_" (else its first 10 characters), as those scripts group them.
     m = re.fullmatch(r"([A-Z])vs([A-Z])", str(c.req("comparison_type")))
+    r = re.fullmatch(r"([A-Z])([<>=])([A-Z])", str(c.req("ranking")).replace(" ", "").upper())
     if not m or m[1] >= m[2]:
         c.fail(f"column 'comparison_type' must read like AvsC, got {c.get('comparison_type')!r}")
-    ranking = str(c.req("ranking")).replace(" ", "").upper()
-    verdicts = {f"{m[1]}>{m[2]}": 1, f"{m[2]}<{m[1]}": 1, f"{m[2]}>{m[1]}": -1, f"{m[1]}<{m[2]}": -1,
-                f"{m[1]}={m[2]}": 0, f"{m[2]}={m[1]}": 0}
-    if ranking not in verdicts:
-        c.fail(f"column 'ranking' {ranking!r} does not compare the {m[0]} pair")
-    pos = [ord(m[1]) - 65, ord(m[2]) - 65]
-    imgs, scores = [c.image("candidate_1"), c.image("candidate_2")], [c.num("score_1", True), c.num("score_2", True)]
-    models = [c.get("model_1"), c.get("model_2")]
-    if verdicts[ranking] < 0:  # the right candidate first
+    if not r or {r[1], r[3]} != {m[1], m[2]}:
+        c.fail(f"column 'ranking' {c.get('ranking')!r} is no verdict on {m[0]}")
+    pos, imgs = [ord(m[1]) - 65, ord(m[2]) - 65], [c.image("candidate_1"), c.image("candidate_2")]
+    scores, models = [c.num("score_1", True), c.num("score_2", True)], [c.get("model_1"), c.get("model_2")]
+    if (r[2] == ">") == (r[1] == m[2]) and r[2] != "=":  # the right candidate won: it goes first
         pos, imgs, scores, models = pos[::-1], imgs[::-1], scores[::-1], models[::-1]
     id = str(c.req("id"))
-    return PreferencePair(id, c.text("instruction"), [c.image("source_image")], imgs[0], imgs[1],
-                          {"overall": abs(verdicts[ranking])}, verdicts[ranking] == 0, str(c.get("dataset") or ""),
-                          None if None in scores else {"preferred": {"overall": scores[0]},
-                                                       "rejected": {"overall": scores[1]}},
-                          c.origin, {"group": tiger_group_id(id), "positions": pos, "comparison_type": m[0],
-                                     "models": {"preferred": models[0], "rejected": models[1]}})
+    return PreferencePair(id, c.text("instruction"), [c.image("source_image")], *imgs, {"overall": int(r[2] != "=")},
+                          r[2] == "=", str(c.get("dataset") or ""),
+                          None if None in scores else _sides(*({"overall": x} for x in scores)), c.origin,
+                          {"group": id.split("_")[0] if "_" in id else id[:10], "positions": pos,
+                           "comparison_type": m[0], "models": _sides(*models)})
 
 
 def _parse_editscore_rl(c):
@@ -422,36 +377,27 @@ def _parse_gedit(c):
                       None, c.origin, {"instruction_language": c.get("instruction_language")})
 
 
-def _outcomes(c, k=None):
-    """The optional "outcomes" column (what each candidate is, e.g. the toy's correct / wrong; bench.py breaks its
-    accuracy down by them) as meta: K strings for a group of K, {"preferred": s, "rejected": s} for a pair."""
-    v = c.get("outcomes")
-    if v is None:
-        return {}
-    ok = (isinstance(v, list) and len(v) == k) if k else (isinstance(v, dict) and set(v) == {"preferred", "rejected"})
-    if not ok or not all(isinstance(x, str) for x in (v if k else v.values())):
-        c.fail(f"'outcomes' must be {f'a list of {k} strings' if k else 'a preferred/rejected dict'}, got {v!r}")
-    return {"outcomes": v}
-
-
 def _parse_jsonl(c):
     id, instruction, cat, sources = c.id("id"), c.text("instruction"), str(c.get("category") or ""), c.images("source")
+    outcomes, k = c.get("outcomes"), len(c.get("candidates") or ())  # what each candidate is (the toy's correct, ...)
+    if outcomes is not None and not (isinstance(outcomes, list) and len(outcomes) == k if k else
+                                     isinstance(outcomes, dict) and set(outcomes) == {"preferred", "rejected"}):
+        c.fail(f"'outcomes' must be {f'a list of {k} strings' if k else 'a preferred/rejected dict'}, got {outcomes!r}")
+    meta = {} if outcomes is None else {"outcomes": outcomes}
     if "candidates" in c.row:
         cands = c.images("candidates")
-        ranks = c.get("ranks")
-        if ranks is None:
-            ranks = parse_ranking(c.req("ranking"), len(cands), c.origin)
+        ranks = c.get("ranks") or parse_ranking(c.req("ranking"), len(cands), c.origin)
         if len(ranks) != len(cands):
             c.fail(f"{len(ranks)} ranks for {len(cands)} candidates")
         return CandidateGroup(id, instruction, sources, cands, [int(r) for r in ranks], cat, c.get("scores"),
-                              c.origin, _outcomes(c, len(cands)))
+                              c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
         prefs = c.get("prefs") or {"overall": 1}
         if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) or isinstance(v, bool) for v in prefs.values()):
             c.fail(f"'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
         tie = bool(c.get("tie", prefs.get("overall", 1) == 0))
         return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
-                              tie, cat, c.get("scores"), c.origin, _outcomes(c))
+                              tie, cat, c.get("scores"), c.origin, meta)
     if "response" in c.row:
         return CotTrace(id, instruction, sources, c.image("edited"), c.text("response"), c.get("scores"), c.origin)
     target = c.image("target") if c.get("target") else None
@@ -462,102 +408,78 @@ PARSERS = {"editreward_json": _parse_editreward_json, "editreward_data": _parse_
            "editscore_bench": _parse_editscore_bench, "tiger_bench": _parse_tiger_bench,
            "genai_bench": _parse_genai_bench, "editscore_rl": _parse_editscore_rl, "gedit": _parse_gedit,
            "jsonl": _parse_jsonl}
+FORMAT_COLUMNS = [("editreward_json", {"path1", "path2", "path_src"}), ("editreward_data", {"left_output_image",
+                  "source_img"}), ("genai_bench", {"left_output_image", "instruct_prompt"}),
+                  ("editscore_bench", {"output_images", "dimension"}), ("tiger_bench", {"candidate_1", "ranking"}),
+                  ("editscore_rl", {"input_images"}), ("gedit", {"input_image", "instruction"}),
+                  ("jsonl", {"source", "instruction"})]
 
 
 def detect_format(row):
-    keys = set(row)
-    rules = [("editreward_json", {"path1", "path2", "path_src"}), ("editreward_data", {"left_output_image", "source_img"}),
-             ("genai_bench", {"left_output_image", "instruct_prompt"}), ("editscore_bench", {"output_images", "dimension"}),
-             ("tiger_bench", {"candidate_1", "ranking"}), ("editscore_rl", {"input_images"}),
-             ("gedit", {"input_image", "instruction"}), ("jsonl", {"source", "instruction"})]
-    return next((name for name, cols in rules if cols <= keys), None)
+    return next((name for name, cols in FORMAT_COLUMNS if cols <= set(row)), None)
 
 
 def parse_ranking(ranking, k, origin=""):
-    """Ranking text -> ranks (0 = best). Accepts a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of
-    them) and "<". Every pair of candidates must end up ordered or tied; a cycle is an error."""
+    """Ranking text -> ranks (0 = best): a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of them), "<"
+    allowed. Every pair of candidates must end up ordered or tied, without a contradiction."""
     text = ",".join(ranking) if isinstance(ranking, (list, tuple)) else str(ranking)
-    parent = list(range(k))  # union-find over "=" so tied candidates share one node
-
-    def find(x):
-        while parent[x] != x:
-            x = parent[x]
-        return x
-    better, seen = [], set()
-    for chain in filter(None, re.split(r"[,;\s]+", text.strip())):
-        toks = re.split(r"([<>=])", chain.upper())
-        names, ops = toks[0::2], toks[1::2]
-        if any(len(n) != 1 or not ("A" <= n < chr(ord("A") + k)) for n in names):
+    ge, gt = np.eye(k, dtype=bool), np.zeros((k, k), dtype=bool)  # i >= j and i > j, by the relations given
+    for chain in filter(None, re.split(r"[,;\s]+", text.strip().upper())):
+        toks = re.split(r"([<>=])", chain)
+        if any(len(n) != 1 or not "A" <= n < chr(65 + k) for n in toks[0::2]):
             raise DataError(f"{origin}: bad ranking {ranking!r} for {k} candidates")
-        idx = [ord(n) - ord("A") for n in names]
-        seen.update(idx)
-        for x, op, y in zip(idx, ops, idx[1:]):
-            if op == "=":
-                parent[find(x)] = find(y)
-            else:
-                better.append((x, y) if op == ">" else (y, x))
-    if len(seen) != k:
-        raise DataError(f"{origin}: ranking {ranking!r} does not mention all {k} candidates")
-    edges = {(find(a), find(b)) for a, b in better}
-    if any(a == b for a, b in edges):
-        raise DataError(f"{origin}: ranking {ranking!r} contradicts itself")
-    level, remaining, depth = {}, {find(x) for x in range(k)}, 0
-    while remaining:  # peel off the nodes nothing remaining beats: one level per round
-        top = {n for n in remaining if not any(a in remaining and b == n for a, b in edges)}
-        if not top:
-            raise DataError(f"{origin}: ranking {ranking!r} has a cycle")
-        if len(top) > 1:
-            raise DataError(f"{origin}: ranking {ranking!r} leaves some candidates unordered")
-        level.update({n: depth for n in top})
-        remaining -= top
-        depth += 1
-    return [level[find(x)] for x in range(k)]
+        for x, op, y in zip(toks[0::2], toks[1::2], toks[2::2]):
+            (a, b) = (ord(y) - 65, ord(x) - 65) if op == "<" else (ord(x) - 65, ord(y) - 65)
+            ge[a, b] = True
+            ge[b, a] |= op == "="
+            gt[a, b] |= op != "="
+    for m in range(k):  # transitive closure of >= (Floyd-Warshall); then i > j if i >= a > b >= j
+        ge |= ge[:, m:m + 1] & ge[m:m + 1, :]
+    gt = (ge.astype(int) @ gt @ ge) > 0
+    if gt.diagonal().any():
+        raise DataError(f"{origin}: ranking {ranking!r} contradicts itself (a cycle, or a tie that is also a win)")
+    if not (ge | ge.T).all():
+        raise DataError(f"{origin}: ranking {ranking!r} leaves some candidates unordered")
+    first = [int(np.flatnonzero(ge[j] & ge[:, j])[0]) for j in range(k)]  # the first of each tied class
+    return [len({first[j] for j in np.flatnonzero(gt[:, i])}) for i in range(k)]  # tied classes above i
 
 
-def _regroup(pairs, skipped=None):
-    """Pairs -> candidate groups. Comparisons that name a group and their positions in it (TIGER-Lab/EditReward-Bench)
-    are rebuilt into one group each, ranked by all its comparisons together, ties allowed; a contradiction or a
-    missing comparison is a DataError naming the group (with a `skipped` list: recorded there, the group dropped).
-    Any other pair is a group of two."""
+def _regroup(items, skipped=None):
+    """Pairs -> candidate groups. TIGER comparisons (meta "group" and "positions") are rebuilt into their group,
+    ranked by all its comparisons together; a contradiction or a missing comparison is a DataError naming the
+    group, or with a `skipped` list is recorded there and the group dropped. Any other pair is a group of two."""
     out, parts = [], {}
-    for p in pairs:
-        if not isinstance(p, PreferencePair):
-            out.append(p)
-        elif "group" in p.meta:
-            out.append(p.meta["group"] if p.meta["group"] not in parts else None)
+    for p in items:
+        if isinstance(p, PreferencePair) and "group" in p.meta:
+            out.append(None if p.meta["group"] in parts else p.meta["group"])
             parts.setdefault(p.meta["group"], []).append(p)
+        elif isinstance(p, PreferencePair):
+            meta = {key: [v["preferred"], v["rejected"]] if key in ("outcomes", "models") and isinstance(v, dict)
+                    else v for key, v in p.meta.items()}  # per side -> per candidate
+            out.append(CandidateGroup(p.id, p.instruction, p.sources, [p.preferred, p.rejected], [0, int(not p.tie)],
+                                      p.category, p.scores and [p.scores["preferred"], p.scores["rejected"]],
+                                      p.origin, {**meta, "prefs": p.prefs}))
         else:
-            sc = [p.scores["preferred"], p.scores["rejected"]] if p.scores else None
-            meta = {k: [v["preferred"], v["rejected"]] if k in ("outcomes", "models") and isinstance(v, dict) else v
-                    for k, v in {**p.meta, "prefs": p.prefs}.items()}  # per side -> per candidate
-            out.append(CandidateGroup(p.id, p.instruction, p.sources, [p.preferred, p.rejected], [0, 0 if p.tie else 1],
-                                      p.category, sc, p.origin, meta))
-    for i, g in enumerate(out):
-        try:
-            out[i] = _rebuild_group(g, parts[g]) if isinstance(g, str) else g
-        except DataError as e:
-            if skipped is None:
-                raise
-            out[i] = skipped.append((f"group {g!r}", str(e)))
+            out.append(p)
+    for i, gid in enumerate(out):
+        if isinstance(gid, str):
+            comps, k = parts[gid], 1 + max(q for p in parts[gid] for q in p.meta["positions"])
+            cands, models, scores = [None] * k, [None] * k, [None] * k
+            for p, side in ((p, side) for p in comps for side in (0, 1)):
+                pos, key = p.meta["positions"][side], ("preferred", "rejected")[side]
+                cands[pos], models[pos] = (p.preferred, p.rejected)[side], p.meta["models"][key]
+                scores[pos] = p.scores and p.scores[key]
+            try:
+                ranks = parse_ranking([f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}"
+                                       f"{chr(65 + p.meta['positions'][1])}" for p in comps], k, comps[0].origin)
+            except DataError as e:
+                if skipped is None:
+                    raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None
+                out[i] = skipped.append((f"group {gid!r}", str(e)))
+                continue
+            out[i] = CandidateGroup(gid, comps[0].instruction, comps[0].sources, cands, ranks, comps[0].category,
+                                    None if None in scores else scores, comps[0].origin, {"models": models})
     return [g for g in out if g is not None]
-
-
-def _rebuild_group(gid, comps):
-    """One TIGER group from its comparisons (meta "positions": the preferred and the rejected candidate's)."""
-    first, k = comps[0], 1 + max(q for p in comps for q in p.meta["positions"])
-    cands, models, scores = [None] * k, [None] * k, [None] * k
-    for p in comps:
-        for side, pos in zip(("preferred", "rejected"), p.meta["positions"]):
-            cands[pos], models[pos] = getattr(p, side), p.meta["models"][side]
-            scores[pos] = p.scores[side] if p.scores else None
-    ranking = ",".join(f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}{chr(65 + p.meta['positions'][1])}"
-                       for p in comps)
-    try:
-        ranks = parse_ranking(ranking, k, first.origin)
-    except DataError as e:
-        raise DataError(f"group {gid!r} ({len(comps)} comparisons, first at {first.origin}): {e}") from None
-    return CandidateGroup(gid, first.instruction, first.sources, cands, ranks, first.category,
-                          None if None in scores else scores, first.origin, {"models": models})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,16 +490,16 @@ def _image_refs(item):
         return item.sources + [item.preferred, item.rejected]
     if isinstance(item, CandidateGroup):
         return item.sources + item.candidates
-    if isinstance(item, CotTrace):
-        return item.sources + [item.edited]
-    return item.sources + ([item.target] if item.target is not None else [])
+    return item.sources + [x for x in (getattr(item, "edited", None), getattr(item, "target", None)) if x is not None]
 
 
-def _parse_rows(path, fmt, split, config, skip_bad, check_images, skipped):
-    """Every row of `path` as a dataclass; a bad row raises a DataError or, with skip_bad, goes to `skipped`."""
+def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, disentangle=False):
+    """The one loading path: every row parsed into a dataclass, then made into `want` (None: as parsed): groups
+    into their pairs for PreferencePair, pairs into groups (TIGER comparisons into theirs) for CandidateGroup.
+    A bad row raises DataError naming source and row, or with skip_bad is skipped, kept in .skipped and reported."""
     if fmt != "auto" and fmt not in PARSERS:
         raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    out, checked = [], set()
+    items, skipped, checked = [], [], set()
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
         try:
@@ -585,64 +507,46 @@ def _parse_rows(path, fmt, split, config, skip_bad, check_images, skipped):
                 raise row
             if not isinstance(row, dict):
                 raise DataError(f"{origin}: a row must be an object, got {type(row).__name__}")
-            if fmt == "auto":  # the first good row fixes the format, so later rows get 'missing column' errors
-                fmt = detect_format(row) or "auto"
-                if fmt == "auto":
-                    raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
+            fmt = (detect_format(row) or "auto") if fmt == "auto" else fmt  # the first good row fixes the format
+            if fmt == "auto":
+                raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
             item = PARSERS[fmt](_Row(row, origin, base))
             for ref in _image_refs(item) if check_images else ():
                 if not (isinstance(ref, str) and ref in checked):
-                    check_image(ref, origin)
+                    load_image(ref, origin, verify=True)
                     checked.add(ref if isinstance(ref, str) else None)
-            out.append(item)
+            items.append(item)
         except DataError as e:
             if not skip_bad:
                 raise
             skipped.append((origin, str(e)))
-    return out
-
-
-def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, disentangle=False):
-    """The one loading path: parse, then turn the items into `want` (None: as they are). Groups become their pairs
-    for PreferencePair, pairs become groups (TIGER comparisons rebuilt into theirs) for CandidateGroup."""
-    skipped = []
-    items = _parse_rows(path, fmt, split, config, skip_bad, check_images, skipped)
     if want is CandidateGroup:
         items = _regroup(items, skipped if skip_bad else None)
     out = Loaded()
     for it in items:
-        if want is PreferencePair and isinstance(it, CandidateGroup):
-            out += it.to_pairs()
-        elif want is None or isinstance(it, want):
-            out.append(it)
-        else:
+        if not (want is None or isinstance(it, want) or want is PreferencePair and isinstance(it, CandidateGroup)):
             raise DataError(f"{it.origin}: a {type(it).__name__} where a {want.__name__} was expected")
-    if disentangle:
-        out = Loaded(disentangle_ties(out))
+        out += it.to_pairs() if want is PreferencePair and isinstance(it, CandidateGroup) else [it]
+    out = Loaded(disentangle_ties(out)) if disentangle else out
     out.skipped = skipped
     if skipped:
-        print(f"skipped {len(skipped)} bad row(s) of {path}:", file=sys.stderr)
-        for origin, why in skipped:
-            print(f"  {why}", file=sys.stderr)
+        print(f"skipped {len(skipped)} bad row(s) of {path}:\n  " + "\n  ".join(why for _, why in skipped),
+              file=sys.stderr)
     return out
 
 
 def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Parse every row of `path` into dataclasses, one per row. A bad row (malformed line, missing or null column,
-    a non-number or non-finite score, empty instruction, missing or corrupt image) raises DataError naming the source
-    and the row, or with skip_bad is skipped, counted and reported at the end; it is never dropped silently."""
+    """Every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair)."""
     return _load(None, path, fmt, split, config, skip_bad, check_images)
 
 
 def load_pairs(path, fmt="auto", split=None, config=None, skip_bad=False, disentangle=True, check_images=True):
-    """Preference pairs from any pair or group format (groups expand to all their pairs; TIGER comparisons as they
-    are, ties included), tie-disentangled unless disentangle=False."""
+    """Preference pairs from any pair or group format, ties included, tie-disentangled unless disentangle=False."""
     return _load(PreferencePair, path, fmt, split, config, skip_bad, check_images, disentangle)
 
 
 def load_groups(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Candidate groups from any group or pair format (a pair is a group of two, TIGER comparisons are rebuilt
-    into their groups of 2, 3 or 4)."""
+    """Candidate groups from any group or pair format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
     return _load(CandidateGroup, path, fmt, split, config, skip_bad, check_images)
 
 
@@ -656,16 +560,10 @@ def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check
     return _load(CotTrace, path, fmt, split, config, skip_bad, check_images)
 
 
-def _swap(sides):
-    """{"preferred": a, "rejected": b} -> {"preferred": b, "rejected": a}; None stays None."""
-    return sides and {"preferred": sides["rejected"], "rejected": sides["preferred"]}
-
-
 def disentangle_ties(pairs):
-    """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree (A better at following
-    the instruction, B better looking) becomes one strict single-dimension sample per disagreeing dimension
-    (with "overall": 0 in its prefs, so that no consumer reads it as an overall preference).
-    Pairs tied on every dimension stay as ties for tie-aware losses and metrics."""
+    """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree (A follows the instruction
+    better, B looks better) becomes one strict single-dimension sample per disagreeing dimension, with "overall": 0
+    in its prefs so that no consumer reads it as an overall preference. Pairs tied on every dimension stay ties."""
     out = []
     for p in pairs:
         dim_prefs = {d: v for d, v in p.prefs.items() if d != "overall" and v != 0}
@@ -675,8 +573,9 @@ def disentangle_ties(pairs):
         for d, v in dim_prefs.items():
             w, l, sc, meta = p.preferred, p.rejected, p.scores, {**p.meta, "disentangled": True}
             if v < 0:  # the dimension's winner goes first, and with it its scores, outcome and model
-                w, l, sc = l, w, _swap(sc)
-                meta.update({k: _swap(meta[k]) for k in ("outcomes", "models") if isinstance(meta.get(k), dict)})
+                w, l, sc = l, w, sc and _sides(sc["rejected"], sc["preferred"])
+                meta.update({k: _sides(x["rejected"], x["preferred"]) for k, x in meta.items()
+                             if k in ("outcomes", "models") and isinstance(x, dict)})
             out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0},
                                            tie=False, scores=sc, meta=meta))
     return out
@@ -922,18 +821,6 @@ def toy_level(x):
     return 1 + (x >= 0.2) + (x >= 0.45) + (x >= 0.8)
 
 
-def toy_human(scores):
-    """Human-like integer labels from oracle scores: 1..4 per dimension, overall = their sum (2..8)."""
-    lv = {d: int(toy_level(scores[d])) for d in DIMS}
-    lv["overall"] = sum(lv.values())
-    return lv
-
-
-def toy_ranks(human):
-    """Candidates' ranks from their human-like labels: 0 = best overall, equal overall = equal rank (a tie)."""
-    return [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human]
-
-
 def toy_cot_response(instruction, scores):
     """A short templated chain of thought for verifier SFT, as a teacher model would write it: the principles
     the edit must satisfy, a 1..4 verdict for each, and a final JSON object (rewardmodel.parse_verifier_output).
@@ -1028,9 +915,11 @@ def _toy_group(rng, gid, k, size, out):
         outcomes.append(rng.choice(OUTCOMES))
         cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
     scores = toy_oracles(src, instruction, cands)
-    human = [toy_human(s) for s in scores]
+    human = [{d: int(toy_level(s[d])) for d in DIMS} for s in scores]  # 1..4 per dimension, overall their sum
+    human = [{**h, "overall": sum(h.values())} for h in human]
+    ranks = [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human]  # equal overall: a tie
     return {"id": gid, "instruction": instruction, "source": _save_png(out, gid + "_src", src),
-            "candidates": [_save_png(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)], "ranks": toy_ranks(human),
+            "candidates": [_save_png(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)], "ranks": ranks,
             "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes, "oracle": scores}
 
 
