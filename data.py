@@ -1,27 +1,27 @@
 """
 data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
 
-Items (plain dataclasses): PreferencePair (instruction, source image(s), a preferred and a rejected edit, the
-preference per dimension: +1, -1, or 0 for a tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (an
-instruction and source image(s), optionally a target edit), CotTrace (an edit and a written judgement, verifier SFT).
+Items: PreferencePair (an instruction, source image(s), a preferred and a rejected edit, a preference per dimension:
++1, -1, or 0 for a tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (an instruction and source
+image(s), optionally a target edit) and CotTrace (an edit and a written judgement, for verifier SFT).
 Formats, told apart by the columns of the first row (or fmt=); each parser cites the schema it follows:
   editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
   editreward_data  TIGER-Lab/EditReward-Data: left/right edits with 1..4 human scores per dimension
   editscore_bench  EditScore/EditReward-Bench: output_images[0] is preferred on one dimension
-  tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: a comparison a row, rebuilt into groups by load_groups
+  tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: a comparison a row; load_groups rebuilds the groups
   genai_bench      TIGER-Lab/GenAI-Bench image_edition (split test_v1 by default): left/right/tie votes
-  editscore_rl     EditScore-RL-Data prompts;  gedit  stepfun-ai/GEdit-Bench prompts
-  jsonl            the project's own, image paths relative to the file: {"id", "instruction", "source", ...} plus
-                   "preferred", "rejected", "prefs" (a pair) | "candidates", "ranking" "A>B=C" or "ranks" (a group) |
-                   "edited", "response" (a trace) | "category" and an optional "target" (a prompt)
-A source is a .json / .jsonl / .parquet file, a local folder (save_to_disk folders included) or a hub name.
-A bad row stops the load with a DataError naming source, row and column; skip_bad skips and reports it instead.
+  editscore_rl, gedit   EditScore-RL-Data and stepfun-ai/GEdit-Bench prompts
+  jsonl            the project's own, image paths relative to the file: {"id", "instruction", "source"} and
+                   "preferred", "rejected", "prefs" (a pair) | "candidates", "ranking": "A>B=C" or "ranks" (a group)
+                   | "edited", "response" (a trace) | an optional "target" (a prompt)
+A source is a .json / .jsonl / .parquet file, a local folder (save_to_disk folders included) or a hub name. A bad
+row stops the load with a DataError naming source, row and column; skip_bad skips and reports it instead.
 Tie-disentanglement follows EditReward (arXiv 2509.26346, section 3.3).
 
 The toy world draws shapes on a plain background at 56 px and edits them ("make the red circle blue", "remove ...",
-"add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from pixels alone, so it labels
-the data and later tells whether RL really improved the editor. Candidates are made factorially (what the edit does
-x how noisy it is) so that quality cannot be guessed from content.
+"add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from its pixels, so it labels
+the data and later tells whether RL really improved the editor. Candidates are factorial (what the edit does x how
+noisy it is) so that quality cannot be guessed from content.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
@@ -44,15 +44,14 @@ from PIL import Image, ImageDraw, ImageFile, ImageOps
 DIMS = ("instruction_following", "visual_quality")  # the default reward dimensions
 FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench", "genai_bench",
            "editscore_rl", "gedit", "jsonl")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
 
 class DataError(ValueError):
     """Bad input. The message always names the source and the row (or the group)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the things the project moves around
-
+# ---------------------------------------------------------------------------------- the things the project moves
 @dataclass
 class PreferencePair:
     id: str
@@ -85,15 +84,14 @@ class CandidateGroup:
         pairs, k = [], len(self.candidates)
         for i, j in ((i, j) for i in range(k) for j in range(i + 1, k)):
             a, b = (i, j) if self.ranks[i] <= self.ranks[j] else (j, i)
-            tie = self.ranks[a] == self.ranks[b]
-            prefs, scores, meta = {"overall": 0 if tie else 1}, None, dict(self.meta)
-            if self.scores:
-                scores = _sides(self.scores[a], self.scores[b])
-                prefs.update({d: _sign(x - self.scores[b][d]) for d, x in self.scores[a].items() if d != "overall"})
-            meta.update({key: _sides(v[a], v[b]) for key, v in meta.items()
-                         if key in ("outcomes", "models") and isinstance(v, list)})  # per candidate -> these two
+            tie, sc = self.ranks[a] == self.ranks[b], self.scores
+            prefs = {"overall": int(not tie), **{d: _sign(x - sc[b][d]) for d, x in (sc[a] if sc else {}).items()
+                                                if d != "overall"}}
+            meta = {key: _sides(v[a], v[b]) if key in ("outcomes", "models") and isinstance(v, list) else v
+                    for key, v in self.meta.items()}  # per candidate -> these two
             pairs.append(PreferencePair(f"{self.id}:{a}-{b}", self.instruction, self.sources, self.candidates[a],
-                                        self.candidates[b], prefs, tie, self.category, scores, self.origin, meta))
+                                        self.candidates[b], prefs, tie, self.category,
+                                        _sides(sc[a], sc[b]) if sc else None, self.origin, meta))
         return pairs
 
 
@@ -132,23 +130,16 @@ def _sides(preferred, rejected):
     return {"preferred": preferred, "rejected": rejected}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# images
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
-
-
+# ---------------------------------------------------------------------------------- images and rows
 def to_rgb(img):
     """Any PIL image -> 8-bit RGB: EXIF orientation applied, alpha composited on white, CMYK/palette/16-bit
     converted by value (16-bit greyscale is scaled, not clipped as PIL's convert would)."""
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I"):
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     return img.convert("RGB")
 
@@ -158,8 +149,7 @@ def load_image(ref, origin="", verify=False):
     verify, only check that it exists and that its header and chunk checksums hold (cheap, no decoding)."""
     if isinstance(ref, Image.Image):
         return None if verify else to_rgb(ref)
-    if isinstance(ref, dict):
-        ref = ref.get("bytes") or ref.get("path")
+    ref = ref.get("bytes") or ref.get("path") if isinstance(ref, dict) else ref
     if isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: image file not found: {ref}")
     if not isinstance(ref, (str, bytes, bytearray)):
@@ -172,17 +162,14 @@ def load_image(ref, origin="", verify=False):
         raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
 
 
-# ----------------------------------------------------------------------------------------------------------
-# rows from files, folders and the hub
-
-# GenAI-Bench's image-editing benchmark is its 919-vote split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919 votes
-# for image editing"), not the `datasets` default
+# GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919 votes for image
+# editing"), not the `datasets` default
 HUB_DEFAULTS = {"TIGER-Lab/GenAI-Bench": ("image_edition", "test_v1")}
 
 
 def _open_dataset(path, split, config):
-    """A `datasets.Dataset` from a parquet file, a save_to_disk folder (state.json + data-*.arrow: how the
-    EditScore/EditReward-Bench hub repository is stored), any other local folder or a hub name."""
+    """A `datasets.Dataset`, images left as bytes, from a parquet file, a save_to_disk folder (state.json +
+    data-*.arrow: how the EditScore/EditReward-Bench hub repository is stored), another local folder or a hub name."""
     import datasets
     if os.path.isfile(path):
         ds = datasets.load_dataset("parquet", data_files=path, split="train")
@@ -194,7 +181,7 @@ def _open_dataset(path, split, config):
         ds = datasets.load_dataset(path, config or hub_config, split=split or hub_split)
     else:
         raise DataError(f"{path}: no such file, folder or hub dataset name")
-    for name, feat in ds.features.items():  # keep embedded images as bytes: decode lazily, with a row number
+    for name, feat in ds.features.items():  # decode lazily, where an error can name the row
         if isinstance(feat, datasets.Image):
             ds = ds.cast_column(name, datasets.Image(decode=False))
         elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
@@ -226,8 +213,7 @@ def _rows(path, split=None, config=None):
         raise
     except Exception as e:
         raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
-    where = path + "".join(f"[{x}]" for x in (config, split) if x)
-    yield from ((f"{where}:{i}", row) for i, row in enumerate(ds))
+    yield from ((path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row) for i, row in enumerate(ds))
 
 
 class _Row:
@@ -245,8 +231,8 @@ class _Row:
         return self.row[col] if self.row[col] is not None else self.fail(f"column '{col}' is null")
 
     def id(self, *cols):
-        """The row's id from the first of cols it has, else its origin (source and row): a fallback id must not
-        collide with another file's (grpo.py's cache once mixed up a test and a train prompt both called "0")."""
+        # no id column: the origin (source and row), which no other file shares; grpo.py's condition cache once
+        # mixed up a test and a train prompt that were both "0"
         return next((str(self.row[c]) for c in cols if self.row.get(c) is not None), self.origin)
 
     def text(self, col):
@@ -254,8 +240,7 @@ class _Row:
         return v.strip() if isinstance(v, str) and v.strip() else self.fail(
             f"column '{col}' must be a non-empty string, got {v!r}")
 
-    def num(self, col, optional=False):
-        """A finite number (a boolean, NaN or inf is not); with optional, an absent or null column is None."""
+    def num(self, col, optional=False):  # a finite number: a boolean, NaN or inf is not; optional: None if absent
         if optional and self.row.get(col) is None:
             return None
         v = self.req(col)
@@ -265,9 +250,8 @@ class _Row:
             x = math.nan
         return x if math.isfinite(x) else self.fail(f"column '{col}' must be a finite number, got {v!r}")
 
-    def image(self, col, value=None):
-        """An image reference: a path (relative to the manifest), embedded bytes or a PIL image."""
-        v = self.req(col) if value is None else value
+    def image(self, col, v=None):  # a path (relative to the manifest), embedded bytes or a PIL image
+        v = self.req(col) if v is None else v
         v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
         if isinstance(v, str) and v:
             return v if os.path.isabs(v) else os.path.join(self.base, v)
@@ -275,14 +259,11 @@ class _Row:
             f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
-        v = self.req(col)
-        vs = v if isinstance(v, (list, tuple)) else [v]
+        vs = self.req(col) if isinstance(self.req(col), (list, tuple)) else [self.req(col)]
         return [self.image(col, x) for x in vs] if vs else self.fail(f"column '{col}' is an empty list of images")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# one parser per format: a row -> PreferencePair | CandidateGroup | EditPrompt | CotTrace
-
+# ---------------------------------------------------------------------------------- one parser per format
 def _parse_editreward_json(c):
     # TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: "path1's image is always the preferred one", whatever the
     # scores (equal scores with tie_case false are no tie); dim1 is instruction following, dim2 visual quality. Its
@@ -445,9 +426,9 @@ def parse_ranking(ranking, k, origin=""):
 
 
 def _regroup(items, skipped=None):
-    """Pairs -> candidate groups. TIGER comparisons (meta "group" and "positions") are rebuilt into their group,
-    ranked by all its comparisons together; a contradiction or a missing comparison is a DataError naming the
-    group, or with a `skipped` list is recorded there and the group dropped. Any other pair is a group of two."""
+    """Pairs -> candidate groups. TIGER comparisons (meta "group", "positions") are rebuilt into their group, ranked
+    by all its comparisons together; a contradiction or a missing comparison is a DataError naming the group (with
+    a `skipped` list: recorded there, the group dropped). Any other pair is a group of two."""
     out, parts = [], {}
     for p in items:
         if isinstance(p, PreferencePair) and "group" in p.meta:
@@ -463,28 +444,26 @@ def _regroup(items, skipped=None):
             out.append(p)
     for i, gid in enumerate(out):
         if isinstance(gid, str):
-            comps, k = parts[gid], 1 + max(q for p in parts[gid] for q in p.meta["positions"])
-            cands, models, scores = [None] * k, [None] * k, [None] * k
-            for p, side in ((p, side) for p in comps for side in (0, 1)):
-                pos, key = p.meta["positions"][side], ("preferred", "rejected")[side]
-                cands[pos], models[pos] = (p.preferred, p.rejected)[side], p.meta["models"][key]
-                scores[pos] = p.scores and p.scores[key]
+            comps, at = parts[gid], {}  # candidate position -> (image, model, score)
+            for p in comps:
+                at.update({pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side])
+                           for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))})
+            rel = [f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}{chr(65 + p.meta['positions'][1])}"
+                   for p in comps]
             try:
-                ranks = parse_ranking([f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}"
-                                       f"{chr(65 + p.meta['positions'][1])}" for p in comps], k, comps[0].origin)
+                ranks = parse_ranking(rel, 1 + max(at), comps[0].origin)
             except DataError as e:
                 if skipped is None:
                     raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None
                 out[i] = skipped.append((f"group {gid!r}", str(e)))
                 continue
-            out[i] = CandidateGroup(gid, comps[0].instruction, comps[0].sources, cands, ranks, comps[0].category,
-                                    None if None in scores else scores, comps[0].origin, {"models": models})
+            cands, models, scores = zip(*(at[pos] for pos in range(len(ranks))))
+            out[i] = CandidateGroup(gid, comps[0].instruction, comps[0].sources, list(cands), ranks, comps[0].category,
+                                    None if None in scores else list(scores), comps[0].origin, {"models": list(models)})
     return [g for g in out if g is not None]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# loading: one path for every kind of item
-
+# ---------------------------------------------------------------------------------- loading: one path for all kinds
 def _image_refs(item):
     if isinstance(item, PreferencePair):
         return item.sources + [item.preferred, item.rejected]
@@ -588,23 +567,15 @@ def shard(items, rank, world_size):
     return list(items)[rank::world_size]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the shared ground of every script: torch.distributed, atomic writes, image sheets, source images
-
+# ---------------------------------------------------------------------------------- the ground every script shares
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: object = "cpu"  # a torch.device
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def ddp(self):
-        return self.world > 1 or "RANK" in os.environ
+    master = property(lambda self: self.rank == 0)
+    ddp = property(lambda self: self.world > 1 or "RANK" in os.environ)
 
 
 _DIST = Dist()
@@ -701,9 +672,7 @@ def load_sources(item):
 
 
 
-# ----------------------------------------------------------------------------------------------------------
-# the toy world: shapes on a plain background, edited by instructions, scored from pixels by an oracle
-
+# ---------------------------------------------------------------------------------- the toy world
 SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (240, 220, 30),
                 "magenta": (200, 40, 200), "cyan": (30, 200, 210)}
 BG_COLORS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
@@ -979,9 +948,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
     return saved
 
 
-# ----------------------------------------------------------------------------------------------------------
-# looking at data
-
+# ---------------------------------------------------------------------------------- looking at data
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
     """Print counts, categories, tie share and dimensions of any supported source and write a contact sheet.
     With skip_bad, rows with missing or corrupt images are skipped (and reported) too, so the sheet draws."""
