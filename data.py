@@ -1,27 +1,23 @@
 """
 data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
 
-Items: PreferencePair (an instruction, source image(s), a preferred and a rejected edit, a preference per dimension:
-+1, -1, or 0 for a tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (an instruction and source
-image(s), optionally a target edit) and CotTrace (an edit and a written judgement, for verifier SFT).
-Formats, told apart by the columns of the first row (or fmt=); each parser cites the schema it follows:
+Items: PreferencePair (instruction, source image(s), preferred and rejected edit, preference per dimension: +1, -1,
+0 = tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (instruction, source image(s), optional target
+edit), CotTrace (an edit and a written judgement). Formats (told from the columns of the first row, or fmt=):
   editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
   editreward_data  TIGER-Lab/EditReward-Data: left/right edits with 1..4 human scores per dimension
   editscore_bench  EditScore/EditReward-Bench: output_images[0] is preferred on one dimension
   tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: a comparison a row; load_groups rebuilds the groups
   genai_bench      TIGER-Lab/GenAI-Bench image_edition (split test_v1 by default): left/right/tie votes
   editscore_rl, gedit   EditScore-RL-Data and stepfun-ai/GEdit-Bench prompts
-  jsonl            the project's own, image paths relative to the file: {"id", "instruction", "source"} and
-                   "preferred", "rejected", "prefs" (a pair) | "candidates", "ranking": "A>B=C" or "ranks" (a group)
-                   | "edited", "response" (a trace) | an optional "target" (a prompt)
-A source is a .json / .jsonl / .parquet file, a local folder (save_to_disk folders included) or a hub name. A bad
-row stops the load with a DataError naming source, row and column; skip_bad skips and reports it instead.
-Tie-disentanglement follows EditReward (arXiv 2509.26346, section 3.3).
-
-The toy world draws shapes on a plain background at 56 px and edits them ("make the red circle blue", "remove ...",
-"add ...", "move ...", "change the background to ..."). toy_oracle() scores any edit from its pixels, so it labels
-the data and later tells whether RL really improved the editor. Candidates are factorial (what the edit does x how
-noisy it is) so that quality cannot be guessed from content.
+  jsonl            the project's own: {"id", "instruction", "source"} + "preferred", "rejected", "prefs" | "candidates",
+                   "ranking" ("A>B=C") or "ranks" | "edited", "response" | optional "target"; image paths relative
+A source is a .json/.jsonl/.parquet file, a folder (save_to_disk ones too) or a hub name. A bad row stops the load
+with a DataError naming source, row and column; skip_bad skips and reports it. Tie-disentanglement: EditReward
+(arXiv 2509.26346, section 3.3). The toy world: shapes on a plain background at 56 px, edited by instructions ("make
+the red circle blue", "remove / add / move ...", "change the background to ..."); toy_oracle() scores any edit from
+its pixels, to label data and to tell whether RL improved the editor. Candidates are factorial (what the edit does x
+how noisy it is) so that quality cannot be guessed from content.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
@@ -42,8 +38,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFile, ImageOps
 
 DIMS = ("instruction_following", "visual_quality")  # the default reward dimensions
-FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench", "genai_bench",
-           "editscore_rl", "gedit", "jsonl")
+FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench", "genai_bench", "editscore_rl",
+           "gedit", "jsonl")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
 
@@ -268,32 +264,27 @@ def _parse_editreward_json(c):
     # TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: "path1's image is always the preferred one", whatever the
     # scores (equal scores with tie_case false are no tie); dim1 is instruction following, dim2 visual quality. Its
     # validation files data/dataset/valid_dataset_*.json carry dim1 only and a 0..1 float overall score.
-    s = [{d: c.num(f"model{k}_{col}_score", optional=col != "dim1")
-          for d, col in (("instruction_following", "dim1"), ("visual_quality", "dim2"), ("overall", "overall"))}
-         for k in (1, 2)]
-    s = [{d: x for d, x in side.items() if x is not None and s[1 - i][d] is not None} for i, side in enumerate(s)]
-    tie = c.get("tie_case", False)
-    if tie not in (True, False, 0, 1):
+    s = [{d: c.num(f"model{k}_{col}_score", optional=col != "dim1") for d, col in
+          (("instruction_following", "dim1"), ("visual_quality", "dim2"), ("overall", "overall"))} for k in (1, 2)]
+    s = [{d: x for d, x in side.items() if None not in (x, s[1 - i][d])} for i, side in enumerate(s)]
+    if (tie := c.get("tie_case", False)) not in (True, False, 0, 1):
         c.fail(f"column 'tie_case' must be true or false, got {tie!r}")
-    prefs = {**{d: _sign(x - s[1][d]) for d, x in s[0].items() if d != "overall"}, "overall": 0 if tie else 1}
+    prefs = {**{d: _sign(x - s[1][d]) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, bool(tie), str(c.get("category") or ""), _sides(*s),
-                          c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
+                          prefs, bool(tie), "", _sides(*s), c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
 
 
 def _parse_editreward_data(c):
     # TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score (1..4 per
     # dimension, overall their sum; the higher overall is preferred, equal is a tie), key / unique_key the row's id
-    s = [{"instruction_following": c.num(f"{side}_instruction_following_score"),
-          "visual_quality": c.num(f"{side}_quality_aesthetic_score"), "overall": c.num(f"{side}_overall_score")}
-         for side in ("left", "right")]
-    a, b = c.image("left_output_image"), c.image("right_output_image")
+    s = [{d: c.num(f"{side}_{col}_score") for d, col in (("instruction_following", "instruction_following"),
+         ("visual_quality", "quality_aesthetic"), ("overall", "overall"))} for side in ("left", "right")]
+    imgs = [c.image("left_output_image"), c.image("right_output_image")]
     if s[1]["overall"] > s[0]["overall"]:
-        a, b, s = b, a, s[::-1]
+        imgs, s = imgs[::-1], s[::-1]
     prefs = {d: _sign(x - s[1][d]) for d, x in s[0].items()}
-    return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], a, b, prefs,
-                          prefs["overall"] == 0, "", _sides(*s), c.origin,
-                          {"vote_type": c.get("vote_type")})
+    return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], *imgs, prefs,
+                          prefs["overall"] == 0, "", _sides(*s), c.origin, {"vote_type": c.get("vote_type")})
 
 
 def _parse_editscore_bench(c):
@@ -303,24 +294,19 @@ def _parse_editscore_bench(c):
     if len(outs) != 2:
         c.fail(f"column 'output_images' must hold 2 images, got {len(outs)}")
     id = "~".join(map(str, key)) if isinstance(key, (list, tuple)) else str(key)
-    return PreferencePair(f"{id}~{dim}", c.text("instruction"), c.images("input_image"), outs[0], outs[1],
-                          {dim: 1}, False, c.text("task_type"), None, c.origin, {"dimension": dim})
+    return PreferencePair(f"{id}~{dim}", c.text("instruction"), c.images("input_image"), *outs, {dim: 1}, False,
+                          c.text("task_type"), None, c.origin, {"dimension": dim})
 
 
 def _parse_genai_bench(c):
     # TIGER-AI-Lab/GenAI-Bench inference.py (parse_response) and results/image_edition/*/pairwise.jsonl: vote_type is
     # leftvote, rightvote, tievote (both good) or bothbad_vote; both tie votes are ties, meta says which
-    vote, votes = c.text("vote_type"), ("leftvote", "rightvote", "tievote", "bothbad_vote")
-    if vote not in votes:
+    if (vote := c.text("vote_type")) not in (votes := ("leftvote", "rightvote", "tievote", "bothbad_vote")):
         c.fail(f"column 'vote_type' must be one of {', '.join(votes)}, got {vote!r}")
-    imgs, models = [c.image("left_output_image"), c.image("right_output_image")], [c.get("left_model"),
-                                                                                   c.get("right_model")]
-    if vote == "rightvote":
-        imgs, models = imgs[::-1], models[::-1]
-    tie = vote in ("tievote", "bothbad_vote")
+    two = [(c.image(f"{s}_output_image"), c.get(f"{s}_model")) for s in ("left", "right")]
+    (imgs, models), tie = zip(*(two[::-1] if vote == "rightvote" else two)), vote in votes[2:]
     return PreferencePair(c.id("id"), c.text("instruct_prompt"), [c.image("source_image")], *imgs,
-                          {"overall": 0 if tie else 1}, tie, "", None, c.origin,
-                          {"vote_type": vote, "models": _sides(*models)})
+                          {"overall": int(not tie)}, tie, "", None, c.origin, {"vote_type": vote, "models": _sides(*models)})
 
 
 def _parse_tiger_bench(c):
@@ -334,28 +320,22 @@ def _parse_tiger_bench(c):
         c.fail(f"column 'comparison_type' must read like AvsC, got {c.get('comparison_type')!r}")
     if not r or {r[1], r[3]} != {m[1], m[2]}:
         c.fail(f"column 'ranking' {c.get('ranking')!r} is no verdict on {m[0]}")
-    pos, imgs = [ord(m[1]) - 65, ord(m[2]) - 65], [c.image("candidate_1"), c.image("candidate_2")]
-    scores, models = [c.num("score_1", True), c.num("score_2", True)], [c.get("model_1"), c.get("model_2")]
-    if (r[2] == ">") == (r[1] == m[2]) and r[2] != "=":  # the right candidate won: it goes first
-        pos, imgs, scores, models = pos[::-1], imgs[::-1], scores[::-1], models[::-1]
-    id = str(c.req("id"))
+    two = [(ord(m[k]) - 65, c.image(f"candidate_{k}"), c.num(f"score_{k}", True), c.get(f"model_{k}")) for k in (1, 2)]
+    right_won = r[2] != "=" and (r[2] == ">") == (r[1] == m[2])
+    (pos, imgs, scores, models), id = zip(*(two[::-1] if right_won else two)), str(c.req("id"))
     return PreferencePair(id, c.text("instruction"), [c.image("source_image")], *imgs, {"overall": int(r[2] != "=")},
                           r[2] == "=", str(c.get("dataset") or ""),
                           None if None in scores else _sides(*({"overall": x} for x in scores)), c.origin,
-                          {"group": id.split("_")[0] if "_" in id else id[:10], "positions": pos,
+                          {"group": id.split("_")[0] if "_" in id else id[:10], "positions": list(pos),
                            "comparison_type": m[0], "models": _sides(*models)})
 
 
-def _parse_editscore_rl(c):
-    # EditScore-RL-Data card: instruction, input_images (relative paths), task_type, meta_data
-    return EditPrompt(c.id("id", "key"), c.text("instruction"), c.images("input_images"),
-                      str(c.get("task_type") or ""), None, c.origin, {"meta_data": c.get("meta_data")})
-
-
-def _parse_gedit(c):
-    # stepfun-ai/GEdit-Bench card: key, task_type, instruction, instruction_language, input_image
-    return EditPrompt(c.id("key"), c.text("instruction"), c.images("input_image"), str(c.get("task_type") or ""),
-                      None, c.origin, {"instruction_language": c.get("instruction_language")})
+def _parse_prompts(c):
+    # EditScore-RL-Data card: instruction, input_images (relative paths), task_type, meta_data; stepfun-ai/GEdit-Bench
+    # card: key, task_type, instruction, instruction_language, input_image
+    meta = {k: c.get(k) for k in ("meta_data", "instruction_language") if k in c.row}
+    return EditPrompt(c.id("id", "key"), c.text("instruction"), c.images("input_images" if "input_images" in c.row
+                      else "input_image"), str(c.get("task_type") or ""), None, c.origin, meta)
 
 
 def _parse_jsonl(c):
@@ -365,39 +345,36 @@ def _parse_jsonl(c):
                                      isinstance(outcomes, dict) and set(outcomes) == {"preferred", "rejected"}):
         c.fail(f"'outcomes' must be {f'a list of {k} strings' if k else 'a preferred/rejected dict'}, got {outcomes!r}")
     meta = {} if outcomes is None else {"outcomes": outcomes}
-    if "candidates" in c.row:
-        cands = c.images("candidates")
-        ranks = c.get("ranks") or parse_ranking(c.req("ranking"), len(cands), c.origin)
-        if len(ranks) != len(cands):
-            c.fail(f"{len(ranks)} ranks for {len(cands)} candidates")
-        return CandidateGroup(id, instruction, sources, cands, [int(r) for r in ranks], cat, c.get("scores"),
-                              c.origin, meta)
+    if k:
+        ranks = c.get("ranks") or parse_ranking(c.req("ranking"), k, c.origin)
+        if len(ranks) != k:
+            c.fail(f"{len(ranks)} ranks for {k} candidates")
+        return CandidateGroup(id, instruction, sources, c.images("candidates"), [int(r) for r in ranks], cat,
+                              c.get("scores"), c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
         prefs = c.get("prefs") or {"overall": 1}
         if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) or isinstance(v, bool) for v in prefs.values()):
             c.fail(f"'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
-        tie = bool(c.get("tie", prefs.get("overall", 1) == 0))
         return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
-                              tie, cat, c.get("scores"), c.origin, meta)
+                              bool(c.get("tie", prefs.get("overall", 1) == 0)), cat, c.get("scores"), c.origin, meta)
     if "response" in c.row:
         return CotTrace(id, instruction, sources, c.image("edited"), c.text("response"), c.get("scores"), c.origin)
-    target = c.image("target") if c.get("target") else None
-    return EditPrompt(id, instruction, sources, cat, target, c.origin, {"correct": c.get("correct")})
+    return EditPrompt(id, instruction, sources, cat, c.image("target") if c.get("target") else None, c.origin,
+                      {"correct": c.get("correct")})
 
 
-PARSERS = {"editreward_json": _parse_editreward_json, "editreward_data": _parse_editreward_data,
-           "editscore_bench": _parse_editscore_bench, "tiger_bench": _parse_tiger_bench,
-           "genai_bench": _parse_genai_bench, "editscore_rl": _parse_editscore_rl, "gedit": _parse_gedit,
-           "jsonl": _parse_jsonl}
-FORMAT_COLUMNS = [("editreward_json", {"path1", "path2", "path_src"}), ("editreward_data", {"left_output_image",
-                  "source_img"}), ("genai_bench", {"left_output_image", "instruct_prompt"}),
-                  ("editscore_bench", {"output_images", "dimension"}), ("tiger_bench", {"candidate_1", "ranking"}),
-                  ("editscore_rl", {"input_images"}), ("gedit", {"input_image", "instruction"}),
-                  ("jsonl", {"source", "instruction"})]
+# format -> (the columns that tell it, its parser); the first match wins
+PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward_json),
+           "editreward_data": ({"left_output_image", "source_img"}, _parse_editreward_data),
+           "genai_bench": ({"left_output_image", "instruct_prompt"}, _parse_genai_bench),
+           "editscore_bench": ({"output_images", "dimension"}, _parse_editscore_bench),
+           "tiger_bench": ({"candidate_1", "ranking"}, _parse_tiger_bench),
+           "editscore_rl": ({"input_images"}, _parse_prompts), "gedit": ({"input_image", "instruction"}, _parse_prompts),
+           "jsonl": ({"source", "instruction"}, _parse_jsonl)}
 
 
 def detect_format(row):
-    return next((name for name, cols in FORMAT_COLUMNS if cols <= set(row)), None)
+    return next((name for name, (cols, _) in PARSERS.items() if cols <= set(row)), None)
 
 
 def parse_ranking(ranking, k, origin=""):
@@ -489,7 +466,7 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
             fmt = (detect_format(row) or "auto") if fmt == "auto" else fmt  # the first good row fixes the format
             if fmt == "auto":
                 raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
-            item = PARSERS[fmt](_Row(row, origin, base))
+            item = PARSERS[fmt][1](_Row(row, origin, base))
             for ref in _image_refs(item) if check_images else ():
                 if not (isinstance(ref, str) and ref in checked):
                     load_image(ref, origin, verify=True)
@@ -861,46 +838,39 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 
-def _save_png(out, name, arr):
-    path = f"images/{name}.png"
-    atomic_write(os.path.join(out, path), lambda f: Image.fromarray(arr).save(f, format="PNG"), "wb")
-    return path
-
-
-def _write_jsonl(out, name, rows):
-    path = os.path.join(out, name)
-    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
-    return path
+def _save(out, name, content):
+    """An image array as images/<name>.png, or rows as the JSONL file <name>, written atomically; -> its path."""
+    if isinstance(content, np.ndarray):
+        path, name = f"images/{name}.png", os.path.join(out, f"images/{name}.png")
+        atomic_write(name, lambda f: Image.fromarray(content).save(f, format="PNG"), "wb")
+        return path
+    atomic_write(os.path.join(out, name), lambda f: f.writelines(json.dumps(r) + "\n" for r in content))
+    return os.path.join(out, name)
 
 
 def _toy_group(rng, gid, k, size, out):
-    """One candidate group: a scene, an instruction and k candidates whose outcome and noise level are drawn
-    independently (the factorial design), labelled by the oracle through human-like 1..4 ratings."""
+    """A scene, an instruction and k candidates whose outcome and noise level are drawn independently (the
+    factorial design), rated 1..4 per dimension from the oracle like a human would (overall: their sum)."""
     scene = _random_scene(rng)
-    instruction = _random_instruction(rng, scene)
-    src = render_scene(scene, size)
-    outcomes, cands = [], []
+    instruction, src, outcomes, cands = _random_instruction(rng, scene), render_scene(scene, size), [], []
     for _ in range(k):
         outcomes.append(rng.choice(OUTCOMES))
         cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
-    scores = toy_oracles(src, instruction, cands)
-    human = [{d: int(toy_level(s[d])) for d in DIMS} for s in scores]  # 1..4 per dimension, overall their sum
+    oracle = toy_oracles(src, instruction, cands)
+    human = [{d: int(toy_level(s[d])) for d in DIMS} for s in oracle]
     human = [{**h, "overall": sum(h.values())} for h in human]
-    ranks = [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human]  # equal overall: a tie
-    return {"id": gid, "instruction": instruction, "source": _save_png(out, gid + "_src", src),
-            "candidates": [_save_png(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)], "ranks": ranks,
-            "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes, "oracle": scores}
+    return {"id": gid, "instruction": instruction, "source": _save(out, gid + "_src", src),
+            "candidates": [_save(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)],
+            "ranks": [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human],  # equal: a tie
+            "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes, "oracle": oracle}
 
 
-def _toy_pair_rows(groups):
-    rows = []
-    for g in groups:
-        cg = CandidateGroup(g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"], g["category"],
-                            g["scores"], meta={"outcomes": g["outcomes"]})
-        rows += [{"id": p.id, "instruction": p.instruction, "source": g["source"], "preferred": p.preferred,
-                  "rejected": p.rejected, "prefs": p.prefs, "tie": p.tie, "category": p.category, "scores": p.scores,
-                  "outcomes": p.meta["outcomes"]} for p in cg.to_pairs()]
-    return rows
+def _toy_pairs(groups):
+    return [{"id": p.id, "instruction": p.instruction, "source": g["source"], "preferred": p.preferred,
+             "rejected": p.rejected, "prefs": p.prefs, "tie": p.tie, "category": p.category, "scores": p.scores,
+             "outcomes": p.meta["outcomes"]} for g in groups for p in CandidateGroup(
+                 g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"], g["category"], g["scores"],
+                 meta={"outcomes": g["outcomes"]}).to_pairs()]
 
 
 def _toy_prompt(rng, pid, size, out, editor_wrong=None):
@@ -908,96 +878,81 @@ def _toy_prompt(rng, pid, size, out, editor_wrong=None):
     one asked for (a noisy editing dataset)."""
     scene = _random_scene(rng)
     instruction = _random_instruction(rng, scene)
-    row = {"id": pid, "instruction": instruction, "source": _save_png(out, pid + "_src", render_scene(scene, size)),
+    row = {"id": pid, "instruction": instruction, "source": _save(out, pid + "_src", render_scene(scene, size)),
            "category": parse_toy_instruction(instruction)[0]}
     if editor_wrong is not None:
         correct = rng.random() >= editor_wrong
         tgt = toy_candidate(rng, scene, instruction, "correct" if correct else "wrong", 0, size)
-        row.update(target=_save_png(out, pid + "_tgt", tgt), correct=correct)
+        row.update(target=_save(out, pid + "_tgt", tgt), correct=correct)
     return row
 
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
              editor_wrong=0.65):
-    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}."""
-    from tqdm import tqdm  # ~20 ms per group: the default world takes under a minute
-    rng = random.Random(seed)
+    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}. The last quarter
+    of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
+    from tqdm import tqdm
+    rng, groups = random.Random(seed), {"train": [], "val": []}
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    groups = {"train": [], "val": []}
     with tqdm(total=n_train + n_val, desc="toy candidate groups", disable=n_train + n_val < 500) as bar:
         for split, n in (("train", n_train), ("val", n_val)):
             for i in range(n):
                 groups[split].append(_toy_group(rng, f"{split}{i:05d}", k, size, out))
                 bar.update()
-    # the last quarter of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT
     sft, gcpo, val = groups["train"][:n_train - n_train // 4], groups["train"][n_train - n_train // 4:], groups["val"]
     files = {"bench.jsonl": [{key: v for key, v in g.items() if key != "oracle"} for g in val],
-             "pairs_train.jsonl": _toy_pair_rows(sft),
-             "gcpo_train.jsonl": [r for r in _toy_pair_rows(gcpo) if not r["tie"]],
-             "pairs_val.jsonl": _toy_pair_rows(val),
+             "pairs_train.jsonl": _toy_pairs(sft), "gcpo_train.jsonl": [r for r in _toy_pairs(gcpo) if not r["tie"]],
+             "pairs_val.jsonl": _toy_pairs(val),
              "cot_train.jsonl": [{"id": f"{g['id']}_c{j}", "instruction": g["instruction"], "source": g["source"],
-                                  "edited": c, "response": toy_cot_response(g["instruction"], s), "scores": h}
-                                 for g in sft for j, (c, s, h) in enumerate(zip(g["candidates"], g["oracle"],
-                                                                                g["scores"]))],
+                                  "edited": c, "response": toy_cot_response(g["instruction"], o), "scores": h}
+                                 for g in sft for j, (c, o, h) in enumerate(zip(*(g[x] for x in
+                                                                                ("candidates", "oracle", "scores"))))],
              "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
-    saved = {name: _write_jsonl(out, name, rows) for name, rows in files.items()}
     world = {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k, "editor_wrong": editor_wrong}
     atomic_write(os.path.join(out, "toy.json"), lambda f: json.dump(world, f))
-    return saved
+    return {name: _save(out, name, rows) for name, rows in files.items()}
 
 
 # ---------------------------------------------------------------------------------- looking at data
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
-    """Print counts, categories, tie share and dimensions of any supported source and write a contact sheet.
-    With skip_bad, rows with missing or corrupt images are skipped (and reported) too, so the sheet draws."""
+    """Print counts, tie shares and dimensions of any supported source and draw its first rows on a contact sheet.
+    With skip_bad, rows with missing or corrupt images are skipped (and reported) too, so that the sheet draws."""
     items = load_items(path, fmt, split, config, skip_bad, check_images=skip_bad)
-    kinds, cats = {}, {}
-    for it in items:
-        kinds[type(it).__name__] = kinds.get(type(it).__name__, 0) + 1
-        cats[getattr(it, "category", "") or "-"] = cats.get(getattr(it, "category", "") or "-", 0) + 1
+    kinds = {k: sum(type(it).__name__ == k for it in items) for k in {type(it).__name__ for it in items}}
     print(f"{path}: {len(items)} rows " + ", ".join(f"{n} {k}" for k, n in kinds.items()) +
           (f" | skipped {len(items.skipped)} bad row(s), listed above" if items.skipped else ""))
-    print("categories: " + ", ".join(f"{c} {n}" for c, n in sorted(cats.items(), key=lambda x: -x[1])))
-    pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else
-                                         [it] if isinstance(it, PreferencePair) else [])]
+    pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it]
+                                         if isinstance(it, PreferencePair) else [])]
     if pairs:
         ties = sum(p.tie for p in pairs)
-        split = sum(p.tie and {p.prefs[d] for d in p.prefs if d != "overall"} >= {-1, 1} for p in pairs)
-        print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}), of which {split} have "
-              f"disagreeing dimensions (tie-disentangled into single-dimension samples)")
+        print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}), of which "
+              f"{sum(p.tie and {-1, 1} <= set(p.prefs.values()) for p in pairs)} with disagreeing dimensions")
         for d in sorted({d for p in pairs for d in p.prefs}):
             v = [p.prefs[d] for p in pairs if d in p.prefs]
-            print(f"  {d}: {len(v)} labelled | preferred better {v.count(1)} | tie {v.count(0)} | "
-                  f"rejected better {v.count(-1)}")
+            print(f"  {d}: preferred better {v.count(1)} | tie {v.count(0)} | rejected better {v.count(-1)}")
     sheet = sheet or os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("/", "_") + "_sheet.png"
     contact_sheet(items[:rows], sheet)
     print(f"contact sheet: {sheet}")
 
 
 def contact_sheet(items, path, cell=128):
-    """A PNG with one row per item: source(s) | candidates, each labelled, and the instruction above."""
+    """A PNG with a row per item under its instruction: the source(s), then each edit with its label."""
     rows = []
     for it in items:
-        pics = [(s, "source") for s in it.sources]
-        if isinstance(it, PreferencePair):
-            pics += [(it.preferred, "preferred" if not it.tie else "tie A"),
-                     (it.rejected, "rejected" if not it.tie else "tie B")]
-        elif isinstance(it, CandidateGroup):
-            pics += [(c, f"rank {r}") for c, r in zip(it.candidates, it.ranks)]
-        elif isinstance(it, CotTrace):
-            pics += [(it.edited, "edited")]
-        elif it.target is not None:
-            pics += [(it.target, "target")]
-        rows.append((it.instruction, pics))
+        labels = ([f"rank {r}" for r in it.ranks] if isinstance(it, CandidateGroup) else ["edited"]
+                  if isinstance(it, CotTrace) else ["target"] if isinstance(it, EditPrompt) else
+                  ["tie A", "tie B"] if it.tie else ["preferred", "rejected"])
+        refs = _image_refs(it)
+        rows.append((it.instruction, list(zip(refs, ["source"] * len(it.sources) + labels))))
     image_sheet(rows, path, cell)
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    # --- toy world (its image size, group size and editor noise are make_toy arguments)
+    # --- the toy world (image size, group size and editor noise are make_toy arguments)
     ap.add_argument("--toy", action="store_true", help="write the procedural toy world to --out")
     ap.add_argument("--out", default="data/toy", help="output folder for --toy")
     ap.add_argument("--seed", type=int, default=0, help="toy world seed (same seed, same files)")
@@ -1006,7 +961,7 @@ if __name__ == "__main__":
     ap.add_argument("--n_rl", type=int, default=200, help="RL training prompts")
     ap.add_argument("--n_rl_test", type=int, default=48, help="held-out RL prompts")
     ap.add_argument("--n_editor", type=int, default=1000, help="editor warm-up triples")
-    # --- inspecting any source (the format is told from the columns; the sheet is written to <name>_sheet.png)
+    # --- inspecting any source (the format is told from its columns; the sheet goes to ./<name>_sheet.png)
     ap.add_argument("--inspect", default=None, help="file, folder or hub name to summarise")
     ap.add_argument("--split", default=None, help="split of a folder / hub dataset")
     ap.add_argument("--config", default=None, help="config of a hub dataset (e.g. 2pair)")
@@ -1017,11 +972,9 @@ if __name__ == "__main__":
     if args.toy:
         import time
         t0 = time.time()
-        files = make_toy(args.out, args.seed, n_train=args.n_train, n_val=args.n_val, n_rl=args.n_rl,
-                         n_rl_test=args.n_rl_test, n_editor=args.n_editor)
-        for name, path in files.items():
-            with open(path) as f:
-                print(f"{path}: {sum(1 for _ in f)} rows")
+        for path in make_toy(args.out, args.seed, n_train=args.n_train, n_val=args.n_val, n_rl=args.n_rl,
+                             n_rl_test=args.n_rl_test, n_editor=args.n_editor).values():
+            print(f"{path}: {sum(1 for _ in open(path))} rows")
         print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
     elif args.inspect:
         try:
