@@ -251,7 +251,7 @@ class _Row:
         v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
         if isinstance(v, str) and v:
             return v if os.path.isabs(v) else os.path.join(self.base, v)
-        return v if isinstance(v, (bytes, bytearray, Image.Image)) else self.fail(
+        return bytes(v) if isinstance(v, bytearray) else v if isinstance(v, (bytes, Image.Image)) else self.fail(
             f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
@@ -459,18 +459,14 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
         try:
-            if isinstance(row, Exception):
-                raise row
             if not isinstance(row, dict):
-                raise DataError(f"{origin}: a row must be an object, got {type(row).__name__}")
+                raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object, not {row!r}")
             fmt = (detect_format(row) or "auto") if fmt == "auto" else fmt  # the first good row fixes the format
             if fmt == "auto":
                 raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
             item = PARSERS[fmt][1](_Row(row, origin, base))
-            for ref in _image_refs(item) if check_images else ():
-                if not (isinstance(ref, str) and ref in checked):
-                    load_image(ref, origin, verify=True)
-                    checked.add(ref if isinstance(ref, str) else None)
+            for ref in set(_image_refs(item)) - checked if check_images else ():  # each file or blob checked once
+                checked.add(load_image(ref, origin, verify=True) or ref)
             items.append(item)
         except DataError as e:
             if not skip_bad:
@@ -560,23 +556,20 @@ _DIST = Dist()
 
 def setup_distributed(device="auto"):
     """One script for `python` and `torchrun`: under torchrun (RANK in the environment) join the process group,
-    NCCL on CUDA and gloo on CPU, one GPU per local rank; CPU ranks on one machine share its cores. Seed with
-    `seed + dist.rank` where ranks must differ. Returns a Dist and remembers it for print0."""
+    NCCL on CUDA, gloo on CPU, a GPU per local rank. Seed with `seed + dist.rank` where ranks must differ."""
     import torch
     import torch.distributed as tdist
     global _DIST
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
     if "RANK" not in os.environ:
-        _DIST = Dist(0, 1, 0, torch.device("cuda" if cuda and device == "auto" else
-                                           ("cpu" if device == "auto" else device)))
+        _DIST = Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
         return _DIST
     local = int(os.environ.get("LOCAL_RANK", 0))
     tdist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
-    else:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", tdist.get_world_size()))
-        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+    else:  # CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     _DIST = Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
     return _DIST
 
@@ -588,9 +581,8 @@ def print0(*args, **kwargs):
 
 
 def leave_distributed():
-    """End a torchrun worker whose work is done: destroy the process group, then exit without interpreter
-    shutdown, where gloo threads that outlive the group sometimes aborted a finished run (SIGABRT, "terminate
-    called without an active exception"; 3 of 6 CI runs on 2 CPU cores)."""
+    """End a finished torchrun worker: destroy the process group, then exit without interpreter shutdown, where gloo
+    threads outliving the group sometimes aborted a finished run (SIGABRT; 3 of 6 CI runs on 2 CPU cores)."""
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -648,7 +640,6 @@ def load_sources(item):
     return [load_image(s, item.origin) for s in item.sources]
 
 
-
 # ---------------------------------------------------------------------------------- the toy world
 SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (240, 220, 30),
                 "magenta": (200, 40, 200), "cyan": (30, 200, 210)}
@@ -678,8 +669,7 @@ def _shape_mask(kind, cell, size):
 
 def render_scene(scene, size=56):
     """scene = {"bg": name, "shapes": [(kind, color, cell name)]} -> uint8 (size, size, 3)."""
-    img = np.empty((size, size, 3), np.uint8)
-    img[:] = BG_COLORS[scene["bg"]]
+    img = np.full((size, size, 3), BG_COLORS[scene["bg"]], np.uint8)
     for kind, color, cell in scene["shapes"]:
         img[_shape_mask(kind, CELLS[cell], size)] = SHAPE_COLORS[color]
     return img
@@ -698,11 +688,8 @@ def classify(img, smooth=True):
 
 def parse_toy_instruction(instruction):
     """'make the red circle blue' -> ("recolor", ("red", "circle", "blue")); None if not a toy instruction."""
-    for kind, pat in _INSTR:
-        m = re.fullmatch(pat, instruction.strip().lower())
-        if m:
-            return kind, m.groups()
-    return None
+    return next(((kind, m.groups()) for kind, pat in _INSTR if (m := re.fullmatch(pat, instruction.strip().lower()))),
+                None)
 
 
 def toy_target(source, instruction):
@@ -713,16 +700,11 @@ def toy_target(source, instruction):
     kind, args = parse_toy_instruction(instruction)
     out = PALETTE[cls].astype(np.uint8)
     idx = PALETTE_NAMES.index
-    if kind == "recolor":
-        out[cls == idx(args[0])] = SHAPE_COLORS[args[2]]
-    elif kind == "remove":
-        out[cls == idx(args[0])] = PALETTE[bg]
-    elif kind == "add":
+    if kind in ("recolor", "remove", "move"):  # args: colour, shape, then a new colour or cell
+        out[cls == idx(args[0])] = SHAPE_COLORS[args[2]] if kind == "recolor" else PALETTE[bg]
+    if kind in ("add", "move"):
         out[_shape_mask(args[1], CELLS[args[2]], size)] = SHAPE_COLORS[args[0]]
-    elif kind == "move":
-        out[cls == idx(args[0])] = PALETTE[bg]
-        out[_shape_mask(args[1], CELLS[args[2]], size)] = SHAPE_COLORS[args[0]]
-    else:
+    if kind == "background":
         out[cls == bg] = BG_COLORS[args[0]]
     return out
 
@@ -749,16 +731,14 @@ def toy_oracles(source, instruction, edits):
             ed = ed.resize((src.shape[1], src.shape[0]), Image.BILINEAR)
         ed = np.asarray(ed.convert("RGB"), dtype=np.float32)
         ce = classify(ed)
-        did = ce != cs
-        correct = (should & (ce == ct)).sum()
+        did, correct = ce != cs, (should & (ce == ct)).sum()
         union = (should | did).sum()
         dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
         scores = {"instruction_following": float(correct / max(union, 1)),
                   "visual_quality": float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0)),
                   "change": float(correct / max(should.sum(), 1)),
                   "keep": float(1.0 - (did & ~should).sum() / max(union, 1))}
-        scores["overall"] = (scores["instruction_following"] + scores["visual_quality"]) / 2
-        out.append(scores)
+        out.append({**scores, "overall": (scores["instruction_following"] + scores["visual_quality"]) / 2})
     return out
 
 
@@ -768,12 +748,10 @@ def toy_level(x):
 
 
 def toy_cot_response(instruction, scores):
-    """A short templated chain of thought for verifier SFT, as a teacher model would write it: the principles
-    the edit must satisfy, a 1..4 verdict for each, and a final JSON object (rewardmodel.parse_verifier_output).
-      'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'
-    score = round(10 * instruction_following), 0..10: the teacher rates quality but leaves it out of its score,
-    while the human-like pair labels weigh both. That is the gap GCPO closes in Edit-R1 (SFT traces from a
-    teacher, GCPO from human preferences)."""
+    """A templated chain of thought for verifier SFT, as a teacher would write it: a 1..4 verdict per principle and
+    a JSON answer, 'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'.
+    Its score, round(10 * instruction following), leaves out the quality it rates, which the human-like pair labels
+    weigh: the gap GCPO closes in Edit-R1 (SFT traces from a teacher, GCPO from human preferences)."""
     kind = (parse_toy_instruction(instruction) or ("edit",))[0]
     f, k, q = (int(toy_level(scores[d])) for d in ("change", "keep", "visual_quality"))
     score = int(round(10 * scores["instruction_following"]))
@@ -816,26 +794,20 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
     if outcome == "unchanged":
         img = src.copy()
     elif outcome == "wrong":  # another valid edit of the same kind: right idea, wrong execution
-        other = instruction
-        for _ in range(20):
-            other = _random_instruction(rng, scene, parse_toy_instruction(instruction)[0])
-            if other != instruction:
-                break
+        tries = (_random_instruction(rng, scene, parse_toy_instruction(instruction)[0]) for _ in range(20))
+        other = next((x for x in tries if x != instruction), instruction)
         img = toy_target(src, other) if other != instruction else src.copy()
     else:
         img = toy_target(src, instruction)
         if outcome == "partial":  # only the upper part of the requested change is done
             changed = np.argwhere((img != src).any(-1))
             cut = np.median(changed[:, 0]) if len(changed) else 0
-            rows = np.arange(size)[:, None] > cut
-            img = np.where(rows[..., None], src, img)
+            img = np.where((np.arange(size) > cut)[:, None, None], src, img)
         elif outcome == "overedit":  # the edit plus an unrequested one
             img = toy_target(img, _random_instruction(rng, scene, rng.choice(["recolor", "background"])))
     sigma = NOISE_LEVELS[noise_level] * 255.0
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, sigma, img.shape) if sigma else 0.0
     return np.clip(img.astype(np.float32) + noise, 0, 255).round().astype(np.uint8)
-
-
 
 
 def _save(out, name, content):
