@@ -81,7 +81,7 @@ class CandidateGroup:
         for i, j in ((i, j) for i in range(k) for j in range(i + 1, k)):
             a, b = (i, j) if self.ranks[i] <= self.ranks[j] else (j, i)
             tie, sc = self.ranks[a] == self.ranks[b], self.scores
-            prefs = {"overall": int(not tie), **{d: _sign(x - sc[b][d]) for d, x in (sc[a] if sc else {}).items()
+            prefs = {"overall": int(not tie), **{d: int(np.sign(x - sc[b][d])) for d, x in (sc[a] if sc else {}).items()
                                                 if d != "overall"}}
             meta = {key: _sides(v[a], v[b]) if key in ("outcomes", "models") and isinstance(v, list) else v
                     for key, v in self.meta.items()}  # per candidate -> these two
@@ -116,10 +116,6 @@ class CotTrace:
 class Loaded(list):
     """A list of items that also remembers what was skipped, as (origin, reason), under skip_bad."""
     skipped: list = ()
-
-
-def _sign(x):
-    return (x > 0) - (x < 0)
 
 
 def _sides(preferred, rejected):
@@ -226,9 +222,7 @@ class _Row:
             self.fail(f"missing column '{col}'")
         return self.row[col] if self.row[col] is not None else self.fail(f"column '{col}' is null")
 
-    def id(self, *cols):
-        # no id column: the origin (source and row), which no other file shares; grpo.py's condition cache once
-        # mixed up a test and a train prompt that were both "0"
+    def id(self, *cols):  # else the origin (source and row): ids from two files without an id column never collide
         return next((str(self.row[c]) for c in cols if self.row.get(c) is not None), self.origin)
 
     def text(self, col):
@@ -269,9 +263,10 @@ def _parse_editreward_json(c):
     s = [{d: x for d, x in side.items() if None not in (x, s[1 - i][d])} for i, side in enumerate(s)]
     if (tie := c.get("tie_case", False)) not in (True, False, 0, 1):
         c.fail(f"column 'tie_case' must be true or false, got {tie!r}")
-    prefs = {**{d: _sign(x - s[1][d]) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
+    prefs = {**{d: int(np.sign(x - s[1][d])) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, bool(tie), "", _sides(*s), c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
+                          prefs, bool(tie), "", _sides(*s), c.origin,
+                          {"models": _sides(c.get("model1"), c.get("model2"))})
 
 
 def _parse_editreward_data(c):
@@ -282,7 +277,7 @@ def _parse_editreward_data(c):
     imgs = [c.image("left_output_image"), c.image("right_output_image")]
     if s[1]["overall"] > s[0]["overall"]:
         imgs, s = imgs[::-1], s[::-1]
-    prefs = {d: _sign(x - s[1][d]) for d, x in s[0].items()}
+    prefs = {d: int(np.sign(x - s[1][d])) for d, x in s[0].items()}
     return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], *imgs, prefs,
                           prefs["overall"] == 0, "", _sides(*s), c.origin, {"vote_type": c.get("vote_type")})
 
@@ -306,7 +301,8 @@ def _parse_genai_bench(c):
     two = [(c.image(f"{s}_output_image"), c.get(f"{s}_model")) for s in ("left", "right")]
     (imgs, models), tie = zip(*(two[::-1] if vote == "rightvote" else two)), vote in votes[2:]
     return PreferencePair(c.id("id"), c.text("instruct_prompt"), [c.image("source_image")], *imgs,
-                          {"overall": int(not tie)}, tie, "", None, c.origin, {"vote_type": vote, "models": _sides(*models)})
+                          {"overall": int(not tie)}, tie, "", None, c.origin,
+                          {"vote_type": vote, "models": _sides(*models)})
 
 
 def _parse_tiger_bench(c):
@@ -369,7 +365,8 @@ PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward
            "genai_bench": ({"left_output_image", "instruct_prompt"}, _parse_genai_bench),
            "editscore_bench": ({"output_images", "dimension"}, _parse_editscore_bench),
            "tiger_bench": ({"candidate_1", "ranking"}, _parse_tiger_bench),
-           "editscore_rl": ({"input_images"}, _parse_prompts), "gedit": ({"input_image", "instruction"}, _parse_prompts),
+           "editscore_rl": ({"input_images"}, _parse_prompts),
+           "gedit": ({"input_image", "instruction"}, _parse_prompts),
            "jsonl": ({"source", "instruction"}, _parse_jsonl)}
 
 
@@ -460,7 +457,7 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
     for origin, row in _rows(path, split, config):
         try:
             if not isinstance(row, dict):
-                raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object, not {row!r}")
+                raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object")
             fmt = (detect_format(row) or "auto") if fmt == "auto" else fmt  # the first good row fixes the format
             if fmt == "auto":
                 raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
