@@ -808,12 +808,14 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def _save(out, name, content):
-    """An image array as images/<name>.png, or rows as the JSONL file <name>, written atomically; -> its path."""
+    """An image array as images/<name>.png, a dict as the JSON file <name>, rows as the JSONL file <name>, each
+    written atomically; -> its path (the image's relative to `out`)."""
     if isinstance(content, np.ndarray):
         path, name = f"images/{name}.png", os.path.join(out, f"images/{name}.png")
         atomic_write(name, lambda f: Image.fromarray(content).save(f, format="PNG"), "wb")
         return path
-    atomic_write(os.path.join(out, name), lambda f: f.writelines(json.dumps(r) + "\n" for r in content))
+    atomic_write(os.path.join(out, name), lambda f: json.dump(content, f) if isinstance(content, dict) else
+                 f.writelines(json.dumps(r) + "\n" for r in content))
     return os.path.join(out, name)
 
 
@@ -880,7 +882,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
     world = {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k, "editor_wrong": editor_wrong}
-    atomic_write(os.path.join(out, "toy.json"), lambda f: json.dump(world, f))
+    _save(out, "toy.json", world)
     return {name: _save(out, name, rows) for name, rows in files.items()}
 
 

@@ -113,6 +113,8 @@ def test_editreward_validation_json(tmp_path):
 
 
 def test_editreward_data_parquet_with_embedded_images(tmp_path):
+    """TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score, vote_type,
+    key / unique_key; images embedded in the parquet."""
     cols = {"instruction": ["add a hat", "remove the dog"],
             "source_img": [img((0, 0, 0))] * 2,
             "left_output_image": [img((255, 0, 0))] * 2, "right_output_image": [img((0, 0, 255))] * 2,
@@ -131,6 +133,8 @@ def test_editreward_data_parquet_with_embedded_images(tmp_path):
 
 
 def test_editscore_bench(tmp_path):
+    """EditScore/EditReward-Bench card and VectorSpaceLab/EditScore evaluation.py: key [2], output_images [2] with
+    element 0 preferred on `dimension`."""
     cols = {"key": [["k1", "k2"], ["k1", "k2"]], "instruction": ["make the sky pink"] * 2,
             "input_image": [img((1, 1, 1))] * 2, "output_images": [[img((9, 9, 9)), img((200, 0, 0))]] * 2,
             "task_type": ["color_alter", "color_alter"], "dimension": ["prompt_following", "overall"]}
