@@ -230,7 +230,7 @@ def _run(args, torchrun=False):
     return p.stdout
 
 
-GCPO = ["--stage", "gcpo", "--pairs_per_step", "2", "--num_traces", "2", "--max_new_tokens", "16", "--kl_beta", "0.1",
+GCPO = ["--stage", "gcpo", "--batch_size", "2", "--num_traces", "2", "--max_new_tokens", "16", "--kl_beta", "0.1",
         "--lr", "1e-2", "--eval_interval", "1", "--log_interval", "1", "--max_pixels", "3136"]
 
 
@@ -257,8 +257,8 @@ def test_sft_smoke(sft_dir):
 
 def test_eval_stage_smoke(toy_files, sft_dir):
     log = _run(["--stage", "eval", "--init", str(sft_dir), "--val", str(toy_files / "pairs.jsonl"), "--val_max", "2",
-                "--eval_samples", "2", "--max_new_tokens", "8", "--time_avgk"])
-    assert "pair acc" in log and "on 2 |" in log and "Avg@2" in log and "independent generations" in log
+                "--eval_samples", "2", "--max_new_tokens", "8"])
+    assert "pair acc" in log and "on 2 |" in log and "Avg@2" in log
 
 
 def test_editscore_rubric_counts_unparsed():
