@@ -74,7 +74,8 @@ parser.add_argument("--dims", default=",".join(DIMS), help="comma-separated rewa
 parser.add_argument("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
 parser.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="largest image area (256 tokens of 28x28 px)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
-parser.add_argument("--grad_ckpt", type=int, default=1, choices=[0, 1], help="gradient checkpointing on CUDA (1 = on)")
+parser.add_argument("--grad_checkpointing", default="auto", choices=["auto", "on", "off"],
+                    help="recompute each layer's activations in the backward pass (auto: on CUDA)")
 # --- gaussian: head and loss
 parser.add_argument("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
 parser.add_argument("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
@@ -744,8 +745,10 @@ class RewardModel(nn.Module):
                 torch.manual_seed(flags["seed"])
                 self.head = GaussianHead(backbone.config.get_text_config().hidden_size, len(self.dims),
                                          flags["head_hidden"])
-        if device.type == "cuda" and flags["grad_ckpt"]:  # non-reentrant: works with frozen inputs and LoRA
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if flags["grad_checkpointing"] == "on" or flags["grad_checkpointing"] == "auto" and device.type == "cuda":
+            # transformers checkpoints a layer only in training mode: every training forward runs in train()
+            # (non-reentrant: works with frozen inputs and LoRA)
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.backbone = backbone
         self.to(device)
         if weights:
@@ -1083,6 +1086,7 @@ def train_gaussian(args, d):
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
+    rm.train()  # score() restores it after each evaluation
     model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     print0(f"model {args.model} | {args.finetune} | trainable {trainable / 1e6:.3f}M | {len(train_pairs)} train pairs "
@@ -1122,6 +1126,7 @@ def sft_step(rm, items):
                             load_image(t.edited, t.origin)) for t in items]
     resps = [tok(t.response).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")] for t in items]
     inputs, resp, rmask = collate(encs, resps, tok.pad_token_id)
+    rm.train()
     logp = response_logprobs(rm.backbone, inputs, resp)
     ntok = all_sum(rmask.sum().clone())
     loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)  # mean over every rank's tokens
@@ -1144,6 +1149,7 @@ def gcpo_rollout(rm, pairs, pair_ids, step, args):
     image) and turn them into GCPO training rows: prompt, response ids, old log-probs, advantage."""
     tok, N = rm.processor.tokenizer, args.num_traces
     eos = tok.convert_tokens_to_ids("<|im_end|>")
+    rm.eval()  # sampling with a KV cache, which gradient checkpointing (train mode) would switch off
     rows, stats = [], torch.zeros(3)  # sum of r_w (sampled pairwise accuracy, ties 1/2), parsed traces, traces
     for gid, p in zip(pair_ids, pairs):
         srcs = [load_image(s, p.origin) for s in p.sources]
@@ -1168,6 +1174,7 @@ def gcpo_update(rm, rows, optimizer, args):
     """--ppo_epochs passes over the rollout rows in micro-batches, one optimizer step per pass.
     -> (loss, clip fraction, kl, grad norm) of the last pass."""
     model = rm.backbone
+    rm.train()
     ntok = all_sum(torch.tensor(float(sum(len(r[1]) for r in rows))))
     for _ in range(args.ppo_epochs):
         tot = torch.zeros(3)  # loss, clipped tokens, kl * tokens
@@ -1211,7 +1218,6 @@ def train_verifier(args, d):
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
-    rm.eval()  # no dropout anywhere; gradients flow in eval mode all the same
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
     if sft:

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from data import load_traces
 from rewardmodel import (KL_CAP, RewardModel, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
-                         k3_kl, group_advantages, load_backbone, parse_editscore_output, parse_verifier_output,
-                         response_logprobs, sample_shared_prefill, verifier_prompt)
+                         k3_kl, group_advantages, load_backbone, parse_editscore_output, parse_verifier_output, parser,
+                         preset, response_logprobs, sample_shared_prefill, sft_step, verifier_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "rewardmodel.py")
@@ -220,6 +221,27 @@ def toy_files(tmp_path_factory):
                                 "preferred": f"im{1 + i}.png", "rejected": f"im{2 + i}.png",
                                 "prefs": {"overall": 1}}) + "\n")
     return d
+
+
+def verifier_flags(**kw):
+    """The flags a verifier run on the tiny model starts from (what --mode verifier puts over the parser's)."""
+    return {**vars(parser.parse_args([])), **preset("verifier", False), "mode": "verifier", "dims": "follow,keep,quality",
+            "max_pixels": 3136, **kw}
+
+
+def test_sft_step_runs_checkpointed_layers(toy_files):
+    """transformers checkpoints a layer only in training mode: with --grad_checkpointing on, every checkpointed
+    layer runs through its checkpoint function during an SFT step, whatever mode the model was left in."""
+    rm = RewardModel(verifier_flags(grad_checkpointing="on"))
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    layers = [m for m in rm.backbone.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    calls = []
+    for m in layers:
+        m._gradient_checkpointing_func = lambda *a, f=m._gradient_checkpointing_func, **k: calls.append(1) or f(*a, **k)
+    rm.eval()  # as score() or a GCPO rollout leaves it
+    sft_step(rm, load_traces(str(toy_files / "traces.jsonl"))[:2])
+    assert len(layers) >= 4 and len(calls) == len(layers)  # 2 text layers, 2 vision blocks: each ran checkpointed
+    assert any(p.grad is not None for p in rm.parameters() if p.requires_grad)
 
 
 def _run(args, torchrun=False):
