@@ -111,7 +111,8 @@ parser.add_argument("--val_max", type=int, default=0, help="at most this many he
 # --- optimisation (batch flags are global totals over ranks and accumulation)
 parser.add_argument("--batch_size", type=int, default=32, help="per optimizer step, all ranks together: pairs (gaussian, gcpo)\n"
                     "or traces (sft)")
-parser.add_argument("--micro_batch", type=int, default=8, help="pairs (gaussian) or traces (verifier) per forward on one rank")
+parser.add_argument("--micro_batch", type=int, default=8, help="pairs (gaussian) or traces (verifier) per forward on one rank;\n"
+                    "8 fits a 7B model with two 256-token images on an 80 GB GPU (README)")
 parser.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to run")
 parser.add_argument("--lr_decay_steps", type=int, default=0, help="length of the cosine schedule (0 = max_steps)")
 parser.add_argument("--lr", type=float, default=1e-4, help="peak lr of the backbone (adapters or weights)")
@@ -138,10 +139,10 @@ TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full"
 # No LoRA dropout: sampling and training must see one policy for the PPO ratio. Adapters on lm_head too, so that
 # the next-token distribution itself can sharpen.
 VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, max_steps=100, warmup_steps=10,
-                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, micro_batch=16,
+                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16,
                 beta2=0.99, val_max=64, log_interval=10, eval_interval=100)
 # The toy verifier sees 112 px images (16 visual tokens each) through full-rank adapters (64 = the tiny width).
-VERIFIER_TOY = dict(vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
+VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
                     temperature=0.7, kl_beta=0.04, val_max=0, out_dir="out/verifier_toy")
 # run_toy's stages: GCPO keeps the vision tower that SFT trained fixed.
 TOY_STAGES = {"sft": dict(max_steps=1500, lr=1e-3), "gcpo": dict(max_steps=120, lr=5e-4, vision="frozen")}
@@ -1118,20 +1119,24 @@ def train_gaussian(args, d):
 # ----------------------------------------------------------------------------------------------------------
 # verifier training: SFT cold start and GCPO
 
-def sft_step(rm, items):
-    """One SFT step on CoT traces, loss on response tokens only (prompt and padding masked out); the response
-    ends in <|im_end|> so the model learns to stop. -> (loss, global response tokens)."""
+def sft_step(rm, items, micro_batch):
+    """One SFT step on CoT traces in micro-batches of micro_batch traces, loss on response tokens only (prompt and
+    padding masked out); the response ends in <|im_end|> so the model learns to stop. -> (loss, global tokens)."""
     tok = rm.processor.tokenizer
-    encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
-                            load_image(t.edited, t.origin)) for t in items]
     resps = [tok(t.response).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")] for t in items]
-    inputs, resp, rmask = collate(encs, resps, tok.pad_token_id)
+    mine = sum(map(len, resps))
+    ntok = all_sum(torch.tensor(float(mine)))  # the loss is the mean over every rank's response tokens
     rm.train()
-    logp = response_logprobs(rm.backbone, inputs, resp)
-    ntok = all_sum(rmask.sum().clone())
-    loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)  # mean over every rank's tokens
-    loss.backward()
-    return loss.item() * ntok.item() / max(rmask.sum().item(), 1), ntok.item()
+    total = 0.0
+    for i in range(0, len(items), micro_batch):
+        encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
+                                load_image(t.edited, t.origin)) for t in items[i:i + micro_batch]]
+        inputs, resp, rmask = collate(encs, resps[i:i + micro_batch], tok.pad_token_id)
+        logp = response_logprobs(rm.backbone, inputs, resp)
+        loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)
+        loss.backward()
+        total += loss.item()
+    return total * ntok.item() / max(mine, 1), ntok.item()
 
 
 # A sampling seed per (run, step, pair, side, trace), so that a resumed run and every rank draw their own streams:
@@ -1235,7 +1240,7 @@ def train_verifier(args, d):
         set_lr(optimizer, step, args)
         ids = step_indices(step, len(items), args.batch_size, d.rank, d.world, args.seed)
         if sft:
-            loss, ntok = sft_step(rm, [items[i] for i in ids])
+            loss, ntok = sft_step(rm, [items[i] for i in ids], args.micro_batch)
             norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
             res = {"loss": loss}
             line = f"loss {loss:.4f} | grad {norm:.2f} | {int(ntok)} tok | {time.perf_counter() - t0:.2f}s"

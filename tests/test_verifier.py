@@ -239,9 +239,21 @@ def test_sft_step_runs_checkpointed_layers(toy_files):
     for m in layers:
         m._gradient_checkpointing_func = lambda *a, f=m._gradient_checkpointing_func, **k: calls.append(1) or f(*a, **k)
     rm.eval()  # as score() or a GCPO rollout leaves it
-    sft_step(rm, load_traces(str(toy_files / "traces.jsonl"))[:2])
+    sft_step(rm, load_traces(str(toy_files / "traces.jsonl"))[:2], 2)
     assert len(layers) >= 4 and len(calls) == len(layers)  # 2 text layers, 2 vision blocks: each ran checkpointed
     assert any(p.grad is not None for p in rm.parameters() if p.requires_grad)
+
+
+def test_sft_micro_batches_give_the_whole_batch_gradient(toy_files):
+    """SFT accumulates micro-batches: 4 traces in micro-batches of 1 give the gradient of one forward of 4."""
+    items = load_traces(str(toy_files / "traces.jsonl"))[:4]
+    grads = []
+    for micro in (4, 1):
+        rm = RewardModel(verifier_flags())
+        loss, ntok = sft_step(rm, items, micro)
+        grads.append((loss, ntok, [p.grad.clone() for p in rm.parameters() if p.requires_grad]))
+    assert grads[0][:2] == pytest.approx(grads[1][:2], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][2], grads[1][2]))
 
 
 def _run(args, torchrun=False):
