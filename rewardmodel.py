@@ -750,7 +750,10 @@ class RewardModel(nn.Module):
             # transformers checkpoints a layer only in training mode: every training forward runs in train()
             # (non-reentrant: works with frozen inputs and LoRA)
             backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.backbone = backbone
+        self.backbone, self.compute_dtype = backbone, resolve_dtype(self.flags["dtype"], device)
+        for p in self.parameters():  # AdamW updates below bf16's resolution would round away: trained weights stay
+            if p.requires_grad:      # fp32, and the forwards run under autocast (RewardModel.autocast)
+                p.data = p.data.float()
         self.to(device)
         if weights:
             self.load_weights(weights)
@@ -769,6 +772,9 @@ class RewardModel(nn.Module):
     def _insert_reward_row(self, module, inputs, output):
         hit = (inputs[0] == self.reward_id).unsqueeze(-1)
         return torch.where(hit, self.reward_row.to(output.dtype), output)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     @property
     def device(self):
@@ -803,7 +809,7 @@ class RewardModel(nn.Module):
         cols = []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            with self.autocast():
                 hidden = unwrap(self.backbone).model(**batch).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
         if len(cols) == 1:
@@ -815,9 +821,11 @@ class RewardModel(nn.Module):
     def answers(self, images, text, num_samples, seed):
         """num_samples sampled answers to one prompt, from one shared prefill; pass i uses seed + i (EditScore)."""
         tok = self.processor.tokenizer
-        toks, _, mask = sample_shared_prefill(self.backbone, encode_prompt(self.processor, images, text),
-                                              [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>"),
-                                              self.flags["max_new_tokens"], self.flags["score_temperature"], TOP_K, TOP_P)
+        with self.autocast():
+            toks, _, mask = sample_shared_prefill(
+                self.backbone, encode_prompt(self.processor, images, text), [seed + i for i in range(num_samples)],
+                tok.convert_tokens_to_ids("<|im_end|>"), self.flags["max_new_tokens"], self.flags["score_temperature"],
+                TOP_K, TOP_P)
         return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
 
     @torch.no_grad()
@@ -1132,7 +1140,8 @@ def sft_step(rm, items, micro_batch):
         encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
                                 load_image(t.edited, t.origin)) for t in items[i:i + micro_batch]]
         inputs, resp, rmask = collate(encs, resps[i:i + micro_batch], tok.pad_token_id)
-        logp = response_logprobs(rm.backbone, inputs, resp)
+        with rm.autocast():
+            logp = response_logprobs(rm.backbone, inputs, resp)
         loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)
         loss.backward()
         total += loss.item()
@@ -1161,8 +1170,9 @@ def gcpo_rollout(rm, pairs, pair_ids, step, args):
         scores, sampled = [], []
         for side, img in enumerate((p.preferred, p.rejected)):
             enc = verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin))
-            toks, old, mask = sample_shared_prefill(rm.backbone, enc, trace_seeds(args.seed, step, gid, side, N), eos,
-                                                    args.max_new_tokens, args.temperature)
+            with rm.autocast():
+                toks, old, mask = sample_shared_prefill(rm.backbone, enc, trace_seeds(args.seed, step, gid, side, N), eos,
+                                                        args.max_new_tokens, args.temperature)
             parsed = [parse_verifier_output(tok.decode(t[m.bool()], skip_special_tokens=True)) for t, m in zip(toks, mask)]
             scores.append(torch.tensor([r["score"] if r else math.nan for r in parsed]))
             sampled.append((enc, toks, old, mask))
@@ -1189,12 +1199,13 @@ def gcpo_update(rm, rows, optimizer, args):
             old = torch.zeros_like(rmask)
             for b, r in enumerate(mb):
                 old[b, :len(r[2])] = r[2]
-            logp = response_logprobs(model, inputs, resp, args.temperature)
+            with rm.autocast():
+                logp = response_logprobs(model, inputs, resp, args.temperature)
             dev = logp.device
             old, rmask, adv = old.to(dev), rmask.to(dev), torch.stack([r[3] for r in mb]).to(dev)
             ref = None
             if args.kl_beta:
-                with torch.no_grad(), model.disable_adapter():
+                with torch.no_grad(), model.disable_adapter(), rm.autocast():
                     ref = response_logprobs(model, inputs, resp, args.temperature)
             loss = gcpo_loss(logp, old, adv, rmask, args.clip_eps, ref, args.kl_beta, ntok.to(dev))
             loss.backward()

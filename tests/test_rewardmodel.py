@@ -250,3 +250,16 @@ def test_bad_flag_values_are_refused():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--micro_batch=0"],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--micro_batch must be >= 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_trained_weights_stay_fp32_under_bf16(toy, finetune):
+    """With bf16 compute, AdamW would round away updates below bf16's resolution: every trainable parameter is
+    fp32 (the frozen rest stays bf16), and a training step runs under autocast."""
+    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--dtype=bfloat16", "--batch_size=2", "--micro_batch=2"])
+    rm = R.RewardModel({**vars(args), "head_hidden": 32})
+    trainable = [p for p in rm.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert any(p.dtype == torch.bfloat16 for p in rm.parameters() if not p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    assert math.isfinite(R.train_step(rm, rm, opt, [load_pairs(str(toy / "pairs_train.jsonl"))[:2]], args))
