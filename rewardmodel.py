@@ -68,7 +68,7 @@ MODES = ("gaussian", "verifier")
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 # --- model
 parser.add_argument("--mode", default="gaussian", choices=MODES, help="gaussian: MLP head on a reward token | verifier: CoT judge")
-parser.add_argument("--model", default="tiny", help="hub name, local folder, or 'tiny' (random tiny Qwen2.5-VL)")
+parser.add_argument("--model", default="tiny", help="hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (random tiny models)")
 parser.add_argument("--dims", default=",".join(DIMS), help="comma-separated reward dimensions (names as in the data);\n"
                     "verifier: the principles its answers score ('' = those of the SFT traces)")
 parser.add_argument("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
@@ -555,11 +555,14 @@ TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['c
                  "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def image_only_processor(image_processor, tokenizer, chat_template=None):
-    """A Qwen2.5-VL processor without the video processor, which needs torchvision (absent on CPU installs)."""
-    from transformers import Qwen2_5_VLProcessor
+def image_only_processor(model_type, image_processor, tokenizer, chat_template=None):
+    """The processor of a Qwen-VL family (model_type as in its config) without the video processor, which needs
+    torchvision (absent on CPU installs)."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
 
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    class ImageOnlyProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
@@ -567,82 +570,82 @@ def image_only_processor(image_processor, tokenizer, chat_template=None):
                               chat_template=chat_template or tokenizer.chat_template)
 
 
-def learn_merges(words):
-    """Byte-pair encoding learnt on `words` (lists of byte symbols, changed in place): merge the most frequent
-    adjacent pair (ties by name) until every word is one symbol. Deterministic; -> [(left, right)] in rank order."""
-    merges = []
-    while True:
-        counts = {}
-        for w in words:
-            for pair in zip(w, w[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            return merges
-        a, b = min(counts, key=lambda p: (-counts[p], p))
-        merges.append((a, b))
-        for w in words:
-            k = 0
-            while k < len(w) - 1:
-                if w[k] == a and w[k + 1] == b:
-                    w[k:k + 2] = [a + b]
-                k += 1
-
-
-def build_tiny_vlm(init_std=0.1):
-    """A random 0.22M-parameter Qwen2_5_VLForConditionalGeneration (hidden 64, 2 layers, vision depth 2) and its
-    processor, built offline: a byte-level BPE tokenizer whose merges make each of TINY_WORDS one token, the
-    Qwen special tokens, a short chat template. Weights come from a fixed seed, so "tiny" names the same model
-    in every process.
-    init_std: HF's 0.02 suits 4096-wide models; at width 64 it leaves the final hidden state nearly the same
-    for every input."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    b2u = bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(b2u.values())}  # every byte is a token
-    merges = learn_merges([[b2u[b] for b in form.encode()] for w in sorted(set(TINY_WORDS.split()))
-                           for form in (w, " " + w)])
-    for a, b in merges:  # two merges may spell the same token: one id each, no gaps
-        vocab.setdefault(a + b, len(vocab))
-    vocab.update({s: len(vocab) + i for i, s in enumerate(SPECIAL_TOKENS)})
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained (by the `tokenizers` library) until each of TINY_WORDS is one token, at
+    the start of a text and after a space; any other text still round-trips through the bytes. + Qwen specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = sorted(set(TINY_WORDS.split()))
+    bpe.train_from_iterator(words + [" " + w for w in words], trainers.BpeTrainer(
+        vocab_size=1 << 16, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    learnt = json.loads(bpe.to_str())["model"]
+    vocab = learnt["vocab"] | {s: len(learnt["vocab"]) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=TINY_TEMPLATE, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    processor = image_only_processor(Qwen2VLImageProcessorPil(), tok, TINY_TEMPLATE)
+    return tok
+
+
+TINY_MODELS = {"tiny": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}  # --model names of the tiny random backbones
+
+
+def build_tiny_vlm(name="tiny", init_std=0.1):
+    """A random tiny Qwen2.5-VL ("tiny") or Qwen3-VL ("tiny-qwen3-vl"): hidden 64, 2 layers, vision depth 2, about
+    0.25M parameters, and its processor (tiny_tokenizer, a short chat template), built offline. Weights come
+    from a fixed seed, so a name means the same model in every process.
+    init_std: HF's 0.02 suits 4096-wide models; at width 64 it leaves the final hidden state nearly the same
+    for every input."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    family, tok = TINY_MODELS[name], tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         # mrope splits the rotary half-dim (16/2 = 8) over (time, height, width)
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-                         initializer_range=init_std),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1], initializer_range=init_std),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    # mrope splits the rotary half-dim (16/2 = 8) over (time, height, width)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=ids("<|endoftext|>"),
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                initializer_range=init_std)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, initializer_range=init_std)
+    if family == "qwen2_5_vl":  # 14 px patches, windowed attention but in the last block
+        cls, patch = transformers.Qwen2_5_VLForConditionalGeneration, 14
+        text.update(bos_token_id=None, eos_token_id=ids("<|im_end|>"))
+        vision.update(window_size=56, fullatt_block_indexes=[1])
+        config = transformers.Qwen2_5_VLConfig
+    else:  # 16 px patches, interleaved mrope, deepstack features from vision block 1 into the first text layer
+        cls, patch = transformers.Qwen3VLForConditionalGeneration, 16
+        text.update(head_dim=16)
+        text["rope_parameters"].update(mrope_interleaved=True)
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[1])
+        config = transformers.Qwen3VLConfig
+    config = config(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                    video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                    vision_end_token_id=ids("<|vision_end|>"))
+    processor = image_only_processor(family, Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2), tok, TINY_TEMPLATE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = cls(config)
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.eos_token_id = ids("<|im_end|>")
     return model, processor
 
 
 def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, weights=None):
-    """(model, processor) for a hub name, a local folder or "tiny", with the image area bounded by
+    """(model, processor) for a hub name, a local folder or a TINY_MODELS name, with the image area bounded by
     min/max_pixels. `weights`: a save_pretrained folder that replaces the base weights (full fine-tunes).
     Left padding, so that generation (verifier mode) and pooling share one batch layout."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-    if name == "tiny":
-        model, processor = build_tiny_vlm()
+    if name in TINY_MODELS:
+        model, processor = build_tiny_vlm(name)
         if weights:
             model = AutoModelForImageTextToText.from_pretrained(weights)
     else:
         model = AutoModelForImageTextToText.from_pretrained(weights or name, dtype=dtype)
         processor = AutoProcessor.from_pretrained(name)
         if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor gives a bare tokenizer
-            processor = image_only_processor(AutoImageProcessor.from_pretrained(name), AutoTokenizer.from_pretrained(name))
+            processor = image_only_processor(model.config.model_type, AutoImageProcessor.from_pretrained(name),
+                                             AutoTokenizer.from_pretrained(name))
     if min_pixels or max_pixels:
         size = dict(processor.image_processor.size)
         size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
@@ -896,7 +899,7 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
             return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
         mode = overrides.get("mode", "gaussian")
-        if mode == "gaussian" and path != "tiny":
+        if mode == "gaussian" and path not in TINY_MODELS:
             raise FileNotFoundError(f"{path}: no args.json; a Gaussian reward model needs its trained head")
         return cls({**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}, device).eval()
 

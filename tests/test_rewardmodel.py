@@ -234,16 +234,13 @@ def test_tiny_model_is_identical_in_every_process():
     assert sums[0].stdout.strip() == sums[1].stdout.strip() != ""
 
 
-def test_learn_merges_by_hand_and_tiny_tokenizer_words():
-    """'ab' twice and 'abc' once: (a, b) is the most frequent pair, then (ab, c); every word ends as one symbol."""
-    words = [list("ab"), list("abc"), list("ab")]
-    assert R.learn_merges(words) == [("a", "b"), ("ab", "c")]
-    assert words == [["ab"], ["abc"], ["ab"]]
-    tok = R.build_tiny_vlm()[1].tokenizer
+def test_tiny_tokenizer_words_are_single_tokens():
+    tok = R.tiny_tokenizer()
     for w in R.TINY_WORDS.split():  # each word is one token, at the start of a text and after a space
         assert len(tok.tokenize(w)) == 1 and len(tok.tokenize("x " + w)) == 2, w
     text = "move the magenta square to the top left, naïve 123 {\"score\": 7}"
     assert tok.decode(tok(text)["input_ids"]) == text  # anything else still round-trips through the bytes
+    assert tok.convert_tokens_to_ids(R.SPECIAL_TOKENS) == list(range(len(tok) - len(R.SPECIAL_TOKENS), len(tok)))
 
 
 def test_bad_flag_values_are_refused():
