@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import rewardmodel as R  # noqa: E402
-from data import PreferencePair, load_pairs, make_toy  # noqa: E402
+from data import load_image, load_pairs, make_toy  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 torch.set_num_threads(1)  # as rewardmodel.py does on CPU: spinning OpenMP threads crawl on a shared machine
@@ -260,3 +260,27 @@ def test_trained_weights_stay_fp32_under_bf16(toy, finetune):
     assert any(p.dtype == torch.bfloat16 for p in rm.parameters() if not p.requires_grad)
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     assert math.isfinite(R.train_step(rm, rm, opt, [load_pairs(str(toy / "pairs_train.jsonl"))[:2]], args))
+
+
+@pytest.mark.parametrize("name", list(R.TINY_MODELS))
+def test_each_family_scores_trains_and_generates(toy, name):
+    """Qwen2.5-VL and Qwen3-VL through the same code: Gaussian scores, one Gaussian training step, and verifier
+    sampling with one shared prefill whose log-probs teacher forcing reproduces."""
+    args = R.parser.parse_args(["--toy", f"--model={name}", "--batch_size=2", "--micro_batch=2"])
+    rm = R.RewardModel({**vars(args), "head_hidden": 32})
+    pairs = load_pairs(str(toy / "pairs_train.jsonl"))[:2]
+    out = rm.score([p.sources for p in pairs], [p.instruction for p in pairs], [p.preferred for p in pairs])
+    assert set(out) == {"overall", *rm.dims, *(f"sigma_{d}" for d in rm.dims + ["overall"])}
+    assert all(torch.isfinite(v).all() for v in out.values())
+    head = rm.head.net[-1].weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
+    assert math.isfinite(R.train_step(rm, rm, opt, [pairs], args)) and not torch.equal(head, rm.head.net[-1].weight)
+
+    model, processor = R.load_backbone(name, max_pixels=56 * 56)
+    enc = R.verifier_prompt(processor, [load_image(pairs[0].sources[0])], pairs[0].instruction,
+                            load_image(pairs[0].preferred))
+    toks, logp, mask = R.sample_shared_prefill(model.eval(), enc, [1, 2], -1, 8, temperature=0.7)
+    assert torch.equal(R.sample_shared_prefill(model, enc, [2], -1, 8, temperature=0.7)[0][0], toks[1])
+    inputs, resp, _ = R.collate([enc, enc], toks.tolist(), processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert torch.allclose(R.response_logprobs(model, inputs, resp, 0.7), logp, atol=1e-4)
