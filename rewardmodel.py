@@ -2,25 +2,22 @@
 rewardmodel.py: vision-language reward models for instruction-guided image editing, and their training.
 Both modes share the backbone (any Hugging Face Qwen-VL, or a tiny random one), LoRA, DDP and checkpoints.
 
---mode gaussian (EditReward, arXiv 2509.26346 sections 3.2-3.3): one chat prompt holds the instruction, the
-source image(s) and the edited image, and ends in a learned reward token. An MLP head on that token gives a
-Gaussian (mu, sigma) for every dimension at once; their mean is the "overall" Gaussian. The loss is the probit
-likelihood P(w > l) = Phi((mu_w - mu_l) / sqrt(sigma_w^2 + sigma_l^2)) in closed form (--loss gaussian), per
-dimension and overall; --loss mc is EditReward's 1000-draw Monte-Carlo estimate of E[-log sigmoid(z)], --loss
-bt plain Bradley-Terry. Tied pairs are disentangled by data.py (section 3.3). --per_dim_prompts is EditReward's
-layout: one prompt and one forward per dimension, the throughput baseline of the step logs' pairs/s.
+--mode gaussian (EditReward, arXiv 2509.26346: its uncertainty-aware ranking loss and tie disentanglement): one
+prompt holds the instruction, the source image(s) and the edited image, and ends in a learned reward token. An
+MLP head on that token gives a Gaussian (mu, sigma) per dimension; their mean is the "overall" Gaussian. The loss
+is the probit likelihood P(w > l) = Phi((mu_w - mu_l) / sqrt(sigma_w^2 + sigma_l^2)) in closed form, per
+dimension and overall (--loss mc: EditReward's Monte-Carlo estimate of E[-log sigmoid(z)]; --loss bt:
+Bradley-Terry). data.py disentangles tied pairs. --per_dim_prompts is EditReward's one-prompt-per-dimension layout.
 
---mode verifier (Edit-R1, Guo et al. "Leveraging Verifier-Based RL in Image Editing", sections 3.1-3.2): a VLM
-that names the principles an edit must satisfy, checks each, and ends in one JSON object of 0..10 scores.
---stage sft trains it on chain-of-thought traces; --stage gcpo (Group Contrastive Preference Optimization)
-samples N traces per image of a human pair, rewards each by how often its score lies on the right side of the
-other group's, normalises advantages per group, and applies a PPO-clipped token loss with a KL to the SFT model.
---rubric editscore (EditScore, arXiv 2509.23909 section 3) makes any instruct VLM a zero-shot scorer, and Avg@K
-averages K sampled passes that share ONE prefill of the image prompt. An answer that does not parse is
-counted as unparsed, never replaced by a guess.
-
-Simplified: one prompt template per mode; the verifier samples one prompt at a time (its K passes are the
-batch), trains LoRA only (+ optionally the vision tower), and packs no sequences.
+--mode verifier (Edit-R1, Guo et al., "Leveraging Verifier-Based Reinforcement Learning in Image Editing": the
+reasoning reward model, its SFT cold start and GCPO): the VLM names the principles an edit must satisfy, checks
+each, and ends in a JSON object of 0..10 scores. --stage gcpo samples N traces per image of a human pair, rewards
+each by how often its score lies on the right side of the other group's, normalises advantages per group, and
+applies a PPO-clipped token loss with a KL to the SFT model. --rubric editscore (EditScore, arXiv 2509.23909:
+its two-prompt rubric and Avg@K self-ensemble) scores zero-shot; the K passes share ONE prefill. An answer that
+does not parse is counted as unparsed, never replaced by a guess.
+Simplified: one prompt template per mode; the verifier samples one prompt at a time (its K passes are the batch),
+trains LoRA only (+ optionally the vision tower), and packs no sequences.
 
   python data.py --toy --out data/toy                  # the toy editing world (--toy writes it when missing)
   python rewardmodel.py --toy                          # Gaussian, tiny random Qwen2.5-VL on CPU (minutes)
@@ -29,9 +26,7 @@ batch), trains LoRA only (+ optionally the vision tower), and packs no sequences
   python rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct --train data/editreward_train.parquet \\
       --val data/val.jsonl --max_pixels 200704 --out_dir out/rm7b          # one GPU (bf16); torchrun for 8
   python rewardmodel.py --mode verifier --toy          # SFT -> eval -> GCPO -> eval on CPU (~20 min)
-  python rewardmodel.py --mode verifier --stage sft --train data/toy/cot_train.jsonl --out_dir out/sft
-  torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/sft \\
-      --train data/toy/gcpo_train.jsonl --out_dir out/gcpo
+  torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/verifier_toy/sft
   python rewardmodel.py --mode verifier --stage eval --model Qwen/Qwen2.5-VL-7B-Instruct --rubric editscore \\
       --max_new_tokens 512 --val <pairs>                                  # zero-shot EditScore rubric, one GPU
 
@@ -67,51 +62,64 @@ MODES = ("gaussian", "verifier")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 # --- model
-parser.add_argument("--mode", default="gaussian", choices=MODES, help="gaussian: MLP head on a reward token | verifier: CoT judge")
-parser.add_argument("--model", default="tiny", help="hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (random tiny models)")
+parser.add_argument("--mode", default="gaussian", choices=MODES,
+                    help="gaussian: MLP head on a reward token | verifier: CoT judge")
+parser.add_argument("--model", default="tiny",
+                    help="hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (random tiny models)")
 parser.add_argument("--dims", default=",".join(DIMS), help="comma-separated reward dimensions (names as in the data);\n"
                     "verifier: the principles its answers score ('' = those of the SFT traces)")
 parser.add_argument("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
 parser.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="largest image area (256 tokens of 28x28 px)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
+parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bf16 on CUDA, fp32 on CPU")
 parser.add_argument("--grad_checkpointing", default="auto", choices=["auto", "on", "off"],
                     help="recompute each layer's activations in the backward pass (auto: on CUDA)")
 # --- gaussian: head and loss
-parser.add_argument("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
+parser.add_argument("--per_dim_prompts", action="store_true",
+                    help="EditReward layout: one prompt + forward per dimension")
 parser.add_argument("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
-parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
+parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"],
+                    help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
 parser.add_argument("--mc_samples", type=int, default=1000, help="draws per pair for --loss mc")
 # --- fine-tuning
-parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA adapters (peft) or all weights (gaussian only)")
+parser.add_argument("--finetune", default="lora", choices=["lora", "full"],
+                    help="LoRA adapters (peft) or all weights (gaussian only)")
 parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank")
 parser.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / rank)")
 parser.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
 parser.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated names of the linear layers that get adapters")
-parser.add_argument("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower: frozen, LoRA (lora only), trained in full")
+parser.add_argument("--vision", default="frozen", choices=["frozen", "lora", "train"],
+                    help="vision tower: frozen, LoRA (lora only), trained in full")
 # --- verifier: stages, GCPO, scoring
-parser.add_argument("--stage", default="sft", choices=["sft", "gcpo", "eval"], help="SFT cold start, GCPO, or evaluate held-out pairs")
+parser.add_argument("--stage", default="sft", choices=["sft", "gcpo", "eval"],
+                    help="SFT cold start, GCPO, or evaluate held-out pairs")
 parser.add_argument("--rubric", default="verifier", choices=["verifier", "editscore"],
                     help="scoring prompt: the verifier's own, or EditScore's two-prompt rubric (zero-shot)")
-parser.add_argument("--init", default=None, help="gcpo: the SFT checkpoint to start from; eval: the checkpoint to evaluate")
+parser.add_argument("--init", default=None,
+                    help="gcpo: the SFT checkpoint to start from; eval: the checkpoint to evaluate")
 parser.add_argument("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
 parser.add_argument("--temperature", type=float, default=1.0, help="GCPO sampling temperature (policy = sampler)")
 parser.add_argument("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
 parser.add_argument("--ppo_epochs", type=int, default=2, help="optimizer steps per GCPO rollout batch")
 parser.add_argument("--kl_beta", type=float, default=0.0, help="KL weight to the SFT model (the adapter disabled)")
 parser.add_argument("--eval_samples", type=int, default=4, help="K of Avg@K in --stage eval")
-parser.add_argument("--score_temperature", type=float, default=0.7, help="scoring temperature (0 = greedy; EditScore's 0.7)")
+parser.add_argument("--score_temperature", type=float, default=0.7,
+                    help="scoring temperature (0 = greedy; EditScore's 0.7)")
 parser.add_argument("--max_new_tokens", type=int, default=128, help="longest generated answer")
 # --- data
 parser.add_argument("--train", default="data/toy/pairs_train.jsonl", help="training pairs (any format data.py reads);\n"
                     "verifier: CoT traces (sft) or pairs (gcpo), default data/toy/cot_train.jsonl / gcpo_train.jsonl")
 parser.add_argument("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy (--toy: its folder)")
 parser.add_argument("--split", default=None, help="split name for hub datasets")
-parser.add_argument("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all; verifier: untied pairs)")
+parser.add_argument("--val_max", type=int, default=0,
+                    help="at most this many held-out pairs (0 = all; verifier: untied pairs)")
 # --- optimisation (batch flags are global totals over ranks and accumulation)
-parser.add_argument("--batch_size", type=int, default=32, help="per optimizer step, all ranks together: pairs (gaussian, gcpo)\n"
+parser.add_argument("--batch_size", type=int, default=32,
+                    help="per optimizer step, all ranks together: pairs (gaussian, gcpo)\n"
                     "or traces (sft)")
-parser.add_argument("--micro_batch", type=int, default=8, help="pairs (gaussian) or traces (verifier) per forward on one rank;\n"
+parser.add_argument("--micro_batch", type=int, default=8,
+                    help="pairs (gaussian) or traces (verifier) per forward on one rank;\n"
                     "8 fits a 7B model with two 256-token images on an 80 GB GPU (README)")
 parser.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to run")
 parser.add_argument("--lr_decay_steps", type=int, default=0, help="length of the cosine schedule (0 = max_steps)")
@@ -124,8 +132,10 @@ parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the globa
 parser.add_argument("--out_dir", default="out/rm", help="checkpoint folder")
 parser.add_argument("--resume", action="store_true", help="continue exactly from out_dir (same flags)")
 parser.add_argument("--log_interval", type=int, default=25, help="steps between log lines")
-parser.add_argument("--eval_interval", type=int, default=250, help="steps between checkpoints (gaussian: each after a held-out eval)")
-parser.add_argument("--seed", type=int, default=0, help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
+parser.add_argument("--eval_interval", type=int, default=250,
+                    help="steps between checkpoints (gaussian: each after a held-out eval)")
+parser.add_argument("--seed", type=int, default=0,
+                    help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 parser.add_argument("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
 POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "num_traces", "ppo_epochs",
@@ -142,7 +152,8 @@ VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, m
                 lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16,
                 beta2=0.99, val_max=64, log_interval=10, eval_interval=100)
 # The toy verifier sees 112 px images (16 visual tokens each) through full-rank adapters (64 = the tiny width).
-VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
+VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64,
+                    lora_alpha=128,
                     temperature=0.7, kl_beta=0.04, val_max=0, out_dir="out/verifier_toy")
 # run_toy's stages: GCPO keeps the vision tower that SFT trained fixed.
 TOY_STAGES = {"sft": dict(max_steps=1500, lr=1e-3), "gcpo": dict(max_steps=120, lr=5e-4, vision="frozen")}
@@ -242,7 +253,8 @@ SCORE_MAX = 10.0       # verifier scores (per principle and final) live in [0, S
 EDITSCORE_MAX = 25.0   # EditScore rubric answers are integers 0..25, divided by 2.5 to 0..10
 TOP_P, TOP_K, SCORE_SEED = 0.9, 20, 42  # EditScore's scoring sampler: nucleus, top-k, pass i seeded SCORE_SEED + i
 
-VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short, for the tiny model
+# short, for the tiny model
+VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."
 EDITSCORE_SC_PROMPT = (
     "You judge image edits. The first image is the original, the second the edited result. "
     "Instruction: {instruction}\nRate from 0 to 25: (1) how completely the edit does what the instruction "
@@ -607,7 +619,8 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=ids("<|endoftext|>"),
                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
                 initializer_range=init_std)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, initializer_range=init_std)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  initializer_range=init_std)
     if family == "qwen2_5_vl":  # 14 px patches, windowed attention but in the last block
         cls, patch = transformers.Qwen2_5_VLForConditionalGeneration, 14
         text.update(bos_token_id=None, eos_token_id=ids("<|im_end|>"))
@@ -622,7 +635,8 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
     config = config(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                     video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
                     vision_end_token_id=ids("<|vision_end|>"))
-    processor = image_only_processor(family, Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2), tok, TINY_TEMPLATE)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2)
+    processor = image_only_processor(family, image_processor, tok, TINY_TEMPLATE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = cls(config)
@@ -712,7 +726,7 @@ class RewardModel(nn.Module):
             raise ValueError(f"unknown mode {self.mode!r}, expected one of {MODES}")
         device, full, verifier = torch.device(device), flags["finetune"] == "full", self.mode == "verifier"
         if verifier and full:
-            raise ValueError("--mode verifier trains LoRA adapters: GCPO's KL reference is the model with its adapter off")
+            raise ValueError("--mode verifier trains LoRA: GCPO's KL reference is the model with its adapter off")
         if verifier and flags["init"]:
             # GCPO: a fresh adapter over the SFT model with the SFT adapter merged in, so that disabling the new
             # adapter gives the SFT policy (the KL reference). The base, pixel bounds and principles come with it.
@@ -741,7 +755,7 @@ class RewardModel(nn.Module):
                     out_emb.requires_grad_(False)
                 if flags["vision"] != "train":
                     backbone.model.visual.requires_grad_(False)
-            elif not verifier or weights or flags["stage"] != "eval":  # a verifier that only scores zero-shot needs none
+            elif not verifier or weights or flags["stage"] != "eval":  # a zero-shot verifier needs no adapter
                 backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
                                       flags["lora_targets"], flags["vision"])
         if not verifier:
@@ -792,7 +806,8 @@ class RewardModel(nn.Module):
         for src, instr, ed in zip(sources, instructions, edited):
             src = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])] + [load_image(ed)]
             # the instruction comes first so that, in a causal model, the image tokens can already look for it
-            content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * (len(src) - 1)
+            content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}]
+                       + [{"type": "image"}] * (len(src) - 1)
                        + [{"type": "text", "text": " Edited:"}, {"type": "image"},
                           {"type": "text", "text": f"\nRate the edit's {what}."}])
             text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
@@ -860,16 +875,10 @@ class RewardModel(nn.Module):
 
     # --- checkpoints: peft adapter or full weights via save_pretrained, head + reward row as safetensors
     def save_weights(self, path):
-        from transformers.utils import logging as hf_logging
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # its "Writing model shards" bar would litter the log at every checkpoint
-        try:
-            self.backbone.save_pretrained(os.path.join(path, "backbone"))
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
+        self.backbone.save_pretrained(os.path.join(path, "backbone"))
         if self.head is not None:
-            extra = {f"head.{k}": v for k, v in self.head.state_dict().items()} | {"reward_row": self.reward_row.detach()}
+            extra = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+            extra["reward_row"] = self.reward_row.detach()
             save_file({k: v.contiguous().cpu() for k, v in extra.items()}, os.path.join(path, "head.safetensors"))
 
     def load_weights(self, path):
@@ -901,7 +910,8 @@ class RewardModel(nn.Module):
         mode = overrides.get("mode", "gaussian")
         if mode == "gaussian" and path not in TINY_MODELS:
             raise FileNotFoundError(f"{path}: no args.json; a Gaussian reward model needs its trained head")
-        return cls({**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}, device).eval()
+        flags = {**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}
+        return cls(flags, device).eval()
 
 
 RUBRIC_DIMS = ("prompt_following", "consistency", "perceptual_quality")  # what the EditScore rubric scores
@@ -932,7 +942,8 @@ def editscore_score(rm, sources, instructions, edited, num_samples, seed):
     sc, pq = [], []
     for src, ins, ed in zip(sources, instructions, edited):
         src, ed = [load_image(s) for s in as_list(src)], load_image(ed)
-        for images, text, dest in ((src + [ed], EDITSCORE_SC_PROMPT.format(instruction=ins), sc), ([ed], EDITSCORE_PQ_PROMPT, pq)):
+        for images, text, dest in ((src + [ed], EDITSCORE_SC_PROMPT.format(instruction=ins), sc),
+                                   ([ed], EDITSCORE_PQ_PROMPT, pq)):
             dest += [parse_editscore_output(a) or [math.nan] * 2 for a in rm.answers(images, text, num_samples, seed)]
     shape = (len(edited), num_samples, 2)
     return editscore_aggregate(torch.tensor(sc).reshape(shape), torch.tensor(pq).reshape(shape))
@@ -1018,12 +1029,13 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     of passes that parsed. The Gaussian model also gets "sigma_<dim>", its geometric-mean sigma."""
     mine, verifier = pairs[rank::world_size], rm.mode == "verifier"
     scores = rm.score([p.sources for p in mine] * 2, [p.instruction for p in mine] * 2,
-                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples=num_samples, batch_size=batch_size)
+                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples=num_samples,
+                      batch_size=batch_size)
     names = ([] if verifier else rm.dims) + ["overall"]
     prefs = pair_prefs(mine, names[:-1])
     a_b = lambda s: s.chunk(2) if mine else (s, s)
     counts = [pairwise_accuracy(*a_b(scores[d]), prefs[:, j]) for j, d in enumerate(names)]
-    if not verifier:  # each dimension's geometric-mean sigma over the held-out edits (a sigma stuck high slows its means)
+    if not verifier:  # each dimension's geometric-mean sigma over the held-out edits
         counts += [(float(scores[f"sigma_{d}"].log().sum()), len(scores[d])) for d in rm.dims]
         names += [f"sigma_{d}" for d in rm.dims]
     if verifier:
@@ -1084,7 +1096,8 @@ def train_gaussian(args, d):
     """Train the Gaussian reward model on the pairs of --train, evaluating on --val; returns it."""
     per_rank = args.batch_size // d.world
     if args.batch_size % d.world or per_rank % args.micro_batch:
-        raise SystemExit(f"--batch_size {args.batch_size} must split into {d.world} ranks x whole --micro_batch {args.micro_batch}")
+        raise SystemExit(f"--batch_size {args.batch_size} must split into {d.world} ranks x whole "
+                         f"--micro_batch {args.micro_batch}")
     train_pairs = load_pairs(args.train, split=args.split)
     val_pairs = load_pairs(args.val, split=args.split)
     val_pairs = val_pairs[:args.val_max] if args.val_max else val_pairs
@@ -1094,7 +1107,8 @@ def train_gaussian(args, d):
     unranked = [x for x, n in zip(dims, labels) if n == 0]
     if unranked:
         found = sorted({k for p in train_pairs for k, v in p.prefs.items() if v != 0 and k != "overall"})
-        raise SystemExit(f"{args.train}: no training pair ranks --dims {unranked} (its pairs rank {found or 'overall only'})")
+        raise SystemExit(f"{args.train}: no training pair ranks --dims {unranked} "
+                         f"(its pairs rank {found or 'overall only'})")
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
@@ -1174,9 +1188,10 @@ def gcpo_rollout(rm, pairs, pair_ids, step, args):
         for side, img in enumerate((p.preferred, p.rejected)):
             enc = verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin))
             with rm.autocast():
-                toks, old, mask = sample_shared_prefill(rm.backbone, enc, trace_seeds(args.seed, step, gid, side, N), eos,
-                                                        args.max_new_tokens, args.temperature)
-            parsed = [parse_verifier_output(tok.decode(t[m.bool()], skip_special_tokens=True)) for t, m in zip(toks, mask)]
+                toks, old, mask = sample_shared_prefill(rm.backbone, enc, trace_seeds(args.seed, step, gid, side, N),
+                                                        eos, args.max_new_tokens, args.temperature)
+            texts = [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
+            parsed = [parse_verifier_output(x) for x in texts]
             scores.append(torch.tensor([r["score"] if r else math.nan for r in parsed]))
             sampled.append((enc, toks, old, mask))
         r_w, r_l = gcpo_rewards(scores[0], scores[1])
@@ -1225,13 +1240,15 @@ def train_verifier(args, d):
     """--stage sft | gcpo | eval of the verifier mode. Returns a metrics dict (the --toy driver prints it)."""
     if args.stage == "eval":  # a checkpoint (--init), or a plain instruct VLM (--model) scoring zero-shot
         scoring = {k: getattr(args, k) for k in ("rubric", "score_temperature", "max_new_tokens")}
-        rm = RewardModel.from_pretrained(args.init, d.device, **scoring) if args.init else RewardModel(vars(args), d.device).eval()
+        rm = (RewardModel.from_pretrained(args.init, d.device, **scoring) if args.init
+              else RewardModel(vars(args), d.device).eval())
         pairs = [p for p in load_pairs(args.val, split=args.split, disentangle=False) if not p.tie]  # overall only
         pairs = pairs[:args.val_max] if args.val_max else pairs
         res = evaluate(rm, pairs, 2 * args.micro_batch, d.rank, d.world, args.eval_samples)
         res.update(pairs=len(pairs), ties_half=res["overall"] + res["tied"] / 2)  # ties count 1/2: chance is 0.5
         print0(f"eval {args.init or args.model} | rubric {rm.flags['rubric']} | Avg@{args.eval_samples} | pair acc "
-               f"{res['overall']:.3f} (ties 1/2: {res['ties_half']:.3f}) on {len(pairs)} | parse rate {res['parse']:.3f}")
+               f"{res['overall']:.3f} (ties 1/2: {res['ties_half']:.3f}) on {len(pairs)} "
+               f"| parse rate {res['parse']:.3f}")
         return res
     sft = args.stage == "sft"
     if args.batch_size % d.world:
@@ -1263,7 +1280,8 @@ def train_verifier(args, d):
             st, t1 = all_sum(st), time.perf_counter()
             loss, clip, kl, norm = gcpo_update(rm, rows, optimizer, args)
             res = {"win": 2 * st[0].item() / st[2].item(), "parse": st[1].item() / st[2].item()}
-            line = (f"win {res['win']:.3f} | parse {res['parse']:.2f} | loss {loss:.4f} | clip {clip:.3f} | kl {kl:.4f} "
+            line = (f"win {res['win']:.3f} | parse {res['parse']:.2f} | loss {loss:.4f} | clip {clip:.3f} "
+                    f"| kl {kl:.4f} "
                     f"| grad {norm:.2f} | rollout {t1 - t0:.1f}s train {time.perf_counter() - t1:.1f}s")
         step += 1
         if step % args.log_interval == 0 or step == args.max_steps:
@@ -1279,7 +1297,7 @@ def train_verifier(args, d):
 def run_toy(args, d):
     """The verifier's CPU demo: SFT -> eval -> GCPO from the SFT model -> eval (same pairs, same seeds)."""
     if d.ddp:
-        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run the stages (--stage sft/gcpo/eval)")
+        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run its --stage sft/gcpo/eval")
     data, out = os.path.dirname(args.val), args.out_dir
     stage = lambda **kw: train_verifier(argparse.Namespace(**vars(args) | kw), d)
     sft = stage(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", init=None, **TOY_STAGES["sft"])
@@ -1289,13 +1307,16 @@ def run_toy(args, d):
     ev_gcpo = stage(stage="eval", init=f"{out}/gcpo")
     for name, tr, ev in (("SFT", sft, ev_sft), ("SFT+GCPO", gcpo, ev_gcpo)):
         print(f"toy {name}: trained {tr['time']:.0f}s | held-out parse {ev['parse']:.3f} | pair acc "
-              f"{ev['overall']:.3f} strict, {ev['ties_half']:.3f} ties 1/2 ({ev['pairs']} pairs, Avg@{args.eval_samples})")
+              f"{ev['overall']:.3f} strict, {ev['ties_half']:.3f} ties 1/2 "
+              f"({ev['pairs']} pairs, Avg@{args.eval_samples})")
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 def main(args):
     d = setup_distributed(args.device)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would litter the log at every checkpoint
     if args.toy:
         torch.set_num_threads(TOY_THREADS)
         if d.master and not os.path.exists(args.val):

@@ -58,11 +58,13 @@ def test_gaussian_ranking_loss_large_sigma_softens_a_wrong_pair():
     assert wrong_unsure < wrong_sure
 
 
-@pytest.mark.parametrize("args,want", [((0, 0, 0, 0), 0.902662), ((1, -1, 0, -1), 0.339532), ((2, 0.5, -1, 0), 0.171080)])
+@pytest.mark.parametrize("args,want", [((0, 0, 0, 0), 0.902662), ((1, -1, 0, -1), 0.339532),
+                                       ((2, 0.5, -1, 0), 0.171080)])
 def test_mc_ranking_loss_reference_values(args, want):
     torch.manual_seed(0)
     assert R.mc_ranking_loss(*t(*args), num_samples=1000).item() == pytest.approx(want, abs=0.05)   # EditReward's 1000
-    assert R.mc_ranking_loss(*t(*args), num_samples=2_000_000).item() == pytest.approx(want, abs=3e-3)  # converges (4 std errors)
+    # converges (4 standard errors)
+    assert R.mc_ranking_loss(*t(*args), num_samples=2_000_000).item() == pytest.approx(want, abs=3e-3)
 
 
 def test_bt_loss_and_fusion():
@@ -70,7 +72,8 @@ def test_bt_loss_and_fusion():
     mu = torch.tensor([[1.0, 3.0], [2.0, -1.0]])
     log_sigma = torch.log(torch.tensor([[3.0, 4.0], [1.0, 2.0]]))
     m, s = R.fuse_gaussians(mu, log_sigma, "mean")
-    assert torch.allclose(m, torch.tensor([2.0, 0.5])) and torch.allclose(s.exp(), torch.tensor([2.5, math.sqrt(5) / 2]))
+    assert torch.allclose(m, torch.tensor([2.0, 0.5]))
+    assert torch.allclose(s.exp(), torch.tensor([2.5, math.sqrt(5) / 2]))
     m, s = R.fuse_gaussians(mu, log_sigma, "min")
     assert torch.equal(m, torch.tensor([1.0, -1.0])) and torch.allclose(s.exp(), torch.tensor([3.0, 2.0]))
 
@@ -202,7 +205,8 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
 def test_a_dimension_the_data_does_not_rank_is_refused(toy, tmp_path):
     """EditReward's own name for quality is quality_aesthetic: a --dims name the pairs do not use would train a
     head column on nothing; the run stops before building the model and names what the data has."""
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--toy", f"--train={toy}/pairs_train.jsonl",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--toy",
+                           f"--train={toy}/pairs_train.jsonl",
                            f"--val={toy}/pairs_val.jsonl", "--dims=instruction_following,quality_aesthetic",
                            f"--out_dir={tmp_path}/x"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and not os.path.exists(f"{tmp_path}/x")
@@ -217,8 +221,10 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
               cmd=[os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"])
     assert "world 2 | grad accum 2" in out and "ranks in sync: True" in out
     assert len(step_lines(out)) == 3 and "final held-out accuracy" in out
-    sigmas = re.search(r"final held-out accuracy .*\| sigma instruction_following ([0-9.]+) visual_quality ([0-9.]+)", out)
-    assert sigmas and all(0.05 <= float(s) < 100 for s in sigmas.groups())  # geometric means over both ranks' edits, >= the floor
+    sigmas = re.search(r"final held-out accuracy .*\| sigma instruction_following ([0-9.]+) "
+                       r"visual_quality ([0-9.]+)", out)
+    # geometric means over both ranks' edits, at least the floor
+    assert sigmas and all(0.05 <= float(s) < 100 for s in sigmas.groups())
 
 
 def test_tiny_model_is_identical_in_every_process():
@@ -253,7 +259,8 @@ def test_bad_flag_values_are_refused():
 def test_trained_weights_stay_fp32_under_bf16(toy, finetune):
     """With bf16 compute, AdamW would round away updates below bf16's resolution: every trainable parameter is
     fp32 (the frozen rest stays bf16), and a training step runs under autocast."""
-    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--dtype=bfloat16", "--batch_size=2", "--micro_batch=2"])
+    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--dtype=bfloat16", "--batch_size=2",
+                                "--micro_batch=2"])
     rm = R.RewardModel({**vars(args), "head_hidden": 32})
     trainable = [p for p in rm.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)

@@ -225,8 +225,8 @@ def toy_files(tmp_path_factory):
 
 def verifier_flags(**kw):
     """The flags a verifier run on the tiny model starts from (what --mode verifier puts over the parser's)."""
-    return {**vars(parser.parse_args([])), **preset("verifier", False), "mode": "verifier", "dims": "follow,keep,quality",
-            "max_pixels": 3136, **kw}
+    return {**vars(parser.parse_args([])), **preset("verifier", False), "mode": "verifier",
+            "dims": "follow,keep,quality", "max_pixels": 3136, **kw}
 
 
 def test_sft_step_runs_checkpointed_layers(toy_files):
@@ -234,7 +234,8 @@ def test_sft_step_runs_checkpointed_layers(toy_files):
     layer runs through its checkpoint function during an SFT step, whatever mode the model was left in."""
     rm = RewardModel(verifier_flags(grad_checkpointing="on"))
     from transformers.modeling_layers import GradientCheckpointingLayer
-    layers = [m for m in rm.backbone.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    layers = [m for m in rm.backbone.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     calls = []
     for m in layers:
         m._gradient_checkpointing_func = lambda *a, f=m._gradient_checkpointing_func, **k: calls.append(1) or f(*a, **k)
