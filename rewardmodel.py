@@ -1,70 +1,32 @@
 """
 rewardmodel.py: vision-language reward models for instruction-guided image editing, and their training.
-Two modes share the backbone loading, LoRA, distributed setup, checkpoints and RewardModel.score.
+Both modes share the backbone (any Hugging Face Qwen-VL, or a tiny random one), LoRA, DDP and checkpoints.
 
---mode gaussian (EditReward, arXiv 2509.26346, done right; REFERENCE.md section 2): a VLM reads one chat
-prompt holding the source image(s), the edited image and the instruction, ending in a learned reward token.
-An MLP head on that token's final hidden state gives a Gaussian (mu, sigma) for every reward dimension at
-once, and the dimensions are fused into an "overall" Gaussian. Training maximises the probit (Thurstone)
-likelihood of human preferences, P(w > l) = Phi((mu_w - mu_l) / sqrt(sigma_w^2 + sigma_l^2)), in closed
-form, per dimension and on the fused overall. What differs from the public EditReward code, and why:
-  - one forward per (source, edited) yields every dimension; EditReward runs one prompt per dimension
-    (--per_dim_prompts reproduces that layout; --benchmark times both);
-  - the closed-form loss replaces a 1000-sample Monte-Carlo estimate of E[-log sigmoid(z)] (--loss mc),
-    which always pushes sigma down; here a large sigma really softens a wrong pair (--benchmark times both);
-  - per-dimension human preferences are used, and ties are disentangled (data.py);
-  - LoRA (peft) with separate learning rates for backbone and head, instead of full fine-tuning only;
-  - tied pairs enter through disentanglement and, with --tie_weight, a tie likelihood of the same Gaussian model;
-  - --pair_view: the source and the edit as the two temporal frames of ONE visual input (Qwen-VL's patch
-    embedding spans 2 frames), so every image token sees a patch before and after the edit, at half the tokens
-    (on the toy: better instruction following and overall; on real weights it is untested);
-  - --first_dims / --first_steps: a curriculum that trains some dimensions alone before all of them (on the
-    toy, instruction following first: the tiny model learns to bind words to the change that way, README);
-  - --scale_beta: each ranking term weighed by its pair's detached scale^beta (beta-NLL's remedy): a dimension
-    whose sigma grew while it could not rank yet keeps learning at full speed (on the toy: instruction
-    following up, and the runs that never learnt to compare gone; README); the held-out log prints the sigmas;
-  - --train takes several comma-separated sources, mixed (e.g. the toy's pairs and its instruction twins);
-  - the next steps' prompts (images, processor) are built in a worker process while this one trains (--workers).
-  Simplified: one prompt template.
+--mode gaussian (EditReward, arXiv 2509.26346: its uncertainty-aware ranking loss and tie disentanglement): one
+prompt holds the instruction, the source image(s) and the edited image, and ends in a learned reward token. An
+MLP head on that token gives a Gaussian (mu, sigma) per dimension; their mean is the "overall" Gaussian. The loss
+is the probit likelihood P(w > l) = Phi((mu_w - mu_l) / sqrt(sigma_w^2 + sigma_l^2)) in closed form, per
+dimension and overall (--loss mc: EditReward's Monte-Carlo estimate of E[-log sigmoid(z)]; --loss bt:
+Bradley-Terry). data.py disentangles tied pairs. --per_dim_prompts is EditReward's one-prompt-per-dimension layout.
 
---mode verifier: a generative reward model that *writes* its judgement. It names the principles the edit
-must satisfy, verifies each, and ends with one JSON object: a 0..10 number per principle and "score", e.g.
-(data.toy_cot_response)  recolor: follow 4/4; keep 4/4; quality 2/4
-                          {"follow": 4, "keep": 4, "quality": 2, "score": 9}
-An answer that does not parse is counted ("unparsed"), never replaced by a random or middle score.
-  - Edit-R1 verifier (Guo et al., "Leveraging Verifier-Based RL in Image Editing"; REFERENCE.md section 7):
-    SFT cold start on CoT traces (--stage sft), then GCPO, Group Contrastive Preference Optimization
-    (--stage gcpo): for a human pair sample N traces for the preferred and N for the rejected edit, reward
-    each trace by how often its score lies on the right side of the other group's scores, normalise
-    advantages within each group, PPO-clipped token-level surrogate, KL to the SFT model.
-  - EditScore (arXiv 2509.23909; section 4): the two-prompt rubric (--rubric editscore) that makes any
-    instruct VLM a zero-shot scorer, and the Avg@K self-ensemble (mean of K sampled passes). Avg@K is cheap:
-    the K passes share ONE prefill of the long image prompt (its KV cache is repeated K times) and decode
-    as one batch.
-  Simplified: prompts are sampled one at a time (their K passes are the batch), no sequence packing, LoRA
-  only (+ optionally the full vision tower).
+--mode verifier (Edit-R1, Guo et al., "Leveraging Verifier-Based Reinforcement Learning in Image Editing": the
+reasoning reward model, its SFT cold start and GCPO): the VLM names the principles an edit must satisfy, checks
+each, and ends in a JSON object of 0..10 scores. --stage gcpo samples N traces per image of a human pair, rewards
+each by how often its score lies on the right side of the other group's, normalises advantages per group, and
+applies a PPO-clipped token loss with a KL to the SFT model. --rubric editscore (EditScore, arXiv 2509.23909:
+its two-prompt rubric and Avg@K self-ensemble) scores zero-shot; the K passes share ONE prefill. An answer that
+does not parse is counted as unparsed, never replaced by a guess.
+Simplified: one prompt template per mode; the verifier samples one prompt at a time (its K passes are the batch),
+trains LoRA only (+ optionally the vision tower), and packs no sequences.
 
-Toy numbers (tiny random Qwen2.5-VL, 2 CPU cores). gaussian --toy: 1200 steps in ~80 s, held-out accuracy
-instruction following 0.70, visual quality 0.96, overall 0.82 (the tiny model does not learn to compare the
-edit with the source well: README). verifier --toy, ~17 min: SFT (vision tower trained) on traces whose
-teacher scores instruction following alone learns the answer format (held-out parse rate 1.000); on all 591
-untied held-out pairs (Avg@4) strict accuracy 0.350, 0.632 with ties counted 1/2 (chance: 0.5). GCPO on the
-human-like pairs, which weigh quality too, raises that to 0.440 / 0.676 by folding quality into the score
-(README). Avg@4 costs 1.16x Avg@1, against 4.01x for 4 independent generations.
-The verifier numbers that matter need a real VLM (REFERENCE.md section 7: 73.3% -> 78.2%).
-
-  python data.py --toy --out data/toy                  # the toy editing world (--toy writes it if missing)
-  python rewardmodel.py --toy                          # Gaussian: tiny random Qwen2.5-VL, 1 CPU thread + 1 worker, ~1 min
-  python rewardmodel.py --toy --benchmark 20           # pairs/s of one prompt vs one per dimension; closed form vs MC
-  torchrun --standalone --nproc_per_node=2 rewardmodel.py --toy          # same, data-parallel (gloo on CPU)
-  torchrun --nproc_per_node=8 rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct \\
-      --train data/editreward_train.parquet --val data/val.jsonl --batch_size 64 --micro_batch 2 \\
-      --lr 1e-4 --head_lr 1e-4 --max_pixels 200704 --max_steps 3000 --out_dir out/rm7b   # GPUs (NCCL, bf16)
-  python rewardmodel.py --mode verifier --toy          # SFT, eval, GCPO, eval, Avg@K timing (CPU, ~17 min)
-  python rewardmodel.py --mode verifier --stage sft --train data/toy/cot_train.jsonl --out_dir out/sft
-  python rewardmodel.py --mode verifier --stage gcpo --init out/sft --train data/toy/gcpo_train.jsonl --out_dir out/gcpo
-  torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/sft --out_dir out/gcpo
-  python rewardmodel.py --mode verifier --stage eval --init out/gcpo --eval_samples 4 --time_avgk
+  python data.py --toy --out data/toy                  # the toy editing world (--toy writes it when missing)
+  python rewardmodel.py --toy                          # Gaussian, tiny random Qwen2.5-VL on CPU (minutes)
+  python rewardmodel.py --toy --per_dim_prompts        # EditReward's layout: compare the pairs/s of the logs
+  torchrun --standalone --nproc_per_node=2 rewardmodel.py --toy          # data-parallel on CPU (gloo)
+  python rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct --train data/editreward_train.parquet \\
+      --val data/val.jsonl --max_pixels 200704 --out_dir out/rm7b          # one GPU (bf16); torchrun for 8
+  python rewardmodel.py --mode verifier --toy          # SFT -> eval -> GCPO -> eval on CPU (~20 min)
+  torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/verifier_toy/sft
   python rewardmodel.py --mode verifier --stage eval --model Qwen/Qwen2.5-VL-7B-Instruct --rubric editscore \\
       --max_new_tokens 512 --val <pairs>                                  # zero-shot EditScore rubric, one GPU
 
@@ -76,13 +38,12 @@ From other scripts:
 """
 import argparse
 import functools
-from contextlib import nullcontext
 import json
 import math
 import os
 import re
-import shutil
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -91,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import (BG_COLORS, CELLS, COT_SCORES, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, leave_distributed, load_image,
-                  load_pairs, load_traces)
+from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, leave_distributed, load_image,
+                  load_pairs, load_traces, make_toy, print0, setup_distributed)
 
 MODES = ("gaussian", "verifier")
 
@@ -101,133 +62,102 @@ MODES = ("gaussian", "verifier")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 # --- model
-parser.add_argument("--mode", default="gaussian", choices=MODES, help="gaussian: MLP head on a reward token | verifier: CoT judge")
-parser.add_argument("--model", default="tiny", help="hub name, local folder, or 'tiny' (random tiny Qwen2.5-VL)")
+parser.add_argument("--mode", default="gaussian", choices=MODES,
+                    help="gaussian: MLP head on a reward token | verifier: CoT judge")
+parser.add_argument("--model", default="tiny",
+                    help="hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (random tiny models)")
 parser.add_argument("--dims", default=",".join(DIMS), help="comma-separated reward dimensions (names as in the data);\n"
                     "verifier: the principles its answers score ('' = those of the SFT traces)")
 parser.add_argument("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
 parser.add_argument("--max_pixels", type=int, default=256 * 28 * 28, help="largest image area (256 tokens of 28x28 px)")
-parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: bf16 on CUDA, fp32 on CPU")
-parser.add_argument("--grad_ckpt", type=int, default=1, choices=[0, 1], help="gradient checkpointing on CUDA (1 = on)")
+parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bf16 on CUDA, fp32 on CPU")
+parser.add_argument("--grad_checkpointing", default="auto", choices=["auto", "on", "off"],
+                    help="recompute each layer's activations in the backward pass (auto: on CUDA)")
 # --- gaussian: head and loss
-parser.add_argument("--pool", default="reward", choices=["reward", "last"], help="head reads the added reward token, or the last token")
-parser.add_argument("--fuse", default="mean", choices=["mean", "min"], help="overall = mean of the dimension Gaussians, or the worst one")
-parser.add_argument("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
-parser.add_argument("--pair_view", type=int, nargs="?", const=1, default=0, choices=[0, 1, 2], help="1: source and edited as the 2 temporal "
-                    "frames of one visual input (Qwen-VL patch embedding): half the image tokens, every patch sees both images; "
-                    "2: that pair, then the edited image alone too")
+parser.add_argument("--per_dim_prompts", action="store_true",
+                    help="EditReward layout: one prompt + forward per dimension")
 parser.add_argument("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
-parser.add_argument("--head_dropout", type=float, default=0.05, help="dropout inside the head")
-parser.add_argument("--sigma_floor", type=float, default=0.05, help="sigma = floor + softplus(raw), never a hard clamp")
-parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
+parser.add_argument("--loss", default="gaussian", choices=["gaussian", "mc", "bt"],
+                    help="closed-form probit | EditReward Monte-Carlo | Bradley-Terry")
 parser.add_argument("--mc_samples", type=int, default=1000, help="draws per pair for --loss mc")
-parser.add_argument("--overall_weight", type=float, default=1.0, help="weight of the fused overall term (a dimension has 1)")
-parser.add_argument("--tie_weight", type=float, default=0.0, help="weight of the tie likelihood term on tied (pair, dimension)s (0 = off)")
-parser.add_argument("--tie_margin", type=float, default=0.5, help="a tie is |score difference| < this margin (mu units)")
-parser.add_argument("--scale_beta", type=float, default=0.0, help="weigh each ranking term by its pair's detached\n"
-                    "scale s^beta, s = sqrt(sigma_w^2 + sigma_l^2) (as beta-NLL does for regression): at 1 a dimension\n"
-                    "whose sigma grew no longer has its means' gradients shrunk by 1/s (0 = off, the plain likelihood;\n"
-                    "the logged loss is then the weighted one)")
-parser.add_argument("--first_dims", default="", help="curriculum: comma-separated dimensions (or 'overall') that alone train for the\n"
-                    "first --first_steps steps; every term counts after that")
-parser.add_argument("--first_steps", type=int, default=0, help="length of the --first_dims phase (0 = no curriculum)")
 # --- fine-tuning
-parser.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA adapters (peft) or all weights (gaussian only)")
+parser.add_argument("--finetune", default="lora", choices=["lora", "full"],
+                    help="LoRA adapters (peft) or all weights (gaussian only)")
 parser.add_argument("--lora_rank", type=int, default=16, help="LoRA rank")
 parser.add_argument("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / rank)")
 parser.add_argument("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
 parser.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     help="comma-separated names of the linear layers that get adapters")
-parser.add_argument("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower: frozen, LoRA (lora only), trained in full")
-# --- verifier: stages, GCPO, scoring (EditScore's sampling defaults)
-parser.add_argument("--stage", default="sft", choices=["sft", "gcpo", "eval"], help="SFT cold start, GCPO, or evaluate held-out pairs")
+parser.add_argument("--vision", default="frozen", choices=["frozen", "lora", "train"],
+                    help="vision tower: frozen, LoRA (lora only), trained in full")
+# --- verifier: stages, GCPO, scoring
+parser.add_argument("--stage", default="sft", choices=["sft", "gcpo", "eval"],
+                    help="SFT cold start, GCPO, or evaluate held-out pairs")
 parser.add_argument("--rubric", default="verifier", choices=["verifier", "editscore"],
                     help="scoring prompt: the verifier's own, or EditScore's two-prompt rubric (zero-shot)")
-parser.add_argument("--init", default=None, help="gcpo: the SFT checkpoint to start from; eval: the checkpoint to evaluate")
-parser.add_argument("--pairs_per_step", type=int, default=4, help="human pairs per GCPO step, all ranks together")
+parser.add_argument("--init", default=None,
+                    help="gcpo: the SFT checkpoint to start from; eval: the checkpoint to evaluate")
 parser.add_argument("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
 parser.add_argument("--temperature", type=float, default=1.0, help="GCPO sampling temperature (policy = sampler)")
 parser.add_argument("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
 parser.add_argument("--ppo_epochs", type=int, default=2, help="optimizer steps per GCPO rollout batch")
 parser.add_argument("--kl_beta", type=float, default=0.0, help="KL weight to the SFT model (the adapter disabled)")
 parser.add_argument("--eval_samples", type=int, default=4, help="K of Avg@K in --stage eval")
-parser.add_argument("--score_temperature", type=float, default=0.7, help="scoring temperature (0 = greedy)")
-parser.add_argument("--top_p", type=float, default=0.9, help="scoring nucleus")
-parser.add_argument("--top_k", type=int, default=20, help="scoring top-k")
-parser.add_argument("--score_seed", type=int, default=42, help="scoring pass i samples with seed score_seed + i")
+parser.add_argument("--score_temperature", type=float, default=0.7,
+                    help="scoring temperature (0 = greedy; EditScore's 0.7)")
 parser.add_argument("--max_new_tokens", type=int, default=128, help="longest generated answer")
-parser.add_argument("--time_avgk", action="store_true", help="eval: also time Avg@1, Avg@K and K independent passes")
-parser.add_argument("--toy_sft_steps", type=int, default=1500, help="--toy: SFT steps")
-parser.add_argument("--toy_gcpo_steps", type=int, default=120, help="--toy: GCPO steps")
-parser.add_argument("--toy_sft_lr", type=float, default=1e-3, help="--toy: SFT learning rate (tiny random model)")
-parser.add_argument("--toy_gcpo_lr", type=float, default=5e-4, help="--toy: GCPO learning rate")
 # --- data
-parser.add_argument("--train", default="data/toy/pairs_train.jsonl", help="training pairs (any format data.py reads;\n"
-                    "gaussian: comma-separated sources are mixed, e.g. data/toy/pairs_train.jsonl,data/toy/pairs_twins.jsonl);\n"
+parser.add_argument("--train", default="data/toy/pairs_train.jsonl", help="training pairs (any format data.py reads);\n"
                     "verifier: CoT traces (sft) or pairs (gcpo), default data/toy/cot_train.jsonl / gcpo_train.jsonl")
 parser.add_argument("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy (--toy: its folder)")
 parser.add_argument("--split", default=None, help="split name for hub datasets")
-parser.add_argument("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all; verifier: untied pairs)")
+parser.add_argument("--val_max", type=int, default=0,
+                    help="at most this many held-out pairs (0 = all; verifier: untied pairs)")
 # --- optimisation (batch flags are global totals over ranks and accumulation)
-parser.add_argument("--batch_size", type=int, default=32, help="pairs (verifier sft: traces) per optimizer step, all ranks together")
-parser.add_argument("--micro_batch", type=int, default=8, help="pairs (verifier gcpo: traces) per forward on one rank")
+parser.add_argument("--batch_size", type=int, default=32,
+                    help="per optimizer step, all ranks together: pairs (gaussian, gcpo)\n"
+                    "or traces (sft)")
+parser.add_argument("--micro_batch", type=int, default=8,
+                    help="pairs (gaussian) or traces (verifier) per forward on one rank;\n"
+                    "8 fits a 7B model with two 256-token images on an 80 GB GPU (README)")
 parser.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to run")
 parser.add_argument("--lr_decay_steps", type=int, default=0, help="length of the cosine schedule (0 = max_steps)")
 parser.add_argument("--lr", type=float, default=1e-4, help="peak lr of the backbone (adapters or weights)")
 parser.add_argument("--head_lr", type=float, default=1e-3, help="peak lr of the head and the reward-token row")
 parser.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
-parser.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to this fraction of the peak")
-parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
 parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
 parser.add_argument("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
 # --- run
 parser.add_argument("--out_dir", default="out/rm", help="checkpoint folder")
 parser.add_argument("--resume", action="store_true", help="continue exactly from out_dir (same flags)")
 parser.add_argument("--log_interval", type=int, default=25, help="steps between log lines")
-parser.add_argument("--eval_interval", type=int, default=250, help="steps between checkpoints (gaussian: each after a held-out eval)")
-parser.add_argument("--eval_batch", type=int, default=32, help="items per forward when scoring (gaussian)")
-parser.add_argument("--seed", type=int, default=0, help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
+parser.add_argument("--eval_interval", type=int, default=250,
+                    help="steps between checkpoints (gaussian: each after a held-out eval)")
+parser.add_argument("--seed", type=int, default=0,
+                    help="random seed (data order, head and LoRA init, dropout, GCPO sampling)")
 parser.add_argument("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
-parser.add_argument("--cpu_threads", type=int, default=1, help="torch threads per CPU process (0 = default)")
-parser.add_argument("--workers", type=int, default=-1, help="gaussian training: processes that build the next steps' prompts "
-                    "(images, processor) while this one trains (0 = build them here; more needs fork, i.e. Linux; "
-                    "-1 = 1 where a CPU core is spare for it, else 0)")
-parser.add_argument("--benchmark", type=int, default=0, metavar="N", help="time N steps per prompt layout and per loss (closed form, MC), print the ratios")
 parser.add_argument("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
-POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "pairs_per_step", "num_traces",
-            "ppo_epochs", "eval_samples", "max_new_tokens")
+POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "num_traces", "ppo_epochs",
+            "eval_samples", "max_new_tokens")
 
-# The toy recipe (tiny model, 56 px, 2 shared CPU cores): the random vision tower must train too (frozen, its
-# 32-wide random features hide the noise that visual quality is about); small batches buy more updates per second.
-# Distinct pairs matter more than epochs: with 1.8k training pairs the model memorised them (train loss 0.1, held-out
-# overall 0.70); 10.8k pairs seen under twice gave 0.81-0.82 (~80 s with word tokens). 112 px images were
-# slower and no better (0.72). --pair_view at 84 px (one token per cell of the toy's 3x3 scenes) compares the
-# edit with its source far better (instruction following 0.68 -> 0.77 over eight seeds; with --pair_view 2 overall
-# 0.81 -> 0.84), but as grpo.py's reward it lifted the editor less (README): not the preset. Instruction following
-# trained alone first (--first_dims, 1200 of 2400 steps) lifts it to 0.83 over eight seeds, but as grpo.py's
-# reward that model made the editor worse: not the preset either. Instruction twins mixed in (--train
-# data/toy/pairs_train.jsonl,data/toy/pairs_twins.jsonl, 600 steps first) reach 0.86 / 0.92 / 0.85 over six
-# seeds, and as a reward lift the editor little (+0.02 / +0.04); with --scale_beta 1 too, 0.89 / 0.89 / 0.86 over
-# eight, and at lr 5e-4 (--lr 5e-4 --head_lr 5e-4) 0.91 / 0.89 / 0.86. Here (two images) --scale_beta 1 costs
-# (0.70 -> 0.64-0.66): the model never learns to compare; lr 5e-4 does not help either (0.63 / 0.68 at seeds 0 / 1).
+# Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
+# The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
-           head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, warmup_steps=50,
-           eval_interval=300, log_interval=100, out_dir="out/rm_toy")
-# --mode verifier's own defaults. No LoRA dropout: sampling and training must see one policy for the PPO ratio.
-# Adapters on lm_head too: with a frozen vocabulary projection a model cannot sharpen its next-token
-# distribution much (the tiny random one cannot learn the answer template at all).
+           head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, eval_interval=300,
+           log_interval=100, out_dir="out/rm_toy")
+# No LoRA dropout: sampling and training must see one policy for the PPO ratio. Adapters on lm_head too, so that
+# the next-token distribution itself can sharpen.
 VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, max_steps=100, warmup_steps=10,
-                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, micro_batch=16,
+                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16,
                 beta2=0.99, val_max=64, log_interval=10, eval_interval=100)
-# The verifier's toy recipe: the tiny random VLM gets its 56 px images upscaled to 112 px (16 visual tokens
-# each) and full-rank adapters (rank 64 = its width). SFT trains the vision tower in full at lr 1e-3 (at 3e-3
-# it collapsed: image tokens of norm ~100 that differed by 0.2% between edits; kept frozen, the answers' score
-# correlated 0.20 with the oracle's, trained 0.37); GCPO keeps that tower fixed (run_toy). GCPO samples at the
-# scoring temperature, so it sharpens the policy that Avg@K uses, with a KL leash to the SFT model: at T=1 and
-# lr 3e-3 the format broke. 16 pairs per step: with 8 the gradient was too noisy (240 steps gained 0.05 where
-# 120 steps of 16 gained 0.09). Held-out: every untied pair of the toy's pairs_val.jsonl (591).
-VERIFIER_TOY = dict(vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64, lora_alpha=128,
-                    pairs_per_step=16, temperature=0.7, kl_beta=0.04, val_max=0, out_dir="out/verifier_toy")
+# The toy verifier sees 112 px images (16 visual tokens each) through full-rank adapters (64 = the tiny width).
+VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64,
+                    lora_alpha=128,
+                    temperature=0.7, kl_beta=0.04, val_max=0, out_dir="out/verifier_toy")
+# run_toy's stages: GCPO keeps the vision tower that SFT trained fixed.
+TOY_STAGES = {"sft": dict(max_steps=1500, lr=1e-3), "gcpo": dict(max_steps=120, lr=5e-4, vision="frozen")}
+TOY_THREADS = 1  # --toy pins torch's intra-op threads: its figures then do not depend on the machine's cores
 RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
 
 
@@ -267,15 +197,6 @@ def bt_loss(mu_w, mu_l):
     return F.softplus(mu_l - mu_w)
 
 
-def gaussian_tie_loss(mu_a, log_sigma_a, mu_b, log_sigma_b, margin=0.5):
-    """Tie likelihood of the same Thurstone model: -log P(|z| < margin), z ~ N(mu_a - mu_b, sigma_a^2 + sigma_b^2),
-    i.e. -log(Phi(hi) - Phi(lo)) with hi = (margin - |dmu|) / s, lo = (-margin - |dmu|) / s, taken in log space so
-    that a far-apart tied pair (|dmu| = 40) still has a finite loss and gradient."""
-    scale, d = pair_scale(log_sigma_a, log_sigma_b), (mu_a - mu_b).abs()
-    log_hi, log_lo = torch.special.log_ndtr((margin - d) / scale), torch.special.log_ndtr((-margin - d) / scale)
-    return -(log_hi + torch.log(-torch.expm1(log_lo - log_hi)))  # log(Phi(hi) - Phi(lo)), lo < hi
-
-
 def fuse_gaussians(mu, log_sigma, how="mean"):
     """(B, D) per-dimension Gaussians -> (B,) overall Gaussian.
     mean: the mean of D independent Gaussians, N(mean mu, sum sigma^2 / D^2); min: the dimension with lowest mu."""
@@ -285,15 +206,10 @@ def fuse_gaussians(mu, log_sigma, how="mean"):
     return mu.gather(-1, idx).squeeze(-1), log_sigma.gather(-1, idx).squeeze(-1)
 
 
-def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_samples=1000, ties=None,
-                    tie_weight=0.0, tie_margin=0.5, scale_beta=0.0):
-    """Ranking loss summed over every (pair, dimension) with a strict preference, plus (tie_weight > 0) the
-    Gaussian tie likelihood over every tied (pair, dimension).
-    mu_*, ls_*: (B, K) for image a and image b; prefs (B, K) in {+1 a better, -1 b better, 0 skip};
-    ties (B, K) bool; weights (K,). scale_beta > 0 multiplies each ranking term (gaussian or mc; not the tie
-    term) by its detached s^scale_beta (s = the pair's scale): the closed form's gradient on the means is
-    lambda(dmu / s) / s, so a dimension whose sigma grows while it cannot rank yet learns ever slower; at 1 that
-    1/s is gone. Returns (weighted sum, sum of weights) so that micro-batches and ranks average correctly."""
+def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_samples=1000):
+    """Ranking loss summed over every (pair, dimension) with a strict preference.
+    mu_*, ls_*: (B, K) for image a and image b; prefs (B, K) in {+1 a better, -1 b better, 0 skip}; weights (K,).
+    Returns (weighted sum, sum of weights) so that micro-batches and ranks average correctly."""
     a_wins = prefs > 0
     mu_w, mu_l = torch.where(a_wins, mu_a, mu_b), torch.where(a_wins, mu_b, mu_a)
     ls_w, ls_l = torch.where(a_wins, ls_a, ls_b), torch.where(a_wins, ls_b, ls_a)
@@ -303,24 +219,8 @@ def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian", mc_
         terms = mc_ranking_loss(mu_w, ls_w, mu_l, ls_l, mc_samples)
     else:
         terms = bt_loss(mu_w, mu_l)
-    if scale_beta and kind != "bt":
-        terms = terms * pair_scale(ls_w, ls_l).detach() ** scale_beta
     mask = (prefs != 0).to(terms.dtype) * weights
-    total, n = (terms * mask).sum(), mask.sum()
-    if tie_weight and ties is not None:
-        tie_mask = (ties & (prefs == 0)).to(terms.dtype) * weights * tie_weight
-        total = total + (gaussian_tie_loss(mu_a, ls_a, mu_b, ls_b, tie_margin) * tie_mask).sum()
-        n = n + tie_mask.sum()
-    return total, n
-
-
-def term_weights(dims, step, overall_weight=1.0, first_dims=(), first_steps=0):
-    """Loss weights of the D dimensions and the fused overall (D + 1,) at optimizer step `step`: 1 each and
-    overall_weight, except in a curriculum's first phase (step < first_steps), when only first_dims count."""
-    full = [1.0] * len(dims) + [overall_weight]
-    if step >= first_steps:
-        return full
-    return [w if d in first_dims else 0.0 for d, w in zip(list(dims) + ["overall"], full)]
+    return (terms * mask).sum(), mask.sum()
 
 
 def pairwise_accuracy(score_a, score_b, prefs):
@@ -349,13 +249,12 @@ def lr_factor(step, warmup, decay_steps, min_ratio):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# verifier: prompts, parsing, EditScore aggregation, GCPO math, sampling with one shared prefill
-
 SCORE_MAX = 10.0       # verifier scores (per principle and final) live in [0, SCORE_MAX]
 EDITSCORE_MAX = 25.0   # EditScore rubric answers are integers 0..25, divided by 2.5 to 0..10
+TOP_P, TOP_K, SCORE_SEED = 0.9, 20, 42  # EditScore's scoring sampler: nucleus, top-k, pass i seeded SCORE_SEED + i
 
-VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short, for the tiny model
+# short, for the tiny model
+VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."
 EDITSCORE_SC_PROMPT = (
     "You judge image edits. The first image is the original, the second the edited result. "
     "Instruction: {instruction}\nRate from 0 to 25: (1) how completely the edit does what the instruction "
@@ -380,34 +279,6 @@ def encode_prompt(processor, images, text):
                                          add_generation_prompt=True)
     enc = processor(text=[chat], images=list(images) or None, return_tensors="pt")
     return {k: v for k, v in enc.items() if k != "attention_mask"}  # no padding in a batch of one
-
-
-def pair_frames(image_processor, pixel_values, grid_thw, images_per_item, edits=None):
-    """--pair_view: Qwen-VL patchifies a still image as 2 identical temporal frames, each row of pixel_values
-    being (channel, frame, patch_h, patch_w). Write each edited image into frame 1 of its item's first image (the
-    source, same size), so that the 3D patch embedding sees source and edit at every patch.
-    pixel_values (N, C*T*P*P); grid_thw (I, 3) per image; images_per_item: images of each item; edits: one each,
-    or None when each item's last image is its edit, already patchified (--pair_view 2: no second processing)."""
-    T, P = getattr(image_processor, "temporal_patch_size", None), getattr(image_processor, "patch_size", None)
-    if T != 2 or not P or pixel_values.shape[1] != 3 * T * P * P:
-        raise ValueError("--pair_view needs a Qwen-VL style image processor (temporal_patch_size 2, RGB patches)")
-    rows = grid_thw.prod(-1).tolist()                                           # patch rows of each image
-    starts = [sum(rows[:i]) for i in range(len(rows))]
-    firsts = [sum(images_per_item[:i]) for i in range(len(images_per_item))]   # each item's first image
-    if edits is None:
-        lasts = [f + k - 1 for f, k in zip(firsts, images_per_item)]
-        edited = torch.cat([pixel_values[starts[i]:starts[i] + rows[i]] for i in lasts])
-    else:
-        edited = image_processor(images=edits, return_tensors="pt")["pixel_values"].to(pixel_values.dtype)
-    out, e = pixel_values.clone(), 0
-    for i in firsts:
-        n = rows[i]
-        view = out[starts[i]:starts[i] + n].view(n, 3, T, P * P)
-        view[:, :, 1] = edited[e:e + n].view(n, 3, T, P * P)[:, :, 1]
-        e += n
-    if e != len(edited):
-        raise ValueError(f"--pair_view: {len(edited)} edited patch rows for {e} source rows (sizes differ?)")
-    return out
 
 
 def verifier_prompt(processor, sources, instruction, edited):
@@ -549,7 +420,8 @@ def group_advantages(r, eps=1e-4):
     return (r - r.mean()) / (r.std(unbiased=False) + eps)
 
 
-KL_CAP = 10.0  # per-token k3 KL cap: one token the policy had nearly ruled out gave KL 1961 and grad norm 25104
+KL_CAP = 10.0  # per-token k3 KL cap: k3 grows like exp(ref - logp), so one token the policy nearly ruled out could
+#               dominate a whole step's gradient
 
 
 def k3_kl(ref_logp, logp):
@@ -678,25 +550,31 @@ def response_logprobs(model, inputs, resp, temperature=1.0):
 # ----------------------------------------------------------------------------------------------------------
 # backbone: hub / local VLMs and an offline tiny Qwen2.5-VL through the same code path
 
-# The tiny tokenizer learns byte-pair merges on these words (the prompts' and the toy world's), so that each is one
-# token, as frequent words are in a real tokenizer. A byte-level tiny model spent most of its sequence on letters:
-# word tokens make the toy reward model 1.8x faster (pairs/s) at the same accuracy, and verifier answers shorter.
+# The tiny tokenizer gives each of these words (the prompts' and the toy world's) one token, as a real tokenizer does
+# for frequent words: byte by byte, the tiny model would spend most of its sequence on letters.
 TINY_WORDS = ("Instruction Source Edited Rate the edit instruction following visual quality Verify each principle then "
               "JSON scores score follow keep user assistant make remove add a at move to change background "
               + " ".join([*SHAPE_COLORS, *BG_COLORS, *SHAPES, *CELLS, *EDIT_KINDS]))
+
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
+
+
 TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
                  "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
                  "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
                  "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def image_only_processor(image_processor, tokenizer, chat_template=None):
-    """A Qwen2.5-VL processor without the video processor, which needs torchvision (absent on CPU installs)."""
-    from transformers import Qwen2_5_VLProcessor
+def image_only_processor(model_type, image_processor, tokenizer, chat_template=None):
+    """The processor of a Qwen-VL family (model_type as in its config) without the video processor, which needs
+    torchvision (absent on CPU installs)."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    base = getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])
 
-    class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    class ImageOnlyProcessor(base):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
@@ -704,82 +582,84 @@ def image_only_processor(image_processor, tokenizer, chat_template=None):
                               chat_template=chat_template or tokenizer.chat_template)
 
 
-def learn_merges(words):
-    """Byte-pair encoding learnt on `words` (lists of byte symbols, changed in place): merge the most frequent
-    adjacent pair (ties by name) until every word is one symbol. Deterministic; -> [(left, right)] in rank order."""
-    merges = []
-    while True:
-        counts = {}
-        for w in words:
-            for pair in zip(w, w[1:]):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            return merges
-        a, b = min(counts, key=lambda p: (-counts[p], p))
-        merges.append((a, b))
-        for w in words:
-            k = 0
-            while k < len(w) - 1:
-                if w[k] == a and w[k + 1] == b:
-                    w[k:k + 2] = [a + b]
-                k += 1
-
-
-def build_tiny_vlm(init_std=0.1):
-    """A random 0.22M-parameter Qwen2_5_VLForConditionalGeneration (hidden 64, 2 layers, vision depth 2) and its
-    processor, built offline: a byte-level BPE tokenizer whose merges make each of TINY_WORDS one token, the
-    Qwen special tokens, a short chat template. Weights come from a fixed seed, so "tiny" names the same model
-    in every process.
-    init_std: HF's 0.02 suits 4096-wide models; at width 64 it leaves the final hidden state nearly the same
-    for every input, and the toy reward model sat at chance (visual quality 0.55 -> 0.90 in 150 steps with 0.1)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    b2u = bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(b2u.values())}  # every byte is a token
-    merges = learn_merges([[b2u[b] for b in form.encode()] for w in sorted(set(TINY_WORDS.split()))
-                           for form in (w, " " + w)])
-    for a, b in merges:  # two merges may spell the same token: one id each, no gaps
-        vocab.setdefault(a + b, len(vocab))
-    vocab.update({s: len(vocab) + i for i, s in enumerate(SPECIAL_TOKENS)})
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained (by the `tokenizers` library) until each of TINY_WORDS is one token, at
+    the start of a text and after a space; any other text still round-trips through the bytes. + Qwen specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    words = sorted(set(TINY_WORDS.split()))
+    bpe.train_from_iterator(words + [" " + w for w in words], trainers.BpeTrainer(
+        vocab_size=1 << 16, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    learnt = json.loads(bpe.to_str())["model"]
+    vocab = learnt["vocab"] | {s: len(learnt["vocab"]) + i for i, s in enumerate(SPECIAL_TOKENS)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learnt["merges"]]
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, chat_template=TINY_TEMPLATE, eos_token="<|im_end|>",
                          pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    processor = image_only_processor(Qwen2VLImageProcessorPil(), tok, TINY_TEMPLATE)
+    return tok
+
+
+TINY_MODELS = {"tiny": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}  # --model names of the tiny random backbones
+
+
+def build_tiny_vlm(name="tiny", init_std=0.1):
+    """A random tiny Qwen2.5-VL ("tiny") or Qwen3-VL ("tiny-qwen3-vl"): hidden 64, 2 layers, vision depth 2, about
+    0.25M parameters, and its processor (tiny_tokenizer, a short chat template), built offline. Weights come
+    from a fixed seed, so a name means the same model in every process.
+    init_std: HF's 0.02 suits 4096-wide models; at width 64 it leaves the final hidden state nearly the same
+    for every input."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    family, tok = TINY_MODELS[name], tiny_tokenizer()
     ids = tok.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         # mrope splits the rotary half-dim (16/2 = 8) over (time, height, width)
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-                         initializer_range=init_std),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1], initializer_range=init_std),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    # mrope splits the rotary half-dim (16/2 = 8) over (time, height, width)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=ids("<|endoftext|>"),
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
+                initializer_range=init_std)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  initializer_range=init_std)
+    if family == "qwen2_5_vl":  # 14 px patches, windowed attention but in the last block
+        cls, patch = transformers.Qwen2_5_VLForConditionalGeneration, 14
+        text.update(bos_token_id=None, eos_token_id=ids("<|im_end|>"))
+        vision.update(window_size=56, fullatt_block_indexes=[1])
+        config = transformers.Qwen2_5_VLConfig
+    else:  # 16 px patches, interleaved mrope, deepstack features from vision block 1 into the first text layer
+        cls, patch = transformers.Qwen3VLForConditionalGeneration, 16
+        text.update(head_dim=16)
+        text["rope_parameters"].update(mrope_interleaved=True)
+        vision.update(num_position_embeddings=64, deepstack_visual_indexes=[1])
+        config = transformers.Qwen3VLConfig
+    config = config(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                    video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                    vision_end_token_id=ids("<|vision_end|>"))
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2)
+    processor = image_only_processor(family, image_processor, tok, TINY_TEMPLATE)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = cls(config)
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.generation_config.eos_token_id = ids("<|im_end|>")
     return model, processor
 
 
 def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, weights=None):
-    """(model, processor) for a hub name, a local folder or "tiny", with the image area bounded by
+    """(model, processor) for a hub name, a local folder or a TINY_MODELS name, with the image area bounded by
     min/max_pixels. `weights`: a save_pretrained folder that replaces the base weights (full fine-tunes).
     Left padding, so that generation (verifier mode) and pooling share one batch layout."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-    if name == "tiny":
-        model, processor = build_tiny_vlm()
+    if name in TINY_MODELS:
+        model, processor = build_tiny_vlm(name)
         if weights:
             model = AutoModelForImageTextToText.from_pretrained(weights)
     else:
         model = AutoModelForImageTextToText.from_pretrained(weights or name, dtype=dtype)
         processor = AutoProcessor.from_pretrained(name)
         if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor gives a bare tokenizer
-            processor = image_only_processor(AutoImageProcessor.from_pretrained(name), AutoTokenizer.from_pretrained(name))
+            processor = image_only_processor(model.config.model_type, AutoImageProcessor.from_pretrained(name),
+                                             AutoTokenizer.from_pretrained(name))
     if min_pixels or max_pixels:
         size = dict(processor.image_processor.size)
         size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v})
@@ -800,19 +680,6 @@ def setup_lora(model, rank, alpha, dropout, targets, vision="frozen"):
     return get_peft_model(model, config)
 
 
-def ddp_setup(device="auto"):
-    """(rank, world_size, device). Under torchrun (RANK in the environment) joins the process group: NCCL on
-    CUDA, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                  ("cpu" if device == "auto" else device))
-    cuda = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if cuda else "cpu")
-
-
 def all_sum(x):
     """Sum a tensor over ranks, in place (a no-op in one process)."""
     if dist.is_initialized():
@@ -829,17 +696,21 @@ def resolve_dtype(name, device):
 # ----------------------------------------------------------------------------------------------------------
 # the reward model
 
+HEAD_DROPOUT = 0.05  # EditReward's head: Linear-ReLU-Dropout(0.05)-Linear
+SIGMA_FLOOR = 0.05   # sigma = SIGMA_FLOOR + softplus(raw): a floor, never a hard clamp that stops gradients
+
+
 class GaussianHead(nn.Module):
     """hidden (N, H) -> mu, log_sigma (N, D), in fp32 whatever the backbone dtype."""
 
-    def __init__(self, hidden_size, num_dims, width, dropout, sigma_floor):
+    def __init__(self, hidden_size, num_dims, width):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, 2 * num_dims))
-        self.sigma_floor = sigma_floor
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Dropout(HEAD_DROPOUT),
+                                 nn.Linear(width, 2 * num_dims))
 
     def forward(self, h):
         mu, raw = self.net(h.float()).chunk(2, dim=-1)
-        return mu, torch.log(self.sigma_floor + F.softplus(raw))
+        return mu, torch.log(SIGMA_FLOOR + F.softplus(raw))
 
 
 class RewardModel(nn.Module):
@@ -855,7 +726,7 @@ class RewardModel(nn.Module):
             raise ValueError(f"unknown mode {self.mode!r}, expected one of {MODES}")
         device, full, verifier = torch.device(device), flags["finetune"] == "full", self.mode == "verifier"
         if verifier and full:
-            raise ValueError("--mode verifier trains LoRA adapters: GCPO's KL reference is the model with its adapter off")
+            raise ValueError("--mode verifier trains LoRA: GCPO's KL reference is the model with its adapter off")
         if verifier and flags["init"]:
             # GCPO: a fresh adapter over the SFT model with the SFT adapter merged in, so that disabling the new
             # adapter gives the SFT policy (the KL reference). The base, pixel bounds and principles come with it.
@@ -864,26 +735,19 @@ class RewardModel(nn.Module):
             self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
                               init=os.path.abspath(flags["init"]))
         else:
-            backbone, self.processor = load_backbone(flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"],
-                                                     flags["max_pixels"], os.path.join(weights, "backbone") if weights and full else None)
-        self.dims = [d for d in self.flags["dims"].split(",") if d]
-        if verifier and flags["rubric"] == "editscore":
-            self.dims = list(RUBRIC_DIMS)
+            backbone, self.processor = load_backbone(
+                flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"], flags["max_pixels"],
+                os.path.join(weights, "backbone") if weights and full else None)
+        self.dims = list(RUBRIC_DIMS) if verifier and flags["rubric"] == "editscore" else \
+            [d for d in self.flags["dims"].split(",") if d]
         if set(self.dims) & set(RESERVED) or len(set(self.dims)) != len(self.dims) or any(
                 d.startswith("sigma_") for d in self.dims):  # score() names each dimension's sigma "sigma_<dim>"
             raise ValueError(f"--dims must be distinct, not {RESERVED} and not sigma_*: {self.dims}")
-        self.reward_id = None
+        self.reward_id, self.head = None, None
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])
-            if self.mode == "gaussian" and flags["pool"] == "reward":
-                tok = self.processor.tokenizer
-                tok.add_special_tokens({"additional_special_tokens": [self.REWARD_TOKEN]}, replace_extra_special_tokens=False)
-                self.reward_id = tok.convert_tokens_to_ids(self.REWARD_TOKEN)
-                if self.reward_id >= backbone.get_input_embeddings().num_embeddings:
-                    backbone.resize_token_embeddings(len(tok), mean_resizing=False)
-                # the reward token's embedding is its own parameter (the only trainable row): a hook puts it in place
-                self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[self.reward_id].detach().float().clone())
-                backbone.get_input_embeddings().register_forward_hook(self._insert_reward_row)
+            if not verifier:
+                self._add_reward_token(backbone)
             if full:
                 backbone.requires_grad_(True)
                 out_emb = backbone.get_output_embeddings()  # unused by the head; DDP rejects trainable unused weights
@@ -891,24 +755,43 @@ class RewardModel(nn.Module):
                     out_emb.requires_grad_(False)
                 if flags["vision"] != "train":
                     backbone.model.visual.requires_grad_(False)
-            elif not verifier or weights or flags["stage"] != "eval":  # a verifier that only scores zero-shot needs none
+            elif not verifier or weights or flags["stage"] != "eval":  # a zero-shot verifier needs no adapter
                 backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
                                       flags["lora_targets"], flags["vision"])
-        if device.type == "cuda" and flags["grad_ckpt"]:  # non-reentrant: works with frozen inputs and LoRA
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.backbone, self.head = backbone, None
-        if self.mode == "gaussian":
-            with torch.random.fork_rng(devices=[]):  # the same head on every rank and in from_pretrained
+        if not verifier:
+            with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(flags["seed"])
                 self.head = GaussianHead(backbone.config.get_text_config().hidden_size, len(self.dims),
-                                         flags["head_hidden"], flags["head_dropout"], flags["sigma_floor"])
+                                         flags["head_hidden"])
+        if flags["grad_checkpointing"] == "on" or flags["grad_checkpointing"] == "auto" and device.type == "cuda":
+            # transformers checkpoints a layer only in training mode: every training forward runs in train()
+            # (non-reentrant: works with frozen inputs and LoRA)
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.backbone, self.compute_dtype = backbone, resolve_dtype(self.flags["dtype"], device)
+        for p in self.parameters():  # AdamW updates below bf16's resolution would round away: trained weights stay
+            if p.requires_grad:      # fp32, and the forwards run under autocast (RewardModel.autocast)
+                p.data = p.data.float()
         self.to(device)
         if weights:
             self.load_weights(weights)
 
+    def _add_reward_token(self, backbone):
+        """The reward token joins the vocabulary; its embedding row is its own parameter (the only trainable row)
+        that a forward hook puts in place."""
+        tok = self.processor.tokenizer
+        tok.add_special_tokens({"additional_special_tokens": [self.REWARD_TOKEN]}, replace_extra_special_tokens=False)
+        self.reward_id = tok.convert_tokens_to_ids(self.REWARD_TOKEN)
+        if self.reward_id >= backbone.get_input_embeddings().num_embeddings:
+            backbone.resize_token_embeddings(len(tok), mean_resizing=False)
+        self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[self.reward_id].detach().float().clone())
+        backbone.get_input_embeddings().register_forward_hook(self._insert_reward_row)
+
     def _insert_reward_row(self, module, inputs, output):
         hit = (inputs[0] == self.reward_id).unsqueeze(-1)
         return torch.where(hit, self.reward_row.to(output.dtype), output)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
     @property
     def device(self):
@@ -917,38 +800,21 @@ class RewardModel(nn.Module):
     # --- gaussian: prompts and forward
     def prompts(self, sources, instructions, edited, dim=None):
         """Processor batch for B items: the instruction, source image(s), the edited image and what to rate
-        (every dimension, or only `dim`), ending in the reward token; CPU tensors (forward moves them to the
-        model's device, so that DataLoader workers can build them). With --pair_view the first
-        source and the edited image become one visual input (pair_frames); further sources stay images; with
-        --pair_view 2 the edited image follows once more on its own."""
+        (every dimension, or only `dim`), ending in the reward token; CPU tensors (forward moves them)."""
         what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
-        pair_view, texts, images, edits = self.flags.get("pair_view", False), [], [], []
+        texts, images = [], []
         for src, instr, ed in zip(sources, instructions, edited):
-            src, edit = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])], load_image(ed)
+            src = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])] + [load_image(ed)]
             # the instruction comes first so that, in a causal model, the image tokens can already look for it
-            if pair_view:
-                content = [{"type": "text", "text": f"Instruction: {instr}\nSource and edited:"}, {"type": "image"}]
-                if len(src) > 1:
-                    content += [{"type": "text", "text": " Other sources:"}] + [{"type": "image"}] * (len(src) - 1)
-                edits.append(edit.resize(src[0].size))  # same size, same patch grid as its source
-                if pair_view == 2:  # the edit on its own too: its quality without the source mixed in
-                    content += [{"type": "text", "text": " Edited:"}, {"type": "image"}]
-                    src = src + [edit]
-            else:
-                content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * len(src) +
-                           [{"type": "text", "text": " Edited:"}, {"type": "image"}])
-                src = src + [edit]
-            content.append({"type": "text", "text": f"\nRate the edit's {what}."})
+            content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}]
+                       + [{"type": "image"}] * (len(src) - 1)
+                       + [{"type": "text", "text": " Edited:"}, {"type": "image"},
+                          {"type": "text", "text": f"\nRate the edit's {what}."}])
             text = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                       add_generation_prompt=True)
-            texts.append(text + (self.REWARD_TOKEN if self.reward_id is not None else ""))
-            images.append(src)
-        batch = self.processor(text=texts, images=[im for ims in images for im in ims], padding=True, return_tensors="pt")
-        if pair_view:
-            batch["pixel_values"] = pair_frames(self.processor.image_processor, batch["pixel_values"], batch["image_grid_thw"],
-                                                [len(ims) for ims in images], edits if pair_view == 1 or any(
-                                                    ims[-1].size != ims[0].size for ims in images) else None)
-        return dict(batch)
+            texts.append(text + self.REWARD_TOKEN)
+            images += src
+        return dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
 
     def encode(self, sources, instructions, edited, per_dim=False):
         """One batch per prompt: [all dims] by default, [dim 0, dim 1, ...] with per_dim (EditReward layout)."""
@@ -961,7 +827,7 @@ class RewardModel(nn.Module):
         cols = []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"):
+            with self.autocast():
                 hidden = unwrap(self.backbone).model(**batch).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
         if len(cols) == 1:
@@ -972,32 +838,34 @@ class RewardModel(nn.Module):
     # --- verifier: sampled answers
     def answers(self, images, text, num_samples, seed):
         """num_samples sampled answers to one prompt, from one shared prefill; pass i uses seed + i (EditScore)."""
-        f, tok = self.flags, self.processor.tokenizer
-        toks, _, mask = sample_shared_prefill(self.backbone, encode_prompt(self.processor, images, text),
-                                              [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>"),
-                                              f["max_new_tokens"], f["score_temperature"], f["top_k"], f["top_p"])
+        tok = self.processor.tokenizer
+        with self.autocast():
+            toks, _, mask = sample_shared_prefill(
+                self.backbone, encode_prompt(self.processor, images, text), [seed + i for i in range(num_samples)],
+                tok.convert_tokens_to_ids("<|im_end|>"), self.flags["max_new_tokens"], self.flags["score_temperature"],
+                TOP_K, TOP_P)
         return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
 
     @torch.no_grad()
-    def score(self, sources, instructions, edited, num_samples=1, batch_size=8, seed=None):
+    def score(self, sources, instructions, edited, num_samples=1, batch_size=8, seed=SCORE_SEED):
         """Scores for B edits -> dict of (B,) float CPU tensors.
         gaussian: "overall", one per dimension (mu), and the sigmas "sigma_<dim>", "sigma_overall"; deterministic
           (eval mode), num_samples and seed unused.
         verifier: "overall" (0..10) and one per principle (or rubric dimension), each the mean over the passes
           that parsed of num_samples sampled ones (Avg@K; NaN when none did), and "unparsed" (passes that did
-          not). Pass i samples with seed + i (default --score_seed). Items are scored one prompt at a time
-          (its K passes are the batch), so batch_size is not used."""
+          not). Pass i samples with seed + i. Items are scored one prompt at a time (its K passes are the batch),
+          so batch_size is not used."""
         was_training = self.training
         self.eval()
         if self.mode == "verifier":
             fn = editscore_score if self.flags["rubric"] == "editscore" else verifier_score
-            out = fn(self, sources, instructions, edited, num_samples, self.flags["score_seed"] if seed is None else seed)
+            out = fn(self, sources, instructions, edited, num_samples, SCORE_SEED if seed is None else seed)
         else:
             cols = []
             for i in range(0, len(edited), batch_size):
                 sl = slice(i, i + batch_size)
                 mu, ls = self(self.encode(sources[sl], instructions[sl], edited[sl], self.flags["per_dim_prompts"]))
-                mu_o, ls_o = fuse_gaussians(mu, ls, self.flags["fuse"])
+                mu_o, ls_o = fuse_gaussians(mu, ls)
                 cols.append(torch.cat([mu, mu_o[:, None], ls.exp(), ls_o.exp()[:, None]], -1).float().cpu())
             table = torch.cat(cols) if cols else torch.zeros(0, 2 * len(self.dims) + 2)
             names = self.dims + ["overall"] + [f"sigma_{d}" for d in self.dims + ["overall"]]
@@ -1007,18 +875,10 @@ class RewardModel(nn.Module):
 
     # --- checkpoints: peft adapter or full weights via save_pretrained, head + reward row as safetensors
     def save_weights(self, path):
-        from transformers.utils import logging as hf_logging
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # its "Writing model shards" bar would litter the log at every checkpoint
-        try:
-            self.backbone.save_pretrained(os.path.join(path, "backbone"))
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
-        extra = {f"head.{k}": v for k, v in self.head.state_dict().items()} if self.head is not None else {}
-        if self.reward_id is not None:
+        self.backbone.save_pretrained(os.path.join(path, "backbone"))
+        if self.head is not None:
+            extra = {f"head.{k}": v for k, v in self.head.state_dict().items()}
             extra["reward_row"] = self.reward_row.detach()
-        if extra:
             save_file({k: v.contiguous().cpu() for k, v in extra.items()}, os.path.join(path, "head.safetensors"))
 
     def load_weights(self, path):
@@ -1031,15 +891,15 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{path}: adapter weights that fit no module of {self.flags['model']}: {bad[:3]}")
         if self.head is not None:
             extra = load_file(os.path.join(path, "head.safetensors"), device=str(self.device))
-            self.head.load_state_dict({k[5:]: v for k, v in extra.items() if k.startswith("head.")})
-            if self.reward_id is not None:
-                self.reward_row.data.copy_(extra["reward_row"])
+            self.head.load_state_dict({k.removeprefix("head."): v for k, v in extra.items() if k.startswith("head.")})
+            self.reward_row.data.copy_(extra["reward_row"])
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", **overrides):
-        """A checkpoint folder written by this script (either mode: its args.json says which); "tiny" (a random,
-        untrained tiny Gaussian model); or with mode="verifier" any base VLM (hub name, folder, "tiny"), which
-        then scores zero-shot, e.g. rubric="editscore". overrides replace flags, e.g. max_new_tokens=512."""
+        """The one place that recognises what `path` holds: a checkpoint folder written by this script (either
+        mode: its args.json says which); "tiny" (a random, untrained tiny Gaussian model); or, with
+        mode="verifier", any base VLM (hub name, folder, "tiny"), which then scores zero-shot, e.g.
+        rubric="editscore". overrides replace flags, e.g. max_new_tokens=512."""
         defaults = vars(parser.parse_args([]))
         if os.path.exists(os.path.join(path, "args.json")):
             with open(os.path.join(path, "args.json")) as f:
@@ -1048,12 +908,17 @@ class RewardModel(nn.Module):
                 raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
             return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
         mode = overrides.get("mode", "gaussian")
-        if mode == "gaussian" and path != "tiny":
+        if mode == "gaussian" and path not in TINY_MODELS:
             raise FileNotFoundError(f"{path}: no args.json; a Gaussian reward model needs its trained head")
-        return cls({**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}, device).eval()
+        flags = {**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}
+        return cls(flags, device).eval()
 
 
 RUBRIC_DIMS = ("prompt_following", "consistency", "perceptual_quality")  # what the EditScore rubric scores
+
+
+def as_list(src):
+    return list(src) if isinstance(src, (list, tuple)) else [src]
 
 
 def verifier_score(rm, sources, instructions, edited, num_samples, seed):
@@ -1061,9 +926,8 @@ def verifier_score(rm, sources, instructions, edited, num_samples, seed):
     every call returns the same keys."""
     rows = []
     for src, ins, ed in zip(sources, instructions, edited):
-        src = src if isinstance(src, (list, tuple)) else [src]
-        for a in rm.answers([load_image(s) for s in src] + [load_image(ed)], VERIFIER_PROMPT.format(instruction=ins),
-                            num_samples, seed):
+        for a in rm.answers([load_image(s) for s in as_list(src)] + [load_image(ed)],
+                            VERIFIER_PROMPT.format(instruction=ins), num_samples, seed):
             r = parse_verifier_output(a) or {"score": math.nan, "principles": {}}
             rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in rm.dims])
     s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, 1 + len(rm.dims))  # (B, K, 1 + P)
@@ -1077,28 +941,23 @@ def editscore_score(rm, sources, instructions, edited, num_samples, seed):
     alone), K passes each -> editscore_aggregate's dict."""
     sc, pq = [], []
     for src, ins, ed in zip(sources, instructions, edited):
-        src, ed = [load_image(s) for s in (src if isinstance(src, (list, tuple)) else [src])], load_image(ed)
-        for images, text, dest in ((src + [ed], EDITSCORE_SC_PROMPT.format(instruction=ins), sc), ([ed], EDITSCORE_PQ_PROMPT, pq)):
+        src, ed = [load_image(s) for s in as_list(src)], load_image(ed)
+        for images, text, dest in ((src + [ed], EDITSCORE_SC_PROMPT.format(instruction=ins), sc),
+                                   ([ed], EDITSCORE_PQ_PROMPT, pq)):
             dest += [parse_editscore_output(a) or [math.nan] * 2 for a in rm.answers(images, text, num_samples, seed)]
     shape = (len(edited), num_samples, 2)
     return editscore_aggregate(torch.tensor(sc).reshape(shape), torch.tensor(pq).reshape(shape))
 
 
 def save_checkpoint(out_dir, rm, optimizer, step):
-    """Weights (ecosystem formats), flags as JSON and the optimizer state, written to a temporary folder that
-    replaces out_dir in one rename, so a run killed mid-save leaves the previous checkpoint intact."""
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    rm.save_weights(tmp)
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(rm.flags, f, indent=1)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """Weights (ecosystem formats), flags as JSON and the optimizer state, written atomically (data.atomic_dir):
+    a run killed mid-save leaves the previous checkpoint intact."""
+    def write(tmp):
+        rm.save_weights(tmp)
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(rm.flags, f, indent=1)
+        torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
+    atomic_dir(out_dir, write)
 
 
 def load_checkpoint(out_dir, rm, optimizer):
@@ -1131,12 +990,15 @@ def make_optimizer(rm, args):
     groups = [([p for n, p in rm.named_parameters() if p.requires_grad and is_head(n) == h], lr)
               for h, lr in ((False, args.lr), (True, args.head_lr))]
     return torch.optim.AdamW([{"params": ps, "lr": lr, "peak": lr} for ps, lr in groups if ps],
-                             weight_decay=args.weight_decay, betas=(0.9, args.beta2), foreach=True)
+                             weight_decay=0.0, betas=(0.9, args.beta2), foreach=True)
+
+
+MIN_LR_RATIO = 0.1  # the cosine schedule ends at this fraction of the peak lr
 
 
 def set_lr(optimizer, step, args):
     for g in optimizer.param_groups:
-        g["lr"] = g["peak"] * lr_factor(step, args.warmup_steps, args.lr_decay_steps or args.max_steps, args.min_lr_ratio)
+        g["lr"] = g["peak"] * lr_factor(step, args.warmup_steps, args.lr_decay_steps or args.max_steps, MIN_LR_RATIO)
 
 
 def optimizer_step(optimizer, grad_clip, sum_ranks=False):
@@ -1159,13 +1021,6 @@ def pair_prefs(pairs, dims):
     return torch.tensor(rows, dtype=torch.long).reshape(len(pairs), len(dims) + 1)
 
 
-def pair_ties(pairs, dims):
-    """(B, D + 1) bool: the pair is a human tie in that dimension (its prefs hold a 0 for it), then overall (a
-    tied pair; a tie-disentangled sample's "overall": 0 is not a tie). A dimension without a label is no tie."""
-    rows = [[p.prefs.get(d, 1) == 0 for d in dims] + [p.tie] for p in pairs]
-    return torch.tensor(rows, dtype=torch.bool).reshape(len(pairs), len(dims) + 1)
-
-
 def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     """Held-out strict pairwise accuracy per dimension and overall, with RewardModel.score (as bench.py does);
     pairs are split over ranks and the counts summed. The verifier is judged on overall only, and also gets
@@ -1174,12 +1029,13 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     of passes that parsed. The Gaussian model also gets "sigma_<dim>", its geometric-mean sigma."""
     mine, verifier = pairs[rank::world_size], rm.mode == "verifier"
     scores = rm.score([p.sources for p in mine] * 2, [p.instruction for p in mine] * 2,
-                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples=num_samples, batch_size=batch_size)
+                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples=num_samples,
+                      batch_size=batch_size)
     names = ([] if verifier else rm.dims) + ["overall"]
     prefs = pair_prefs(mine, names[:-1])
     a_b = lambda s: s.chunk(2) if mine else (s, s)
     counts = [pairwise_accuracy(*a_b(scores[d]), prefs[:, j]) for j, d in enumerate(names)]
-    if not verifier:  # each dimension's geometric-mean sigma over the held-out edits (a sigma stuck high slows its means)
+    if not verifier:  # each dimension's geometric-mean sigma over the held-out edits
         counts += [(float(scores[f"sigma_{d}"].log().sum()), len(scores[d])) for d in rm.dims]
         names += [f"sigma_{d}" for d in rm.dims]
     if verifier:
@@ -1203,38 +1059,31 @@ def held_out_line(res, sep=" "):
 # ----------------------------------------------------------------------------------------------------------
 # gaussian training
 
-def pair_prompts(rm, pairs, per_dim):
-    """The prompts of B pairs' preferred then rejected edits, one batch of 2B (per prompt layout: rm.encode)."""
+STEP_SEED_STRIDE = 1000  # torch seed of a step: seed + STEP_SEED_STRIDE * step + rank (dropout and MC noise)
+
+
+def pair_outputs(model, rm, pairs, per_dim):
+    """Forward the preferred and rejected edits of B pairs as one batch of 2B -> four (B, D + 1) tensors
+    (mu_a, mu_b, ls_a, ls_b), the fused overall as the last column."""
     src, ins = [p.sources for p in pairs], [p.instruction for p in pairs]
-    return rm.encode(src * 2, ins * 2, [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim)
-
-
-def pair_outputs(model, rm, pairs, per_dim, prompts=None):
-    """Forward the preferred and rejected edits of B pairs as one batch -> four (B, D + 1) tensors
-    (mu_a, ls_a, mu_b, ls_b), the fused overall as the last column. prompts: pair_prompts(), if built already."""
-    mu, ls = model(prompts or pair_prompts(rm, pairs, per_dim))
-    mu_o, ls_o = fuse_gaussians(mu, ls, rm.flags["fuse"])
+    mu, ls = model(rm.encode(src * 2, ins * 2, [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim))
+    mu_o, ls_o = fuse_gaussians(mu, ls)
     mu, ls = torch.cat([mu, mu_o[:, None]], -1), torch.cat([ls, ls_o[:, None]], -1)
     return (*mu.chunk(2), *ls.chunk(2))
 
 
-def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=None, step=None, prompts=None):
-    """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one),
-    with the ranking loss `loss` (default --loss) and the term weights of `step` (None: after any curriculum).
-    prompts: each micro-batch's pair_prompts() when built ahead (--workers), else built here.
-    Returns the mean loss over every weighted (pair, dimension) term of all ranks."""
-    weights = torch.tensor(term_weights(rm.dims, math.inf if step is None else step, args.overall_weight,
-                                        args.first_dims.split(","), args.first_steps), device=rm.device)
+def train_step(model, rm, optimizer, micro_batches, args):
+    """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one).
+    Returns the mean loss over every (pair, dimension) term of all ranks."""
+    weights = torch.ones(len(rm.dims) + 1, device=rm.device)  # each dimension and the fused overall count once
     total = torch.zeros(2, device=rm.device)
     for i, pairs in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else nullcontext()
         with sync:
-            mu_a, mu_b, ls_a, ls_b = pair_outputs(model, rm, pairs, per_dim, prompts[i] if prompts else None)
+            mu_a, mu_b, ls_a, ls_b = pair_outputs(model, rm, pairs, args.per_dim_prompts)
             loss_sum, n = preference_loss(mu_a, ls_a, mu_b, ls_b, pair_prefs(pairs, rm.dims).to(rm.device), weights,
-                                          loss or args.loss, args.mc_samples,
-                                          pair_ties(pairs, rm.dims).to(rm.device) if args.tie_weight else None,
-                                          args.tie_weight, args.tie_margin, args.scale_beta)
+                                          args.loss, args.mc_samples)
             # mean over this micro-batch's terms; accumulation and DDP then average over micro-batches and ranks
             (loss_sum / max(1.0, n.item()) / len(micro_batches)).backward()
         total += torch.stack([loss_sum.detach(), n])
@@ -1243,120 +1092,87 @@ def train_step(model, rm, optimizer, micro_batches, args, per_dim=False, loss=No
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-def loss_time(kind, n, mc_samples, repeats=200):
-    """Milliseconds for the forward and backward of one ranking loss over n (pair, dimension) terms, on CPU."""
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, generator=g).requires_grad_() for _ in range(4)]  # mu_w, log_sigma_w, mu_l, log_sigma_l
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        loss = gaussian_ranking_loss(*xs) if kind == "gaussian" else mc_ranking_loss(*xs, mc_samples)
-        loss.sum().backward()
-    return 1000 * (time.perf_counter() - t0) / repeats
-
-
-def train_gaussian(args, rank, world, device):
-    """Train (or --benchmark) the Gaussian reward model; returns it."""
-    master, per_rank = rank == 0, args.batch_size // world
-    if args.batch_size % world or per_rank % args.micro_batch:
-        raise SystemExit(f"--batch_size {args.batch_size} must split into {world} ranks x whole --micro_batch {args.micro_batch}")
-    train_pairs = [p for path in args.train.split(",") if path for p in load_pairs(path, split=args.split)]
+def train_gaussian(args, d):
+    """Train the Gaussian reward model on the pairs of --train, evaluating on --val; returns it."""
+    per_rank = args.batch_size // d.world
+    if args.batch_size % d.world or per_rank % args.micro_batch:
+        raise SystemExit(f"--batch_size {args.batch_size} must split into {d.world} ranks x whole "
+                         f"--micro_batch {args.micro_batch}")
+    train_pairs = load_pairs(args.train, split=args.split)
     val_pairs = load_pairs(args.val, split=args.split)
     val_pairs = val_pairs[:args.val_max] if args.val_max else val_pairs
     # a dimension that no training pair ranks would get a head trained on nothing: refuse it (names must match)
-    dims = [d for d in args.dims.split(",") if d]
+    dims = [x for x in args.dims.split(",") if x]
     labels = (pair_prefs(train_pairs, dims) != 0).sum(0).tolist()  # strict preferences per dimension, overall
-    unranked = [d for d, n in zip(dims, labels) if n == 0]
+    unranked = [x for x, n in zip(dims, labels) if n == 0]
     if unranked:
-        found = sorted({d for p in train_pairs for d, v in p.prefs.items() if v != 0 and d != "overall"})
-        raise SystemExit(f"{args.train}: no training pair ranks --dims {unranked} (its pairs rank {found or 'overall only'})")
-    workers = args.workers
-    if workers < 0:  # auto: one prompt worker per rank where it does not take a CPU core from training
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        spare = device.type != "cpu" or (args.cpu_threads and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * (args.cpu_threads + 1) <= cores)
-        workers = int(bool(spare) and "fork" in torch.multiprocessing.get_all_start_methods())
-    rm = RewardModel(vars(args), device, weights=args.out_dir if args.resume else None)
+        found = sorted({k for p in train_pairs for k, v in p.prefs.items() if v != 0 and k != "overall"})
+        raise SystemExit(f"{args.train}: no training pair ranks --dims {unranked} "
+                         f"(its pairs rank {found or 'overall only'})")
+    rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
-    model = nn.parallel.DistributedDataParallel(rm) if world > 1 else rm
-    if master:
-        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-        print(f"model {args.model} | {args.finetune} | trainable {trainable / 1e6:.3f}M "
-              f"| {len(train_pairs)} train pairs ({', '.join(f'{d} {n}' for d, n in zip(dims + ['overall'], labels))} "
-              f"ranked) | {len(val_pairs)} val pairs | world {world} "
-              f"| grad accum {per_rank // args.micro_batch} | prompt workers {workers} | from step {step}", flush=True)
-
-    def micro_batches(s):
-        idx = step_indices(s, len(train_pairs), args.batch_size, rank, world, args.seed)
-        return [[train_pairs[i] for i in idx[j:j + args.micro_batch]] for j in range(0, per_rank, args.micro_batch)]
-
-    if args.benchmark:  # same model, same pairs: only the prompt layout (or the loss) differs
-        runs = {"one prompt": (False, args.loss), "per-dimension prompts": (True, args.loss)}
-        runs.update({kind: (False, kind) for kind in ("gaussian", "mc") if kind != args.loss})
-        seconds = dict.fromkeys(runs, 0.0)
-        for s in range(args.benchmark + 1):
-            for name, (per_dim, kind) in runs.items():  # interleaved step by step: all see the same machine load
-                t0 = time.time()
-                train_step(model, rm, optimizer, micro_batches(s), args, per_dim, kind)
-                seconds[name] += (time.time() - t0) if s else 0.0  # step 0 warms up caches: not timed
-        ms = {k: 1000 * v / args.benchmark for k, v in seconds.items()}
-        ms.setdefault(args.loss, ms["one prompt"])  # the layout run already used --loss
-        loss_ms = {kind: loss_time(kind, per_rank * (len(rm.dims) + 1), args.mc_samples) for kind in ("gaussian", "mc")}
-        if master:
-            rate = lambda name: 1000 * args.batch_size / ms[name]
-            print(f"benchmark | one prompt {rate('one prompt'):.1f} pairs/s | per-dimension prompts "
-                  f"{rate('per-dimension prompts'):.1f} pairs/s | ratio {ms['per-dimension prompts'] / ms['one prompt']:.2f}x",
-                  flush=True)
-            print(f"benchmark | step closed form {ms['gaussian']:.1f} ms, MC {ms['mc']:.1f} ms | loss alone, fwd+bwd on CPU: "
-                  f"closed form {loss_ms['gaussian']:.3f} ms, MC ({args.mc_samples} draws) {loss_ms['mc']:.3f} ms "
-                  f"| ratio {loss_ms['mc'] / loss_ms['gaussian']:.1f}x", flush=True)
-    else:
-        def step_prompts(s):  # step s's micro-batches and their prompts, built in --workers processes ahead of time
-            mbs = micro_batches(s)
-            return mbs, [pair_prompts(rm, mb, args.per_dim_prompts) for mb in mbs]
-        # fork: the workers inherit the processor and the pairs and never touch an accelerator
-        ahead = iter(torch.utils.data.DataLoader(range(step, args.max_steps), batch_size=None, collate_fn=step_prompts,
-                                                 num_workers=workers, prefetch_factor=2 if workers else None,
-                                                 multiprocessing_context="fork" if workers else None))
-        acc, train_time, seen = None, 0.0, 0
-        while step < args.max_steps:
-            t0 = time.time()
-            set_lr(optimizer, step, args)
-            torch.manual_seed(args.seed + 1000 * step + rank)  # dropout / MC noise depend on (step, rank) only: exact resume
-            mbs, prompts = next(ahead)
-            loss = train_step(model, rm, optimizer, mbs, args, args.per_dim_prompts, step=step, prompts=prompts)
-            step, seen, train_time = step + 1, seen + args.batch_size, train_time + time.time() - t0
-            line = f"step {step}/{args.max_steps} | loss {loss:.6f} | lr {optimizer.param_groups[0]['lr']:.2e} " \
-                   f"| {seen / train_time:.1f} pairs/s | train {train_time:.0f}s"
-            if step % args.eval_interval == 0 or step == args.max_steps:  # evaluation and saving are not timed
-                acc = evaluate(rm, val_pairs, args.eval_batch, rank, world)
-                line += " | val " + held_out_line(acc)
-                if master:
-                    save_checkpoint(args.out_dir, rm, optimizer, step)
-            if master and (step % args.log_interval == 0 or "val" in line):
-                print(line, flush=True)
-        acc = acc or evaluate(rm, val_pairs, args.eval_batch, rank, world)
-        if master:
-            print("final held-out accuracy | " + held_out_line(acc, " | ")
-                  + f" | train time {train_time:.0f}s", flush=True)
+    rm.train()  # score() restores it after each evaluation
+    model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    print0(f"model {args.model} | {args.finetune} | trainable {trainable / 1e6:.3f}M | {len(train_pairs)} train pairs "
+           f"({', '.join(f'{x} {n}' for x, n in zip(dims + ['overall'], labels))} ranked) | {len(val_pairs)} val pairs "
+           f"| world {d.world} | grad accum {per_rank // args.micro_batch} | from step {step}")
+    acc, train_time, seen = None, 0.0, 0
+    while step < args.max_steps:
+        t0 = time.time()
+        set_lr(optimizer, step, args)
+        torch.manual_seed(args.seed + STEP_SEED_STRIDE * step + d.rank)  # a function of (step, rank): exact resume
+        idx = step_indices(step, len(train_pairs), args.batch_size, d.rank, d.world, args.seed)
+        mbs = [[train_pairs[i] for i in idx[j:j + args.micro_batch]] for j in range(0, per_rank, args.micro_batch)]
+        loss = train_step(model, rm, optimizer, mbs, args)
+        step, seen, train_time = step + 1, seen + args.batch_size, train_time + time.time() - t0
+        line = f"step {step}/{args.max_steps} | loss {loss:.6f} | lr {optimizer.param_groups[0]['lr']:.2e} " \
+               f"| {seen / train_time:.1f} pairs/s | train {train_time:.0f}s"
+        if step % args.eval_interval == 0 or step == args.max_steps:  # evaluation and saving are not timed
+            acc = evaluate(rm, val_pairs, 2 * args.micro_batch, d.rank, d.world)
+            line += " | val " + held_out_line(acc)
+            if d.master:
+                save_checkpoint(args.out_dir, rm, optimizer, step)
+        if step % args.log_interval == 0 or "val" in line:
+            print0(line)
+    acc = acc or evaluate(rm, val_pairs, 2 * args.micro_batch, d.rank, d.world)
+    print0("final held-out accuracy | " + held_out_line(acc, " | ") + f" | train time {train_time:.0f}s")
     return rm
 
 
 # ----------------------------------------------------------------------------------------------------------
 # verifier training: SFT cold start and GCPO
 
-def sft_step(rm, items):
-    """One SFT step on CoT traces, loss on response tokens only (prompt and padding masked out); the response
-    ends in <|im_end|> so the model learns to stop. -> (loss, global response tokens)."""
+def sft_step(rm, items, micro_batch):
+    """One SFT step on CoT traces in micro-batches of micro_batch traces, loss on response tokens only (prompt and
+    padding masked out); the response ends in <|im_end|> so the model learns to stop. -> (loss, global tokens)."""
     tok = rm.processor.tokenizer
-    encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
-                            load_image(t.edited, t.origin)) for t in items]
     resps = [tok(t.response).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")] for t in items]
-    inputs, resp, rmask = collate(encs, resps, tok.pad_token_id)
-    logp = response_logprobs(rm.backbone, inputs, resp)
-    ntok = all_sum(rmask.sum().clone())
-    loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)  # mean over every rank's tokens
-    loss.backward()
-    return loss.item() * ntok.item() / max(rmask.sum().item(), 1), ntok.item()
+    mine = sum(map(len, resps))
+    ntok = all_sum(torch.tensor(float(mine)))  # the loss is the mean over every rank's response tokens
+    rm.train()
+    total = 0.0
+    for i in range(0, len(items), micro_batch):
+        encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
+                                load_image(t.edited, t.origin)) for t in items[i:i + micro_batch]]
+        inputs, resp, rmask = collate(encs, resps[i:i + micro_batch], tok.pad_token_id)
+        with rm.autocast():
+            logp = response_logprobs(rm.backbone, inputs, resp)
+        loss = -(logp * rmask.to(logp.device)).sum() / ntok.to(logp.device)
+        loss.backward()
+        total += loss.item()
+    return total * ntok.item() / max(mine, 1), ntok.item()
+
+
+# A sampling seed per (run, step, pair, side, trace), so that a resumed run and every rank draw their own streams:
+# the run's seed and the step are mixed in with two large primes, then the pair, its side and the trace index.
+SEED_PRIMES = (1000003, 100003)
+
+
+def trace_seeds(seed, step, pair_id, side, n):
+    base = ((seed * SEED_PRIMES[0] + step) * SEED_PRIMES[1] + pair_id) * 2 * n + side * n
+    return [base + j for j in range(n)]
 
 
 def gcpo_rollout(rm, pairs, pair_ids, step, args):
@@ -1364,16 +1180,18 @@ def gcpo_rollout(rm, pairs, pair_ids, step, args):
     image) and turn them into GCPO training rows: prompt, response ids, old log-probs, advantage."""
     tok, N = rm.processor.tokenizer, args.num_traces
     eos = tok.convert_tokens_to_ids("<|im_end|>")
+    rm.eval()  # sampling with a KV cache, which gradient checkpointing (train mode) would switch off
     rows, stats = [], torch.zeros(3)  # sum of r_w (sampled pairwise accuracy, ties 1/2), parsed traces, traces
     for gid, p in zip(pair_ids, pairs):
         srcs = [load_image(s, p.origin) for s in p.sources]
         scores, sampled = [], []
         for side, img in enumerate((p.preferred, p.rejected)):
             enc = verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin))
-            # a seed per (run, step, pair, side, trace): resumed runs and every rank draw their own streams
-            seeds = [((args.seed * 1000003 + step) * 100003 + gid) * 2 * N + side * N + j for j in range(N)]
-            toks, old, mask = sample_shared_prefill(rm.backbone, enc, seeds, eos, args.max_new_tokens, args.temperature)
-            parsed = [parse_verifier_output(tok.decode(t[m.bool()], skip_special_tokens=True)) for t, m in zip(toks, mask)]
+            with rm.autocast():
+                toks, old, mask = sample_shared_prefill(rm.backbone, enc, trace_seeds(args.seed, step, gid, side, N),
+                                                        eos, args.max_new_tokens, args.temperature)
+            texts = [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
+            parsed = [parse_verifier_output(x) for x in texts]
             scores.append(torch.tensor([r["score"] if r else math.nan for r in parsed]))
             sampled.append((enc, toks, old, mask))
         r_w, r_l = gcpo_rewards(scores[0], scores[1])
@@ -1389,6 +1207,7 @@ def gcpo_update(rm, rows, optimizer, args):
     """--ppo_epochs passes over the rollout rows in micro-batches, one optimizer step per pass.
     -> (loss, clip fraction, kl, grad norm) of the last pass."""
     model = rm.backbone
+    rm.train()
     ntok = all_sum(torch.tensor(float(sum(len(r[1]) for r in rows))))
     for _ in range(args.ppo_epochs):
         tot = torch.zeros(3)  # loss, clipped tokens, kl * tokens
@@ -1398,12 +1217,13 @@ def gcpo_update(rm, rows, optimizer, args):
             old = torch.zeros_like(rmask)
             for b, r in enumerate(mb):
                 old[b, :len(r[2])] = r[2]
-            logp = response_logprobs(model, inputs, resp, args.temperature)
+            with rm.autocast():
+                logp = response_logprobs(model, inputs, resp, args.temperature)
             dev = logp.device
             old, rmask, adv = old.to(dev), rmask.to(dev), torch.stack([r[3] for r in mb]).to(dev)
             ref = None
             if args.kl_beta:
-                with torch.no_grad(), model.disable_adapter():
+                with torch.no_grad(), model.disable_adapter(), rm.autocast():
                     ref = response_logprobs(model, inputs, resp, args.temperature)
             loss = gcpo_loss(logp, old, adv, rmask, args.clip_eps, ref, args.kl_beta, ntok.to(dev))
             loss.backward()
@@ -1416,46 +1236,24 @@ def gcpo_update(rm, rows, optimizer, args):
     return tot[0].item(), tot[1].item() / ntok.item(), tot[2].item() / ntok.item(), norm
 
 
-def time_avg_at_k(rm, pairs, k, n_items=8):
-    """Wall time of Avg@1, of Avg@K with one shared prefill, and of K independent generations, same items."""
-    items = pairs[:n_items]
-    batch = ([[load_image(s, p.origin) for s in p.sources] for p in items], [p.instruction for p in items],
-             [load_image(p.preferred, p.origin) for p in items])
-    seed, times = rm.flags["score_seed"], {}
-    for name, runs in (("avg1", [(1, seed)]), (f"avg{k}", [(k, seed)]), (f"indep{k}", [(1, seed + i) for i in range(k)])):
-        t0 = time.perf_counter()
-        for n, s in runs:
-            rm.score(*batch, num_samples=n, seed=s)
-        times[name] = time.perf_counter() - t0
-    return times
-
-
-def train_verifier(args, rank, world, device):
+def train_verifier(args, d):
     """--stage sft | gcpo | eval of the verifier mode. Returns a metrics dict (the --toy driver prints it)."""
-    master = rank == 0
     if args.stage == "eval":  # a checkpoint (--init), or a plain instruct VLM (--model) scoring zero-shot
-        scoring = {k: getattr(args, k) for k in ("rubric", "score_temperature", "top_p", "top_k", "score_seed", "max_new_tokens")}
-        rm = RewardModel.from_pretrained(args.init, device, **scoring) if args.init else RewardModel(vars(args), device).eval()
+        scoring = {k: getattr(args, k) for k in ("rubric", "score_temperature", "max_new_tokens")}
+        rm = (RewardModel.from_pretrained(args.init, d.device, **scoring) if args.init
+              else RewardModel(vars(args), d.device).eval())
         pairs = [p for p in load_pairs(args.val, split=args.split, disentangle=False) if not p.tie]  # overall only
         pairs = pairs[:args.val_max] if args.val_max else pairs
-        res = evaluate(rm, pairs, args.eval_batch, rank, world, args.eval_samples)
+        res = evaluate(rm, pairs, 2 * args.micro_batch, d.rank, d.world, args.eval_samples)
         res.update(pairs=len(pairs), ties_half=res["overall"] + res["tied"] / 2)  # ties count 1/2: chance is 0.5
-        if master:
-            print(f"eval {args.init or args.model} | rubric {rm.flags['rubric']} | Avg@{args.eval_samples} | pair acc "
-                  f"{res['overall']:.3f} (ties 1/2: {res['ties_half']:.3f}) on {len(pairs)} | parse rate {res['parse']:.3f}")
-            if args.time_avgk:
-                t, k = time_avg_at_k(rm, pairs, args.eval_samples), args.eval_samples
-                res["times"] = t
-                print(f"Avg@{k} {t[f'avg{k}']:.2f}s vs Avg@1 {t['avg1']:.2f}s: ratio {t[f'avg{k}'] / t['avg1']:.2f}x "
-                      f"(shared prefill) | {k} independent generations {t[f'indep{k}'] / t['avg1']:.2f}x", flush=True)
+        print0(f"eval {args.init or args.model} | rubric {rm.flags['rubric']} | Avg@{args.eval_samples} | pair acc "
+               f"{res['overall']:.3f} (ties 1/2: {res['ties_half']:.3f}) on {len(pairs)} "
+               f"| parse rate {res['parse']:.3f}")
         return res
-
     sft = args.stage == "sft"
-    per_step = args.batch_size if sft else args.pairs_per_step
-    if per_step % world:
-        raise SystemExit(f"--{'batch_size' if sft else 'pairs_per_step'} {per_step} must divide by the world size {world}")
-    rm = RewardModel(vars(args), device, weights=args.out_dir if args.resume else None)
-    rm.eval()  # no dropout anywhere; gradients flow in eval mode all the same
+    if args.batch_size % d.world:
+        raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
+    rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
     optimizer = make_optimizer(rm, args)
     step = load_checkpoint(args.out_dir, rm, optimizer) if args.resume else 0
     if sft:
@@ -1471,9 +1269,9 @@ def train_verifier(args, rank, world, device):
     while step < args.max_steps:
         t0 = time.perf_counter()
         set_lr(optimizer, step, args)
-        ids = step_indices(step, len(items), per_step, rank, world, args.seed)
+        ids = step_indices(step, len(items), args.batch_size, d.rank, d.world, args.seed)
         if sft:
-            loss, ntok = sft_step(rm, [items[i] for i in ids])
+            loss, ntok = sft_step(rm, [items[i] for i in ids], args.micro_batch)
             norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
             res = {"loss": loss}
             line = f"loss {loss:.4f} | grad {norm:.2f} | {int(ntok)} tok | {time.perf_counter() - t0:.2f}s"
@@ -1482,71 +1280,57 @@ def train_verifier(args, rank, world, device):
             st, t1 = all_sum(st), time.perf_counter()
             loss, clip, kl, norm = gcpo_update(rm, rows, optimizer, args)
             res = {"win": 2 * st[0].item() / st[2].item(), "parse": st[1].item() / st[2].item()}
-            line = (f"win {res['win']:.3f} | parse {res['parse']:.2f} | loss {loss:.4f} | clip {clip:.3f} | kl {kl:.4f} "
+            line = (f"win {res['win']:.3f} | parse {res['parse']:.2f} | loss {loss:.4f} | clip {clip:.3f} "
+                    f"| kl {kl:.4f} "
                     f"| grad {norm:.2f} | rollout {t1 - t0:.1f}s train {time.perf_counter() - t1:.1f}s")
         step += 1
-        if master and (step % args.log_interval == 0 or step == args.max_steps):
-            print(f"step {step}/{args.max_steps} | " + line, flush=True)
-        if master and (step % args.eval_interval == 0 or step == args.max_steps):
+        if step % args.log_interval == 0 or step == args.max_steps:
+            print0(f"step {step}/{args.max_steps} | " + line)
+        if d.master and (step % args.eval_interval == 0 or step == args.max_steps):
             save_checkpoint(args.out_dir, rm, optimizer, step)
-        if world > 1:
+        if d.ddp:
             dist.barrier()  # nobody reads a half-written checkpoint
     res["time"] = time.perf_counter() - t_start
     return res
 
 
-def run_toy(args, device):
+def run_toy(args, d):
     """The verifier's CPU demo: SFT -> eval -> GCPO from the SFT model -> eval (same pairs, same seeds)."""
-    if "RANK" in os.environ:
-        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run the stages (--stage sft/gcpo/eval)")
+    if d.ddp:
+        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run its --stage sft/gcpo/eval")
     data, out = os.path.dirname(args.val), args.out_dir
-    made, meta = None, os.path.join(data, "toy.json")
-    if os.path.exists(meta):
-        with open(meta) as f:
-            made = json.load(f).get("cot_score", "overall (written before --cot_score)")
-    if made not in (None, COT_SCORES[0]):  # an old or non-default world: the README's figures are for the default
-        print(f"note: {data}/cot_train.jsonl scores {made}; the README's toy figures are for {COT_SCORES[0]} "
-              f"(python data.py --toy --out {data} rewrites it)", flush=True)
-    stage = lambda **kw: train_verifier(argparse.Namespace(**vars(args) | kw), 0, 1, device)
-    sft = stage(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", max_steps=args.toy_sft_steps,
-                init=None, lr=args.toy_sft_lr)
+    stage = lambda **kw: train_verifier(argparse.Namespace(**vars(args) | kw), d)
+    sft = stage(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", init=None, **TOY_STAGES["sft"])
     ev_sft = stage(stage="eval", init=f"{out}/sft")
-    # the policy gradient does not train the SFT tower: with the oracle-scored traces of --cot_score overall,
-    # doing so lowered held-out accuracy (0.442 -> 0.350)
-    gcpo = stage(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo", max_steps=args.toy_gcpo_steps,
-                 init=f"{out}/sft", lr=args.toy_gcpo_lr, vision="frozen")
-    ev_gcpo = stage(stage="eval", init=f"{out}/gcpo", time_avgk=True)
-    t, k = ev_gcpo["times"], args.eval_samples
+    gcpo = stage(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo", init=f"{out}/sft",
+                 **TOY_STAGES["gcpo"])
+    ev_gcpo = stage(stage="eval", init=f"{out}/gcpo")
     for name, tr, ev in (("SFT", sft, ev_sft), ("SFT+GCPO", gcpo, ev_gcpo)):
         print(f"toy {name}: trained {tr['time']:.0f}s | held-out parse {ev['parse']:.3f} | pair acc "
-              f"{ev['overall']:.3f} strict, {ev['ties_half']:.3f} ties 1/2 ({ev['pairs']} pairs, Avg@{k})")
-    print(f"toy Avg@{k}/Avg@1 wall time {t[f'avg{k}'] / t['avg1']:.2f}x shared prefill, "
-          f"{t[f'indep{k}'] / t['avg1']:.2f}x independent")
+              f"{ev['overall']:.3f} strict, {ev['ties_half']:.3f} ties 1/2 "
+              f"({ev['pairs']} pairs, Avg@{args.eval_samples})")
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 def main(args):
-    rank, world, device = ddp_setup(args.device)
-    if device.type == "cpu" and args.cpu_threads:
-        # small matrices gain little from intra-op threads, and on a shared CPU spinning OpenMP threads made
-        # steps 15x slower (measured: 0.26 s/step with 1 thread, 3.5-8.8 s/step with 2, same load)
-        torch.set_num_threads(args.cpu_threads)
-    if args.toy and rank == 0 and not os.path.exists(args.val):
-        from data import make_toy
-        make_toy(os.path.dirname(args.val))
-    if world > 1:
+    d = setup_distributed(args.device)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would litter the log at every checkpoint
+    if args.toy:
+        torch.set_num_threads(TOY_THREADS)
+        if d.master and not os.path.exists(args.val):
+            make_toy(os.path.dirname(args.val))
+    if d.ddp:
         dist.barrier()
     torch.manual_seed(args.seed)
     if args.mode == "verifier":
-        run_toy(args, device) if args.toy else train_verifier(args, rank, world, device)
+        run_toy(args, d) if args.toy else train_verifier(args, d)
     else:
-        rm = train_gaussian(args, rank, world, device)
-        if world > 1:
-            in_sync = check_sync(rm, world)
-            if rank == 0:
-                print(f"ranks in sync: {in_sync}", flush=True)
-    if world > 1:
+        rm = train_gaussian(args, d)
+        if d.ddp:
+            print0(f"ranks in sync: {check_sync(rm, d.world)}")
+    if d.ddp:
         leave_distributed()
 
 
@@ -1565,17 +1349,4 @@ if __name__ == "__main__":
     for name in POSITIVE:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.mode == "verifier" and args.pair_view:
-        parser.error("--pair_view is a Gaussian-mode layout; the verifier's prompt shows each image")
-    unknown = set(filter(None, args.first_dims.split(","))) - set(args.dims.split(",") + ["overall"])
-    if (args.first_steps or args.first_dims) and (args.mode == "verifier" or not args.first_dims or unknown
-                                                  or args.first_steps < 1):
-        parser.error(f"the curriculum is Gaussian-mode only and needs both --first_steps >= 1 and --first_dims naming "
-                     f"some of --dims {args.dims!r} or 'overall' (got {args.first_steps}, {args.first_dims!r})")
-    if args.workers < -1 or (args.workers > 0 and "fork" not in torch.multiprocessing.get_all_start_methods()):
-        parser.error(f"--workers {args.workers}: needs -1 (auto), 0, or fork (Linux) for more; use --workers 0")
-    if args.scale_beta < 0 or (args.scale_beta and args.loss == "bt"):
-        parser.error(f"--scale_beta {args.scale_beta}: needs >= 0 and a loss with sigmas (--loss gaussian or mc)")
-    if args.tie_weight and (args.loss != "gaussian" or args.tie_margin <= 0):
-        parser.error("--tie_weight needs --loss gaussian and --tie_margin > 0 (the tie term is the probit model's)")
     main(args)
