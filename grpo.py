@@ -16,22 +16,18 @@ As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. U
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
   python data.py --toy --out data/toy && python grpo.py --toy --reward oracle
   python rewardmodel.py --toy && python grpo.py --toy --reward rm:out/rm_toy
-  # 1 GPU, FLUX.1-Kontext-dev with Flow-GRPO's settings (6 steps, noise 0.9, LoRA r=64 a=128 on 16 of the 20 block
-  # linears, lr 3e-4, beta 0)
+  # 1 GPU, FLUX.1-Kontext-dev, Flow-GRPO's settings (6 steps, noise 0.9, LoRA r=64 a=128 on 16 of 20 block linears)
   python grpo.py --editor black-forest-labs/FLUX.1-Kontext-dev --train_prompts data/rl/rl_train.jsonl \\
       --test_prompts data/rl/rl_test.jsonl --reward rm:out/rm --dtype bf16 --resolution 512 --num_steps 6 \\
-      --noise_level 0.9 --lora_rank 64 --lora_alpha 128 --group_size 24 --prompts_per_step 4 --micro_batch 4 \\
-      --grad_checkpointing --offload
+      --noise_level 0.9 --lora_rank 64 --lora_alpha 128 --group_size 24 --prompts_per_step 4 --micro_batch 4 --offload
   # 8 GPUs, Qwen-Image-Edit with true CFG 4 (--nnodes/--node_rank/--rdzv_endpoint for several nodes)
   torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --guidance 4 --num_steps 10 --dtype bf16 \\
-      --resolution 512 --cond_pixels 262144 --train_prompts data/rl/rl_train.jsonl --test_prompts data/rl/rl_test.jsonl \\
-      --reward rm:out/rm --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 --micro_batch 2 \\
-      --grad_checkpointing --fsdp
+      --resolution 512 --cond_pixels 262144 --train_prompts data/rl/rl_train.jsonl --reward rm:out/rm \\
+      --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 --fsdp
 
-Outputs in --out_dir: a log line per step, eval_*.png / samples_*.png sheets, history.json, sft/ (the warmed-up
-editor) and ckpt/ (links the latest checkpoint): pytorch_lora_weights.safetensors for
-`pipeline.load_lora_weights(ckpt)`, trainable.safetensors (every trained tensor: load it with
-`pipeline.transformer.load_state_dict(..., strict=False)`), optimizer.pt and state.json for `--resume`.
+Outputs in --out_dir: a log line per step, eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
+latest checkpoint): pytorch_lora_weights.safetensors for `pipeline.load_lora_weights(ckpt)`, trainable.safetensors
+(every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json (--resume).
 """
 import argparse
 import hashlib
@@ -48,45 +44,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (atomic_dir, image_sheet, leave_distributed, load_image, load_prompts, load_sources, print0, setup_distributed,
-                  shard, toy_oracle)
+from data import (atomic_dir, image_sheet, leave_distributed, load_image, load_prompts, load_sources, print0,
+                  setup_distributed, shard, toy_oracle)
 
 # ----------------------------------------------------------------------------- the math
-
-def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None, kind="sde"):
-    """One reverse step of the flow x_s = (1 - s) x0 + s eps from sigma down to sigma_next (dt = s' - s < 0).
-
-    kind="sde" (Flow-GRPO): the SDE with the ODE's marginals, std_dev_t = a sqrt(s / (1 - s)),
-      mean = x (1 + std_dev_t^2 dt / 2s) + v (1 + std_dev_t^2 (1 - s) / 2s) dt,  transition std std_dev_t sqrt(-dt).
-      At s = 1 the root divides by zero. Here std_dev_t = a sqrt(s' / (1 - s')) there: the root taken at the next
-      sigma. Flow-GRPO's code replaces only the denominator, a sqrt(1 / (1 - s')): sqrt(1 / s') times more noise
-      on the first step (1.15x at s' = 0.75).
-    kind="cps" (coefficients-preserving, arXiv 2509.05952): predict x0 = x - s v and eps = x + (1 - s) v,
-      mean = x0 (1 - s') + eps sqrt(s'^2 - std^2),  std = std_dev_t = s' sin(a pi / 2): fresh noise replaces part of eps.
-    noise_level a = 0 is the Euler (ODE) step; its transition has no density and log_prob is 0.
-    If prev_sample is given it is scored instead of sampled. Everything is computed in fp32.
-    Returns prev_sample (x.dtype), log_prob (B,) = Gaussian log-density averaged over non-batch elements,
-    mean (fp32, x's shape), std_dev_t (B,) as Flow-GRPO returns it (the KL divides by it).
-    """
+def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
+    """One reverse step of Flow-GRPO's SDE (the flow x_s = (1 - s) x0 + s eps's marginals) from s to s' (dt = s' - s):
+    std_dev_t = a sqrt(s / (1 - s)), mean = x (1 + std_dev_t^2 dt / 2s) + v (1 + std_dev_t^2 (1 - s) / 2s) dt,
+    transition std = std_dev_t sqrt(-dt). At s = 1 (0 / 0) we take a sqrt(s' / (1 - s')); Flow-GRPO's code takes
+    a sqrt(1 / (1 - s')), sqrt(1 / s') times more (1.15x at s' = 0.75). a = 0 is the Euler step (log_prob 0).
+    prev_sample, if given, is scored, not sampled. In fp32 -> prev_sample (x.dtype), log_prob (B,) = the Gaussian
+    log-density averaged over non-batch elements, mean (fp32), std_dev_t (B,) as Flow-GRPO returns it (for the KL)."""
     B, dims = x.shape[0], tuple(range(1, x.dim()))
-    col = (B,) + (1,) * (x.dim() - 1)
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B).reshape(col)
-    s_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).expand(B).reshape(col)
-    xf, vf = x.float(), v.float()
-    if kind == "sde":
-        dt = s_next - s  # < 0
-        s_root = torch.where(s >= 1, s_next, s)
-        std_dev_t = noise_level * torch.sqrt(s_root / (1 - s_root))
-        mean = xf * (1 + std_dev_t**2 / (2 * s) * dt) + vf * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
-        std = std_dev_t * torch.sqrt(-dt)
-    elif kind == "cps":
-        std = std_dev_t = s_next * math.sin(noise_level * math.pi / 2)
-        mean = (xf - s * vf) * (1 - s_next) + (xf + (1 - s) * vf) * torch.sqrt(s_next**2 - std**2)
-    else:
-        raise ValueError(f"unknown sampler kind {kind!r}: use 'sde' or 'cps'")
+    s, s_next = (torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(B).reshape((B,) + (1,) * len(dims))
+                 for t in (sigma, sigma_next))
+    dt, s_root = s_next - s, torch.where(s >= 1, s_next, s)
+    std_dev_t = noise_level * torch.sqrt(s_root / (1 - s_root))
+    mean = x.float() * (1 + std_dev_t**2 / (2 * s) * dt) + v.float() * (1 + std_dev_t**2 * (1 - s) / (2 * s)) * dt
+    std = std_dev_t * torch.sqrt(-dt)
     if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        prev_sample = (mean + std * noise).to(x.dtype)
+        prev_sample = (mean + std * torch.randn(x.shape, generator=generator, device=x.device)).to(x.dtype)
     # a zero std would give 0/0; score with std 1 there and zero the result (no NaN reaches the gradients)
     live = std > 0
     safe = torch.where(live, std, torch.ones_like(std))
@@ -99,20 +76,18 @@ def group_advantages(rewards, group_ids, eps=1e-4, clip=5.0):
     Computed in float64: rewards with a large offset and a small spread keep their differences.
     A NaN reward (an unscored sample: a verifier whose every pass failed to parse) gets A = 0 and stays out of
     its group's mean and std: no guessed score ever becomes a gradient."""
-    r = rewards.double()
-    ok = ~torch.isnan(r)
+    r, ok = rewards.double(), ~torch.isnan(rewards)
     _, g = torch.unique(group_ids, return_inverse=True)  # (N,) group index 0..K-1
     zeros = torch.zeros(int(g.max()) + 1, dtype=r.dtype, device=r.device)
     count = zeros.index_add(0, g, ok.double()).clamp(min=1)
     mean = zeros.index_add(0, g, torch.where(ok, r, 0.0)) / count
     dev = torch.where(ok, r - mean[g], 0.0)
-    var = zeros.index_add(0, g, dev**2) / count
-    return torch.where(ok, dev / (var.sqrt()[g] + eps), 0.0).clamp(-clip, clip).float()
+    std = (zeros.index_add(0, g, dev**2) / count).sqrt()
+    return torch.where(ok, dev / (std[g] + eps), 0.0).clamp(-clip, clip).float()
 
 def gaussian_kl(mean, ref_mean, std_dev_t):
-    """Flow-GRPO's KL penalty: |mu - mu_ref|^2 / (2 std_dev_t^2), averaged over non-batch elements like the log-prob.
-    For kind="sde" that is the two transitions' exact KL times |dt| (their variance is std_dev_t^2 |dt|), as in
-    Flow-GRPO's code, so its beta values carry over. (B, ...) -> (B,)"""
+    """Flow-GRPO's KL penalty |mu - mu_ref|^2 / (2 std_dev_t^2), averaged over non-batch elements: the transitions'
+    exact KL (their variance is std_dev_t^2 |dt|) times |dt|, as in its code, so its beta values carry over. (B,)"""
     return ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
 
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, beta=0.0):
@@ -120,11 +95,8 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, beta=0.0)
     rho_i = exp(log_prob_i - old_log_prob_i). The log-probs are per-element means, so c is tiny (1e-4).
     Returns (loss, ratio (B,), clipped (B,) bool)."""
     ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    if kl is not None and beta > 0:
-        loss = loss + beta * kl.mean()
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    loss = loss + beta * kl.mean() if kl is not None and beta > 0 else loss
     return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range)
 
 def flow_matching_loss(v_pred, x0, noise):
@@ -132,7 +104,6 @@ def flow_matching_loss(v_pred, x0, noise):
     return F.mse_loss(v_pred.float(), noise - x0)
 
 # ----------------------------------------------------------------------------- editors
-
 def pack(lat):
     """(B, C, h, w) -> (B, h/2 * w/2, 4C): the 2x2 token packing of the Flux / Qwen-Image pipelines."""
     B, C, h, w = lat.shape
@@ -194,27 +165,26 @@ def tiny_qwen_edit(seed=0, patch=2, width=64, plus=False):
     torch.manual_seed(seed)
     transformer = diffusers.QwenImageTransformer2DModel(
         in_channels=4 * 3 * patch**2, out_channels=3 * patch**2, num_layers=2, attention_head_dim=32,
-        num_attention_heads=width // 32, joint_attention_dim=vlm.config.text_config.hidden_size, axes_dims_rope=(4, 14, 14))
+        num_attention_heads=width // 32, joint_attention_dim=vlm.config.text_config.hidden_size,
+        axes_dims_rope=(4, 14, 14))
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
         shift_terminal=0.02, time_shift_type="exponential")
     cls = diffusers.QwenImageEditPlusPipeline if plus else diffusers.QwenImageEditPipeline
-    return cls(scheduler=scheduler, vae=None, text_encoder=vlm.eval(), tokenizer=processor.tokenizer, processor=processor,
-               transformer=transformer.eval())
+    return cls(scheduler=scheduler, vae=None, text_encoder=vlm.eval(), tokenizer=processor.tokenizer,
+               processor=processor, transformer=transformer.eval())
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Flow-GRPO's LoRA targets (yifan123/flow_grpo, scripts/train_flux_kontext.py, scripts/train_qwenimage_edit_plus.py):
-# every attention projection of the image and the text stream and both streams' MLPs; in Flux's single blocks the
-# q/k/v projections and proj_mlp. That is 16 of Flux's 20 block linears: the AdaLN modulations and proj_out stay frozen
+# Flow-GRPO's LoRA targets (yifan123/flow_grpo, scripts/train_flux_kontext.py, train_qwenimage_edit_plus.py): every
+# attention projection and MLP linear of both streams, in Flux's single blocks q/k/v and proj_mlp (16 of 20 linears)
 ATTN = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out,"
 LORA_TARGETS = {"flux": ATTN + "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2,proj_mlp",
                 "qwen": ATTN + "img_mlp.net.0.proj,img_mlp.net.2,txt_mlp.net.0.proj,txt_mlp.net.2"}
 
 class Editor:
-    """The sampling loop's view of an editing pipeline: condition(prompts) -> cond, velocity(x, sigma, cond),
-    encode/decode images <-> packed latents (B, tokens, 4C). A prompt's conditioning (condition latents, prompt
-    embeddings) is computed once and kept in the compute dtype, keyed by the prompt's content, in an LRU cache of
-    --prompts_per_step + --eval_prompts prompts, so the text encoders run rarely and can live off the GPU."""
+    """The sampler's view of an editing pipeline: condition(prompts) -> cond, velocity(x, sigma, cond), encode/decode
+    images <-> packed latents (B, tokens, 4C). A prompt's conditioning is computed once, kept in the compute dtype in
+    an LRU cache of --prompts_per_step + --eval_prompts prompts: the text encoders run rarely, can live off the GPU."""
 
     def __init__(self, pipe, args, device, pixel_patch=0):
         self.pipe, self.tr, self.device, self.args = pipe, pipe.transformer, device, args
@@ -222,15 +192,13 @@ class Editor:
         self.dtype = DTYPES[args.dtype]  # the compute dtype: autocast follows it, not the trained weights' fp32
         # one knob, as in Flow-GRPO: Kontext's distilled guidance (pipeline default 2.5), Qwen's true CFG (4; 1 = off)
         self.guidance = args.guidance if args.guidance is not None else (4.0 if self.qwen else 2.5)
-        self.patch = pixel_patch  # > 0: pixel space, the "VAE" is a space-to-depth by this factor
-        self.down = pixel_patch or pipe.vae_scale_factor
+        self.patch, self.down = pixel_patch, pixel_patch or pipe.vae_scale_factor  # patch > 0: space-to-depth "VAE"
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
         # Qwen's pipelines show the VL encoder the sources at a 1024^2 (Plus: 384^2) area whatever the output size;
         # we take --cond_pixels, by default the output's own area
         cond_px = args.cond_pixels if self.qwen and args.cond_pixels else args.resolution**2
-        self.cond_side = int(math.sqrt(cond_px)) // (2 * self.down) * 2
-        self.cache = OrderedDict()
+        self.cond_side, self.cache = int(math.sqrt(cond_px)) // (2 * self.down) * 2, OrderedDict()
 
     def sigmas(self, num_steps):
         """The model's shifted schedule: linspace(1, 1/N, N), time-shifted by the scheduler (mu from the
@@ -239,12 +207,9 @@ class Editor:
         sched, cfg = self.pipe.scheduler, self.pipe.scheduler.config
         mu = calculate_shift((self.side // 2) ** 2, cfg.get("base_image_seq_len", 256),
                              cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu if cfg.use_dynamic_shifting else None)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu if cfg.use_dynamic_shifting
+                            else None)
         return sched.sigmas.float().cpu()
-
-    def vae(self, on):
-        """The VAE on the device while in use; parked on the CPU between uses with --offload."""
-        return self.pipe.vae.to(self.device if on or not self.args.offload else "cpu")
 
     @torch.no_grad()
     def encode_images(self, imgs, side):
@@ -252,16 +217,15 @@ class Editor:
         x = torch.stack([to_tensor(im, side * self.down) for im in imgs]).to(self.device)
         if self.patch:
             return pack(F.pixel_unshuffle(x, self.patch))
-        x = x.to(self.vae(True).dtype)
+        x = x.to(self.pipe.vae.dtype)
         lat = self.pipe._encode_vae_image(x.unsqueeze(2) if self.qwen else x, generator=None)  # scaled as in training
-        self.vae(False)
         return pack((lat[:, :, 0] if self.qwen else lat).float())
 
     @torch.no_grad()
     def decode(self, x):
         """Packed latents -> list of PIL images, --micro_batch at a time (a 512 px image takes ~0.35 GB of VAE
         activations in bf16; the VAE slices each batch further where it can)."""
-        out, mb, vae = [], self.args.micro_batch, None if self.patch else self.vae(True)
+        out, mb, vae = [], self.args.micro_batch, self.pipe.vae
         for i in range(0, len(x), mb):
             lat = unpack(x[i : i + mb].float(), self.C, self.side, self.side)
             if self.patch:
@@ -273,8 +237,6 @@ class Editor:
             else:
                 lat = lat / vae.config.scaling_factor + vae.config.shift_factor
                 out += to_pil(vae.decode(lat.to(vae.dtype), return_dict=False)[0])
-        if vae is not None:
-            self.vae(False)
         return out
 
     def qwen_embed(self, text, images):
@@ -303,8 +265,8 @@ class Editor:
             if self.guidance > 1:  # true CFG's negative prompt: a blank, as in the pipeline's examples and Flow-GRPO
                 e["neg"] = self.qwen_embed(" ", vl)
         else:
-            e["text"], e["pooled"], _ = self.pipe.encode_prompt(prompt=[p.instruction], prompt_2=None, device=self.device,
-                                                                max_sequence_length=self.args.max_sequence_length)
+            e["text"], e["pooled"], _ = self.pipe.encode_prompt(
+                [p.instruction], None, device=self.device, max_sequence_length=self.args.max_sequence_length)
         return {k: v.squeeze(0).to(dt).cpu() if torch.is_tensor(v) else v for k, v in e.items()}
 
     def condition(self, prompts):
@@ -326,22 +288,24 @@ class Editor:
         if len({len(e["shapes"]) for e in es}) > 1:  # Plus prompts with different numbers of sources
             return {"parts": [self.condition([p]) for p in prompts]}
         dev, B, h = self.device, len(prompts), self.side // 2
-        cond = {k: torch.stack([e[k] for e in es]).to(dev) for k in ("image", "pooled") if k in es[0]}
-        if self.qwen:
-            for key in ("text", "neg") if self.guidance > 1 else ("text",):
-                cond[key] = torch.nn.utils.rnn.pad_sequence([e[key] for e in es], batch_first=True).to(dev)
-                mask = torch.arange(cond[key].shape[1]) < torch.tensor([len(e[key]) for e in es])[:, None]
-                cond[key + "_mask"] = None if bool(mask.all()) else mask.long().to(dev)  # unpadded: no masking needed
-            cond["img_shapes"] = [[(1, h, h)] + es[0]["shapes"]] * B
+        cond, passes = {"image": torch.stack([e["image"] for e in es]).to(dev), "passes": []}, ["text", "neg"]
+        if self.qwen:  # one forward per prompt embedding: the instruction, then true CFG's negative prompt
+            for key in passes[: 1 + (self.guidance > 1)]:
+                emb = torch.nn.utils.rnn.pad_sequence([e[key] for e in es], batch_first=True).to(dev)
+                mask = torch.arange(emb.shape[1]) < torch.tensor([len(e[key]) for e in es])[:, None]
+                cond["passes"].append(dict(encoder_hidden_states=emb, img_shapes=[[(1, h, h)] + es[0]["shapes"]] * B,
+                                           encoder_hidden_states_mask=None if mask.all() else mask.long().to(dev)))
             return cond
-        cond["text"] = torch.stack([e["text"] for e in es]).to(dev)
-        cond["txt_ids"] = torch.zeros(cond["text"].shape[1], 3, device=dev)
-        hc = es[0]["shapes"][0][1]
-        cond_ids = self.pipe._prepare_latent_image_ids(B, hc, hc, dev, torch.float32)
+        hc, ids = es[0]["shapes"][0][1], self.pipe._prepare_latent_image_ids
+        cond_ids = ids(B, hc, hc, dev, torch.float32)
         cond_ids[..., 0] = 1  # Kontext tells the condition tokens apart by the first RoPE axis
-        cond["img_ids"] = torch.cat([self.pipe._prepare_latent_image_ids(B, h, h, dev, torch.float32), cond_ids])
+        text = torch.stack([e["text"] for e in es]).to(dev)
         # Kontext is guidance-distilled: the guidance scale is an input, one forward per step
-        cond["guidance"] = torch.full((B,), self.guidance, device=dev) if self.tr.config.guidance_embeds else None
+        cond["passes"].append(dict(encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, device=dev),
+                                   pooled_projections=torch.stack([e["pooled"] for e in es]).to(dev),
+                                   img_ids=torch.cat([ids(B, h, h, dev, torch.float32), cond_ids]),
+                                   guidance=torch.full((B,), self.guidance, device=dev)
+                                   if self.tr.config.guidance_embeds else None))
         return cond
 
     def velocity(self, x, sigma, cond):
@@ -351,27 +315,20 @@ class Editor:
         t = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(B)
         if "parts" in cond:
             return torch.cat([self.velocity(x[i : i + 1], t[i : i + 1], c) for i, c in enumerate(cond["parts"])])
-        kw = dict(hidden_states=torch.cat([x, cond["image"].to(x.dtype)], 1).to(dt), timestep=t.to(dt), return_dict=False)
+        inp = torch.cat([x, cond["image"].to(x.dtype)], 1).to(dt)
         with torch.autocast(x.device.type, dtype=dt, enabled=dt != torch.float32):
-            if not self.qwen:
-                return self.tr(encoder_hidden_states=cond["text"], pooled_projections=cond["pooled"], img_ids=cond["img_ids"],
-                               txt_ids=cond["txt_ids"], guidance=cond["guidance"], **kw)[0][:, :n].float()
-            vs = [self.tr(encoder_hidden_states=cond[k], encoder_hidden_states_mask=cond[k + "_mask"],
-                          img_shapes=cond["img_shapes"], **kw)[0][:, :n].float()
-                  for k in (("text", "neg") if self.guidance > 1 else ("text",))]
+            vs = [self.tr(hidden_states=inp, timestep=t.to(dt), return_dict=False, **c)[0][:, :n].float()
+                  for c in cond["passes"][: 1 + (self.guidance > 1)]]
         if len(vs) == 1:
             return vs[0]
-        v, neg = vs
-        comb = neg + self.guidance * (v - neg)
-        return comb * (v.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+        comb = vs[1] + self.guidance * (vs[0] - vs[1])
+        return comb * (vs[0].norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
 
 def load_editor(args, device):
-    """`tiny`, `tiny-qwen`, `tiny-qwen-plus` (one fixed random model, seed 0, whatever --seed: a warmed-up transformer
-    only makes sense with the same frozen text encoders) or a diffusers folder / hub id of FluxKontextPipeline,
-    QwenImageEditPipeline or QwenImageEditPlusPipeline."""
+    """`tiny` or `tiny-qwen` (one fixed random model, seed 0, whatever --seed: a warmed-up transformer only makes sense
+    with the same frozen text encoders) or a FluxKontext / QwenImageEdit(Plus)Pipeline folder or hub id."""
     if args.editor.startswith("tiny"):
-        pipe = tiny_kontext(0, max_length=args.max_sequence_length) if args.editor == "tiny" else \
-            tiny_qwen_edit(0, plus=args.editor == "tiny-qwen-plus")
+        pipe = tiny_kontext(0, max_length=args.max_sequence_length) if args.editor == "tiny" else tiny_qwen_edit(0)
         pipe.transformer.to(device, DTYPES[args.dtype])
         return Editor(pipe, args, device, pixel_patch=2)
     from diffusers import DiffusionPipeline
@@ -380,13 +337,12 @@ def load_editor(args, device):
         raise ValueError(f"--editor {args.editor}: {type(pipe).__name__} is not a Kontext or Qwen-Image-Edit pipeline")
     pipe.transformer.to(device)
     pipe.vae.enable_slicing()  # one image at a time inside the VAE: decode's batches stay small
-    for name in ("vae", "text_encoder", "text_encoder_2"):  # the cache keeps them idle: park them if asked
-        if getattr(pipe, name, None) is not None:
-            getattr(pipe, name).to("cpu" if args.offload else device).requires_grad_(False)
+    for m in filter(None, (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))):  # the cache keeps them idle
+        m.to("cpu" if args.offload else device).requires_grad_(False)
+    pipe.vae.to(device).requires_grad_(False)
     return Editor(pipe, args, device)
 
 # ----------------------------------------------------------------------------- sampling, rewards, helpers
-
 # the random streams, one id each, so that no two draws share a seed: seed_of(seed, STREAM, step, ...)
 PROMPTS, INIT_NOISE, SDE_NOISE, SDE_WINDOW, EVAL_NOISE, SFT_BATCH, SFT_NOISE = 1, 2, 3, 4, 7, 11, 12
 
@@ -399,36 +355,31 @@ def seed_of(*parts):
     return h
 
 def rollout_plan(seed, step, n_prompts, P, G, rank, world, same_noise=False):
-    """Which samples this rank rolls out. Every rank draws the same P prompts and the same shuffle of the
-    P x G (group, member) slots, then takes its slice, so a group's G samples spread over ranks and the
-    rewards can be normalised globally. Returns (my slots [(g, k)], prompt index per group, noise seed
-    per slot); with same_noise a group's members share one initial noise (DanceGRPO)."""
+    """Every rank draws the same P prompts and the same shuffle of the P x G (group, member) slots, then takes its
+    slice: a group spreads over ranks, its rewards are normalised globally. -> (my slots [(g, k)], prompt index per
+    group, noise seed per slot); with same_noise a group's members share one initial noise (DanceGRPO)."""
     rng = random.Random(seed_of(seed, PROMPTS, step))
     groups = rng.sample(range(n_prompts), P) if n_prompts >= P else [rng.randrange(n_prompts) for _ in range(P)]
     slots = [(g, k) for g in range(P) for k in range(G)]
     rng.shuffle(slots)
-    mine = slots[rank * (P * G // world) : (rank + 1) * (P * G // world)]
+    mine = slots[rank * P * G // world : (rank + 1) * P * G // world]
     return mine, groups, [seed_of(seed, INIT_NOISE, step, g, 0 if same_noise else k + 1) for g, k in mine]
 
 def sde_window(seed, step, num_steps, window, max_start):
     """The steps that take the SDE and are trained: all but the last (its tiny sigma makes the log-prob explode),
     or a random window of `window` steps starting no later than max_start, ODE elsewhere (Flow-GRPO-Fast, MixGRPO)."""
-    if not window:
-        return set(range(num_steps - 1))
     last = num_steps - 1 - window
     first = random.Random(seed_of(seed, SDE_WINDOW, step)).randint(0, last if max_start < 0 else min(max_start, last))
-    return set(range(first, first + window))
+    return set(range(first, first + window)) if window else set(range(num_steps - 1))
 
-def sample(editor, cond, x, sigmas, sde_steps, noise_level, kind, generator):
+def sample(editor, cond, x, sigmas, sde_steps, noise_level, generator):
     """Integrate from noise x over sigmas; steps in sde_steps use the stochastic sampler and are recorded
     as (step, x_t, x_next, log_prob) for training, the others take the ODE step."""
     traj = []
     for i in range(len(sigmas) - 1):
-        v = editor.velocity(x, sigmas[i], cond)
-        level = noise_level if i in sde_steps else 0.0
-        x_next, log_prob, _, _ = sde_step(x, v, sigmas[i], sigmas[i + 1], level, generator=generator, kind=kind)
-        if i in sde_steps:
-            traj.append((i, x, x_next, log_prob))
+        x_next, log_prob, _, _ = sde_step(x, editor.velocity(x, sigmas[i], cond), sigmas[i], sigmas[i + 1],
+                                          noise_level if i in sde_steps else 0.0, generator=generator)
+        traj += [(i, x, x_next, log_prob)] if i in sde_steps else []
         x = x_next
     return x, traj
 
@@ -474,46 +425,44 @@ def allreduce_grads(params):
         torch.nn.utils.vector_to_parameters(flat / dist.get_world_size(), [p.grad for p in params])
 
 # ----------------------------------------------------------------------------- the run's steps
-
 @torch.no_grad()
 def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
     """ODE edits of the held-out prompts from fixed noise -> {"reward", "oracle", "rm_oracle_corr"} over all ranks
-    (oracle and correlation on the toy world only: does the reward track the truth?), and a sheet of the first
-    edits. Every rank runs the same number of forwards, a short shard repeating a prompt: under --fsdp each
-    forward is a collective."""
+    (the toy's oracle: does the reward track the truth?) and a sheet of the first edits. Every rank runs as many
+    forwards (a short shard repeats a prompt): under --fsdp each forward is a collective."""
     editor.tr.eval()
-    mine, mb = shard(list(enumerate(prompts)), ddp.rank, ddp.world), args.micro_batch
-    use_oracle = args.toy or args.reward == "oracle"
-    n = -(-len(prompts) // ddp.world)
+    mine, n, oracle = shard(list(enumerate(prompts)), ddp.rank, ddp.world), -(-len(prompts) // ddp.world), \
+        args.toy or args.reward == "oracle"
     padded, rows, firsts = (mine + mine[-1:] * n)[:n] if mine else [(0, prompts[0])] * n, [], []
-    for i in range(0, n, mb):
-        chunk = padded[i : i + mb]
-        ps = [q for _, q in chunk]
-        x = initial_noise(editor, [seed_of(EVAL_NOISE, j) for j, _ in chunk], editor.device)  # the same in every run
-        ims = editor.decode(sample(editor, editor.condition(ps), x, sigmas, set(), 0.0, "sde", None)[0])
+    for i in range(0, n, args.micro_batch):
+        ps = [q for _, q in padded[i : i + args.micro_batch]]
+        x = initial_noise(editor, [seed_of(EVAL_NOISE, j) for j, _ in padded[i : i + len(ps)]], editor.device)
+        ims = editor.decode(sample(editor, editor.condition(ps), x, sigmas, set(), 0.0, None)[0])
         rewards = reward_fn(ps, ims).tolist()
-        rows += [(r, oracle_score(q, im) if use_oracle else float("nan"))
-                 for k, (q, r, im) in enumerate(zip(ps, rewards, ims)) if i + k < len(mine)]
+        rows += [(r, oracle_score(q, im) if oracle else math.nan) for q, r, im in zip(ps, rewards, ims)][:len(mine) - i]
         firsts += list(zip(ps, ims, rewards))[: 8 - len(firsts)]
-    parts = [rows]
+    parts = [rows] * ddp.world
     if ddp.ddp:
-        parts = [None] * ddp.world
         dist.all_gather_object(parts, rows)
     r, o = np.array([row for part in parts for row in part]).T
-    corr = float(np.corrcoef(r, o)[0, 1]) if use_oracle and len(r) > 1 else float("nan")
-    out = {"step": step, "reward": float(r.mean()), "oracle": float(o.mean()), "rm_oracle_corr": corr}
-    print0(f"eval {step} | reward {out['reward']:.4f} | oracle {out['oracle']:.4f} | rm~oracle {corr:.2f} | "
-           f"{len(prompts)} held-out prompts, {len(sigmas) - 1} ODE steps")
+    out = {"step": step, "reward": float(r.mean()), "oracle": float(o.mean()),
+           "rm_oracle_corr": float(np.corrcoef(r, o)[0, 1]) if oracle and len(r) > 1 else math.nan}
+    print0(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in list(out.items())[1:]) + f" | {len(prompts)} "
+           f"held-out prompts, {len(sigmas) - 1} ODE steps")
     if ddp.master:
         image_sheet([(q.instruction, [(load_sources(q)[0], "source"), (im, f"{v:.3f}")]) for q, im, v in firsts],
                     os.path.join(args.out_dir, f"eval_{step:05d}.png"))
     return out
 
-def warmup(editor, triples, args, ddp):
+def warmup(editor, args, ddp):
     """The toy's stand-in for an editor's own training (real editors arrive trained: --sft_steps 0): supervised flow
-    matching on (source, instruction, target) triples, every weight, --lr, --micro_batch triples per rank and step."""
-    params = [q for q in editor.tr.parameters() if q.requires_grad]
-    opt, t0 = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0), time.time()
+    matching on (source, instruction, target) triples, every weight, --lr, --micro_batch triples per rank and step.
+    Saved to out_dir/sft; --resume loads it from there."""
+    from safetensors.torch import load_file, save_file
+    path, params = os.path.join(args.out_dir, "sft", "transformer.safetensors"), list(editor.tr.parameters())
+    if args.resume and os.path.exists(path) or args.sft_steps == 0:
+        return editor.tr.load_state_dict(load_file(path, device=str(ddp.device))) if args.sft_steps else None
+    triples, opt, t0 = load_prompts(args.sft_data), torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0), time.time()
     for step in range(args.sft_steps):
         editor.tr.train()
         rng = random.Random(seed_of(args.seed, SFT_BATCH, step))  # same draw on every rank, then each takes its slice
@@ -522,9 +471,9 @@ def warmup(editor, triples, args, ddp):
         x0 = editor.encode_images([load_image(q.target, q.origin) for q in batch], editor.side)
         gen = torch.Generator().manual_seed(seed_of(args.seed, SFT_NOISE, step, ddp.rank))
         noise = torch.randn(x0.shape, generator=gen).to(editor.device)
-        s = torch.rand(len(batch), generator=gen).to(editor.device)
-        xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-        loss = flow_matching_loss(editor.velocity(xs, s, editor.condition(batch)), x0, noise)
+        s = torch.rand(len(batch), generator=gen).to(editor.device)[:, None, None]
+        loss = flow_matching_loss(editor.velocity((1 - s) * x0 + s * noise, s[:, 0, 0], editor.condition(batch)), x0,
+                                  noise)
         opt.zero_grad(set_to_none=False)
         loss.backward()
         allreduce_grads(params)
@@ -532,7 +481,9 @@ def warmup(editor, triples, args, ddp):
         opt.step()
         if step % 50 == 0 or step == args.sft_steps - 1:
             print0(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.1f}s")
-    editor.tr.eval()
+    state = {k: v.contiguous() for k, v in editor.tr.eval().state_dict().items()}
+    if ddp.master:
+        atomic_dir(os.path.dirname(path), lambda d: save_file(state, os.path.join(d, os.path.basename(path))))
 
 def setup_trainable(editor, args):
     """Freeze the transformer, then add a LoRA adapter (peft; by default on Flow-GRPO's targets) and unfreeze the
@@ -568,24 +519,17 @@ def shard_transformer(tr, ref):
 def reference_velocity(editor, x, sigma, cond, named, ref):
     """The policy before RL: adapter off and the fully trained modules' starting weights copied in, then back, in
     place (under FSDP the all-gather reads the parameters' storage, not a swapped-in .data)."""
-    params, fsdp = dict(named), hasattr(editor.tr, "reshard")
+    params, lora = dict(named), any("lora_" in n for n, _ in named)
     now = {n: params[n].detach().clone() for n in ref}
-    for n in ref:
-        params[n].copy_(ref[n])
-    lora = any("lora_" in n for n in params)
-    if lora:
-        editor.tr.disable_adapters()
-    try:
-        if fsdp:  # FSDP keeps the root's gathered weights after a forward: drop them, to gather the copied-in ones
+    for weights in (ref, now):
+        if hasattr(editor.tr, "reshard"):  # FSDP keeps the root's gathered weights after a forward: drop them
             editor.tr.reshard()
-        return editor.velocity(x, sigma, cond)
-    finally:
-        if fsdp:  # and again, so that the backward gathers the policy's weights
-            editor.tr.reshard()
-        for n in ref:
-            params[n].copy_(now[n])
-        if lora:
-            editor.tr.enable_adapters()
+        for n, w in weights.items():
+            params[n].copy_(w)
+        if lora:  # the adapter off for the reference's forward, on again after it
+            (editor.tr.disable_adapters if weights is ref else editor.tr.enable_adapters)()
+        v = editor.velocity(x, sigma, cond) if weights is ref else v
+    return v
 
 def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
     """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with its rank and alpha (without
@@ -599,8 +543,8 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
         tr.reshard()
     state = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().cpu().contiguous()
              for n, q in tr.named_parameters() if q.requires_grad}
-    opt_state = get_optimizer_state_dict(tr, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-        if args.fsdp else opt.state_dict()
+    # the whole optimizer state keyed by parameter name (gathered under FSDP, where each rank holds a shard)
+    opt_state = get_optimizer_state_dict(tr, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def write(d):
         if args.lora_rank > 0:
@@ -622,8 +566,7 @@ def load_checkpoint(ckpt, named):
     with torch.no_grad():
         for n, q in named:
             q.copy_(saved[n])
-    with open(os.path.join(ckpt, "state.json")) as f:
-        meta = json.load(f)
+    meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
     return meta["step"], meta["history"], torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
 
 @torch.no_grad()
@@ -635,55 +578,42 @@ def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
         hi = min(lo + args.micro_batch, len(prompts))
         cond = editor.condition(prompts[lo:hi])
         x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas, sde_steps,
-                         args.noise_level, args.sampler, gen)
+                         args.noise_level, gen)
         finals.append(x)
         batches.append((lo, hi, cond, traj))
     return editor.decode(torch.cat(finals)), batches
 
-def advantages(rewards, group_ids):
-    """Group-normalised advantages of every rank's samples, and the fraction of groups whose rewards are all equal
-    (they teach nothing: their advantages are 0). (N,) float64, (N,) -> (N,) fp32, float"""
-    ok = ~torch.isnan(rewards)
-    stds = [rewards[(group_ids == g) & ok].std(unbiased=False).nan_to_num(0.0) for g in group_ids.unique()]
-    return group_advantages(rewards, group_ids), float((torch.stack(stds) < 1e-8).double().mean())
-
 def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
-    """--updates_per_step optimizer steps over this rank's samples, each accumulating its share of the micro-batches
-    x SDE steps; the loss is the mean over samples and steps. The first update is on-policy: its ratios are 1.
-    Returns the log's statistics (ratios of the samples that carry a gradient)."""
-    params, ratios, clipped, kls, per = [q for _, q in named], [], [], [], len(batches) // args.updates_per_step
-    for u in range(args.updates_per_step):
-        opt.zero_grad(set_to_none=False)
-        mine = batches[u * per : (u + 1) * per]
-        n_u = sum(hi - lo for lo, hi, _, _ in mine)
-        for (lo, hi, cond, traj), (j, x_t, x_next, old_lp) in [(b, t) for b in mine for t in b[3]]:
-            step = dict(sigma=sigmas[j], sigma_next=sigmas[j + 1], noise_level=args.noise_level, prev_sample=x_next,
-                        kind=args.sampler)
-            _, lp, mean, std = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)
-            kl = None
-            if args.beta > 0:
-                ref_mean = sde_step(x_t, reference_velocity(editor, x_t, sigmas[j], cond, named, ref), **step)[2]
-                kl = gaussian_kl(mean, ref_mean, std)
-                kls.append(kl.detach().mean())
-            loss, ratio, clip = grpo_loss(lp, old_lp, adv[lo:hi], args.clip_range, kl, args.beta)
-            (loss * (hi - lo) / n_u / len(sde_steps)).backward()
-            ratios.append(ratio[adv[lo:hi] != 0])
-            clipped.append(clip[adv[lo:hi] != 0].float())
-        if not args.fsdp:  # FSDP reduces the gradients itself
-            allreduce_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+    """One optimizer step on this rank's samples, accumulating micro-batches x SDE steps (the loss is their mean); on
+    policy, so the ratios are 1. Returns the log's statistics (ratios of the samples that carry a gradient)."""
+    params, ratios, clipped, kls, n = [q for _, q in named], [], [], [], sum(hi - lo for lo, hi, _, _ in batches)
+    opt.zero_grad(set_to_none=False)
+    for (lo, hi, cond, traj), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
+        step = dict(sigma=sigmas[j], sigma_next=sigmas[j + 1], noise_level=args.noise_level, prev_sample=x_next)
+        _, lp, mean, std = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)
+        kl = None
+        if args.beta > 0:
+            ref_mean = sde_step(x_t, reference_velocity(editor, x_t, sigmas[j], cond, named, ref), **step)[2]
+            kl = gaussian_kl(mean, ref_mean, std)
+            kls.append(kl.detach().mean())
+        loss, ratio, clip = grpo_loss(lp, old_lp, adv[lo:hi], args.clip_range, kl, args.beta)
+        (loss * (hi - lo) / n / len(sde_steps)).backward()
+        ratios.append(ratio[adv[lo:hi] != 0])
+        clipped.append(clip[adv[lo:hi] != 0].float())
+    if not args.fsdp:  # FSDP reduces the gradients itself
+        allreduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    opt.step()
     ratio = torch.cat(ratios) if sum(map(len, ratios)) else torch.ones(1)  # every group dropped
-    return {"kl": float(torch.stack(kls).mean()) if kls else 0.0, "clip": float(torch.cat(clipped).mean().nan_to_num(0)),
+    return {"kl": float(torch.stack(kls).mean()) if kls else 0.0, "clip": float(torch.cat(clipped).mean().nan_to_num()),
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
             "grad_norm": float(grad_norm)}
 
 # ----------------------------------------------------------------------------- flags and the loop
-
 # the toy recipe: a noisy warm-up (65% wrong targets) leaves an imperfect, stochastic editor; a group shares its
 # initial noise so that rewards differ only through the SDE steps, which sit at the start where the layout is decided;
-# RL trains the text-conditioning embeddings in full (their gradient agrees across prompts, the blocks' does not).
-# threads: one intra-op thread, so that the toy's figures depend neither on the cores nor on OMP_NUM_THREADS
+# RL trains the text-conditioning embeddings in full (their gradient agrees across prompts, the blocks' does not);
+# one intra-op thread, so that the figures depend neither on the cores nor on OMP_NUM_THREADS
 TOY = dict(editor="tiny", sft_steps=1000, steps=60, same_noise_per_group=True, num_steps=8, sde_window=3,
            window_max_start=0, noise_level=0.7, prompts_per_step=8, group_size=8, micro_batch=16, lora_rank=0,
            train_modules="context_embedder,time_text_embed.text_embedder", lr=1e-3, max_sequence_length=48,
@@ -692,26 +622,25 @@ TOY = dict(editor="tiny", sft_steps=1000, steps=60, same_noise_per_group=True, n
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- editor
-    p.add_argument("--editor", default="tiny", help="'tiny' (Kontext), 'tiny-qwen', 'tiny-qwen-plus', or a pipeline path")
+    p.add_argument("--editor", default="tiny", help="tiny (Kontext), tiny-qwen or a pipeline path")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (trained weights stay fp32)")
     p.add_argument("--resolution", type=int, default=32, help="square output side in pixels")
-    p.add_argument("--guidance", type=float, default=None, help="Kontext's distilled guidance (2.5) / Qwen's true CFG (4)")
-    p.add_argument("--cond_pixels", type=int, default=0, help="Qwen: VL encoder's view of the sources; 0 = output's area")
+    p.add_argument("--guidance", type=float, default=None, help="Kontext's guidance (2.5), Qwen's true CFG (4)")
+    p.add_argument("--cond_pixels", type=int, default=0, help="Qwen: VL encoder's view of the sources; 0: output's")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens of Kontext prompts")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute transformer blocks in backward")
-    p.add_argument("--offload", action="store_true", help="keep text encoders and VAE on CPU between uses")
+    p.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU between uses")
     p.add_argument("--fsdp", action="store_true", help="shard the transformer over ranks with FSDP2 fully_shard")
     # --- data
     p.add_argument("--toy", action="store_true", help="toy world: tiny editor, data/toy, the recipe in TOY")
     p.add_argument("--train_prompts", default="data/toy/rl_train.jsonl", help="RL edit prompts (data.py formats)")
     p.add_argument("--test_prompts", default="data/toy/rl_test.jsonl", help="held-out prompts of the ODE evaluation")
     p.add_argument("--sft_data", default="data/toy/editor_train.jsonl", help="warm-up (source, instruction, target)s")
-    p.add_argument("--sft_steps", type=int, default=0, help="toy warm-up: flow-matching steps on --sft_data (all weights)")
+    p.add_argument("--sft_steps", type=int, default=0, help="toy warm-up: flow-matching steps on --sft_data")
     # --- sampling
     p.add_argument("--num_steps", type=int, default=8, help="sampling steps of a rollout")
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
-    p.add_argument("--sampler", default="sde", choices=["sde", "cps"], help="stochastic sampler of the rollouts")
-    p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE / CPS noise")
+    p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
     p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps; 0 = all but last")
     p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window, as Flow-GRPO's "
                    "sde_window_range: keeps it on the early, noisy steps that decide the layout; -1 = any")
@@ -721,25 +650,22 @@ def parse_args(argv=None):
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt, spread over ranks")
     p.add_argument("--same_noise_per_group", action="store_true", help="a group shares its initial noise (DanceGRPO)")
     p.add_argument("--clip_range", type=float, default=1e-4, help="PPO ratio clip c")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight to the reference (adapter off), Flow-GRPO's scale")
-    p.add_argument("--updates_per_step", type=int, default=1, help="optimizer steps per rollout batch")
+    p.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting policy (Flow-GRPO's scale)")
     p.add_argument("--micro_batch", type=int, default=8, help="samples per forward and per decode on each rank")
     # --- trained weights and optimizer
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank; 0 = no adapter")
     p.add_argument("--lora_alpha", type=float, default=16, help="LoRA alpha")
-    p.add_argument("--lora_targets", default="", help="comma-separated LoRA modules; empty = Flow-GRPO's for the editor")
+    p.add_argument("--lora_targets", default="", help="comma-separated LoRA modules; empty: Flow-GRPO's")
     p.add_argument("--train_modules", default="", help="comma-separated modules trained in full")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (also the warm-up's)")
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
     # --- reward, logging and checkpoints
     p.add_argument("--reward", default="oracle", help="'oracle' (toy world) or 'rm:PATH' / 'rm:PATH@dim'")
     p.add_argument("--out_dir", default="out/grpo", help="logs, sheets, checkpoints")
-    p.add_argument("--eval_every", type=int, default=10, help="ODE eval + sheets every N steps (0 = start/end only)")
+    p.add_argument("--eval_every", type=int, default=10, help="ODE eval + checkpoint every N steps (0: at the end)")
     p.add_argument("--eval_prompts", type=int, default=32, help="held-out prompts in the eval")
-    p.add_argument("--ckpt_every", type=int, default=10, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt exactly")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and the noise")
-    p.set_defaults(threads=0)
     args = p.parse_args(argv)
     if args.toy:
         p.set_defaults(**TOY)
@@ -747,32 +673,22 @@ def parse_args(argv=None):
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
     if args.sde_window >= args.num_steps:
         p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
-    if n % world or -(-n // world // args.micro_batch) % args.updates_per_step:
-        p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks, and its micro-batches of "
-                f"--micro_batch {args.micro_batch} per rank into --updates_per_step {args.updates_per_step}")
+    if n % world:
+        p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks")
     return args
 
 def main(args):
     ddp = setup_distributed()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.toy:
+        torch.set_num_threads(TOY["threads"])
     os.makedirs(args.out_dir, exist_ok=True)
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
     editor = load_editor(args, ddp.device)
     torch.manual_seed(args.seed)  # the same on every rank: the LoRA starts identical everywhere, as under DDP
     reward_fn, sigmas, eval_sigmas = make_reward(args.reward, ddp.device), editor.sigmas(args.num_steps), \
         editor.sigmas(args.eval_num_steps)
-    sft, ckpt = os.path.join(args.out_dir, "sft"), os.path.join(args.out_dir, "ckpt")
-    start, history, opt_state = 0, None, None
-    if args.resume and os.path.isdir(sft):
-        from safetensors.torch import load_file
-        editor.tr.load_state_dict(load_file(os.path.join(sft, "transformer.safetensors"), device=str(ddp.device)))
-    elif args.sft_steps > 0:
-        from safetensors.torch import save_file
-        warmup(editor, load_prompts(args.sft_data), args, ddp)
-        state = {k: v.contiguous() for k, v in editor.tr.state_dict().items()}
-        if ddp.master:
-            atomic_dir(sft, lambda d: save_file(state, os.path.join(d, "transformer.safetensors")))
+    ckpt, start, history, opt_state = os.path.join(args.out_dir, "ckpt"), 0, None, None
+    warmup(editor, args, ddp)
     named, ref = setup_trainable(editor, args)
     if args.resume and os.path.isdir(ckpt):  # weights go in before FSDP shards them
         start, history, opt_state = load_checkpoint(ckpt, named)
@@ -782,13 +698,10 @@ def main(args):
     if args.fsdp:
         named, ref = shard_transformer(editor.tr, ref)
     opt = torch.optim.AdamW([q for _, q in named], lr=args.lr, weight_decay=0.0)
-    if opt_state is not None and args.fsdp:  # the whole state, keyed by parameter name: each rank keeps its shard
+    if opt_state is not None:  # keyed by parameter name: under FSDP each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(editor.tr, opt, optim_state_dict=opt_state, options=StateDictOptions(full_state_dict=True))
-    elif opt_state is not None:
-        opt.load_state_dict(opt_state)
-    print0(f"training {sum(q.numel() for _, q in named):,} of {sum(q.numel() for q in editor.tr.parameters()):,} "
-           f"transformer parameters on {ddp.world} rank(s)")
+        set_optimizer_state_dict(editor.tr, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+    print0(f"training {sum(q.numel() for _, q in named):,} transformer parameters on {ddp.world} rank(s)")
     history, t_run = history or {"eval": [], "train": []}, time.time()
     if start == 0:
         history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, 0))
@@ -804,7 +717,9 @@ def main(args):
         t_rollout, t0 = time.time() - t0, time.time()
         # reward, then advantages normalised within each group over every rank's samples (slot order)
         rewards = gather(reward_fn(prompts, edits).to(ddp.device))
-        adv, zero_std = advantages(rewards, gather(torch.tensor([g for g, _ in mine], device=ddp.device)))
+        gids = gather(torch.tensor([g for g, _ in mine], device=ddp.device))
+        adv = group_advantages(rewards, gids)  # zero for groups whose rewards are all equal: they teach nothing
+        zero_std = float(torch.stack([(adv[gids == g] == 0).all() for g in gids.unique()]).double().mean())
         adv = adv[ddp.rank * len(mine) : (ddp.rank + 1) * len(mine)]
         t_reward, t0 = time.time() - t0, time.time()
         stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args)
@@ -816,11 +731,10 @@ def main(args):
         history["train"].append(rec)
         print0(f"step {step + 1}/{args.steps} | reward {rec['reward']:.4f} ± {rec['reward_std']:.4f} | zero-std "
                f"{zero_std:.2f} | unscored {rec['unscored']} | kl {rec['kl']:.2e} | clip {rec['clip']:.3f} | ratio "
-               f"{rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, {rec['ratio_max']:.5f}] | gnorm {rec['grad_norm']:.2e}"
-               f" | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {rec['train_s']:.1f}s")
+               f"{rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, {rec['ratio_max']:.5f}] | gnorm "
+               f"{rec['grad_norm']:.2e} | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {rec['train_s']:.1f}s")
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, step + 1))
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp)
     if ddp.master:
         with open(os.path.join(args.out_dir, "history.json"), "w") as f:

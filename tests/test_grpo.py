@@ -1,4 +1,4 @@
-"""grpo.py: the sampler, advantages, KL and loss against hand-computed values; the editors' conditioning (Qwen's
+"""grpo.py: the SDE step, advantages, KL and loss against hand-computed values; the editors' conditioning (Qwen's
 M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute, micro-batched decoding,
 Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by diffusers. Everything
 runs on the tiny editors, offline. Diagnostics come from what a run saves (history.json, checkpoints)."""
@@ -37,10 +37,9 @@ def test_sde_step_without_noise_is_the_schedulers_euler_step():
     for i in (0, 2, 5):  # includes sigma = 1 and the last step to sigma = 0
         sched._step_index = i
         euler = sched.step(v, sched.timesteps[i], x, return_dict=False)[0]
-        for kind in ("sde", "cps"):
-            prev, log_prob, mean, std = grpo.sde_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], 0.0, kind=kind)
-            torch.testing.assert_close(prev, euler, atol=1e-6, rtol=0)
-            assert torch.equal(std, torch.zeros(3)) and torch.equal(log_prob, torch.zeros(3))
+        prev, log_prob, mean, std = grpo.sde_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], 0.0)
+        torch.testing.assert_close(prev, euler, atol=1e-6, rtol=0)
+        assert torch.equal(std, torch.zeros(3)) and torch.equal(log_prob, torch.zeros(3))
 
 
 def test_sde_log_prob_is_the_normal_density_averaged_over_elements():
@@ -64,22 +63,6 @@ def test_sde_step_at_sigma_one_takes_the_root_at_the_next_sigma():
     _, _, _, std1 = grpo.sde_step(x, v, 1.0, 0.75, a)
     torch.testing.assert_close(std1, torch.full((2,), a * math.sqrt(0.75 / 0.25)))
     assert abs(a * math.sqrt(1 / 0.25) / float(std1[0]) - 1 / math.sqrt(0.75)) < 1e-6
-
-
-def test_cps_log_prob_and_sampling_are_consistent():
-    torch.manual_seed(1)
-    x, v = torch.randn(2, 6), torch.randn(2, 6)
-    s, s_next, a = 0.7, 0.4, 0.5
-    prev, log_prob, mean, std = grpo.sde_step(x, v, s, s_next, a, generator=torch.Generator().manual_seed(0), kind="cps")
-    want_std = s_next * math.sin(a * math.pi / 2)
-    want_mean = (x - s * v) * (1 - s_next) + (x + (1 - s) * v) * math.sqrt(s_next**2 - want_std**2)
-    torch.testing.assert_close(mean, want_mean)
-    torch.testing.assert_close(std, torch.full((2,), want_std))
-    torch.testing.assert_close(log_prob, torch.distributions.Normal(want_mean, want_std).log_prob(prev).mean(1))
-    noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(prev, want_mean + want_std * noise)
-    _, rescored, _, _ = grpo.sde_step(x, v, s, s_next, a, prev_sample=prev, kind="cps")
-    assert torch.equal(rescored, log_prob)
 
 
 # ---------------------------------------------------------------------------- advantages, KL and loss
@@ -166,7 +149,8 @@ def toy(tmp_path_factory):
 
 
 def paths(toy):
-    return ["--train_prompts", os.path.join(toy, "rl_train.jsonl"), "--test_prompts", os.path.join(toy, "rl_test.jsonl"),
+    return ["--train_prompts", os.path.join(toy, "rl_train.jsonl"),
+            "--test_prompts", os.path.join(toy, "rl_test.jsonl"),
             "--sft_data", os.path.join(toy, "editor_train.jsonl")]
 
 
@@ -181,7 +165,7 @@ def test_ratio_is_exactly_one_at_the_first_update(toy):
     sigmas = editor.sigmas(4)
     x = grpo.initial_noise(editor, [1, 2, 3], CPU)
     with torch.no_grad():
-        _, traj = grpo.sample(editor, cond, x, sigmas, {0, 1, 2}, 0.9, "sde", torch.Generator().manual_seed(0))
+        _, traj = grpo.sample(editor, cond, x, sigmas, {0, 1, 2}, 0.9, torch.Generator().manual_seed(0))
     for j, x_t, x_next, old in traj:  # the training forward, with gradients, re-scores the same samples
         v = editor.velocity(x_t, sigmas[j], cond)
         _, lp, _, _ = grpo.sde_step(x_t, v, sigmas[j], sigmas[j + 1], 0.9, prev_sample=x_next)
@@ -193,7 +177,7 @@ def test_qwen_edit_path_true_cfg_and_small_condition(toy):
     editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "4")
     cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2])
     # the condition is encoded at the output's size, not the pipeline's 1024^2 area
-    assert cond["image"].shape == (2, 16, 48) and cond["img_shapes"][0] == [(1, 4, 4), (1, 4, 4)]
+    assert cond["image"].shape == (2, 16, 48) and cond["passes"][0]["img_shapes"][0] == [(1, 4, 4), (1, 4, 4)]
     x = grpo.initial_noise(editor, [1, 2], CPU)
     with torch.no_grad():
         v = editor.velocity(x, 0.5, cond)
@@ -209,7 +193,8 @@ def test_qwen_prompt_embedding_has_the_image_tokens_mrope_positions(toy):
     img = load_sources(p)[0].resize((64, 64))
     with torch.no_grad():
         ours = editor.qwen_embed(p.instruction, [img])
-        inputs = pipe.processor(text=[pipe.prompt_template_encode.format(p.instruction)], images=[img], return_tensors="pt")
+        text = pipe.prompt_template_encode.format(p.instruction)
+        inputs = pipe.processor(text=[text], images=[img], return_tensors="pt")
         out = pipe.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                 pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
                                 mm_token_type_ids=inputs["mm_token_type_ids"], output_hidden_states=True)
@@ -220,14 +205,15 @@ def test_qwen_prompt_embedding_has_the_image_tokens_mrope_positions(toy):
 
 
 def test_qwen_edit_plus_conditions_on_every_source(toy):
-    editor, _ = editor_for(toy, "--editor", "tiny-qwen-plus", "--guidance", "1")
+    args = grpo.parse_args(FAST + paths(toy) + ["--editor", "tiny-qwen", "--guidance", "1"])
+    editor = grpo.Editor(grpo.tiny_qwen_edit(plus=True), args, CPU, pixel_patch=2)
     one = load_prompts(os.path.join(toy, "rl_train.jsonl"))[0]
     a, b = [load_prompts(os.path.join(toy, "rl_train.jsonl"))[i].sources[0] for i in (1, 2)]
     two = EditPrompt(id="two", instruction="put the shape of Picture 2 into Picture 1", sources=[a, b],
                      origin=one.origin)
     cond = editor.condition([two])
     n, h = (editor.side // 2) ** 2, editor.side // 2
-    assert cond["image"].shape == (1, 2 * n, 4 * editor.C) and cond["img_shapes"] == [[(1, h, h)] * 3]
+    assert cond["image"].shape == (1, 2 * n, 4 * editor.C) and cond["passes"][0]["img_shapes"] == [[(1, h, h)] * 3]
     second = editor.encode_images(load_sources(two)[1:], editor.side)[0]  # Picture 2's latents, at the output's size
     torch.testing.assert_close(cond["image"][0, n:].float(), second)
     mixed = editor.condition([one, two])  # one and two sources in one micro-batch: a forward each
@@ -249,7 +235,8 @@ def test_condition_cache_keyed_by_content_bounded_in_compute_dtype(toy, tmp_path
     ca, cb = editor.condition([pa]), editor.condition([pb])
     fresh, _ = editor_for(toy, "--dtype", "bf16")
     cb_fresh = fresh.condition([pb])
-    assert torch.equal(cb["image"], cb_fresh["image"]) and torch.equal(cb["text"], cb_fresh["text"])
+    text = lambda c: c["passes"][0]["encoder_hidden_states"]  # noqa: E731
+    assert torch.equal(cb["image"], cb_fresh["image"]) and torch.equal(text(cb), text(cb_fresh))
     assert not torch.equal(ca["image"], cb["image"])
     editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:6])
     assert len(editor.cache) == 6  # a micro-batch's own prompts always fit
@@ -276,8 +263,9 @@ def test_decode_runs_the_vae_in_micro_batches(toy):
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                         shift_factor=0.0).eval()
-    pipe = FluxKontextPipeline(scheduler=tiny.scheduler, vae=vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer,
-                               text_encoder_2=tiny.text_encoder_2, tokenizer_2=tiny.tokenizer_2, transformer=tiny.transformer)
+    pipe = FluxKontextPipeline(scheduler=tiny.scheduler, vae=vae, text_encoder=tiny.text_encoder,
+                               tokenizer=tiny.tokenizer, text_encoder_2=tiny.text_encoder_2,
+                               tokenizer_2=tiny.tokenizer_2, transformer=tiny.transformer)
     editor = grpo.Editor(pipe, grpo.parse_args(FAST + paths(toy)), CPU)
     sizes, decode = [], vae.decode
     vae.decode = lambda z, **kw: (sizes.append(len(z)), decode(z, **kw))[1]
@@ -361,7 +349,7 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path):
     """--fsdp shards the transformer and its optimizer state over the ranks; a checkpoint gathers the whole state
     and --resume shards it again, so 2 steps + resume to 4 equal 4 straight steps (without the optimizer state
     the weights differ by ~0.03)."""
-    args = FAST + paths(toy) + ["--sft_steps", "2", "--fsdp", "--ckpt_every", "1"]
+    args = FAST + paths(toy) + ["--sft_steps", "2", "--fsdp", "--eval_every", "1"]
     a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
     for extra, out in ((["--steps", "4"], a), (["--steps", "2"], b), (["--steps", "4", "--resume"], b)):
         res = run(args + extra, out, torchrun=True, check=False)
@@ -374,13 +362,13 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path):
 @pytest.fixture(scope="module")
 def straight(toy, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight"))
-    run(FAST + paths(toy) + ["--steps", "4", "--ckpt_every", "1", "--sft_steps", "2"], out)
+    run(FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"], out)
     return out
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(toy, straight, tmp_path):
     out = str(tmp_path / "killed")
-    args = FAST + paths(toy) + ["--steps", "4", "--ckpt_every", "1", "--sft_steps", "2"]
+    args = FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"]
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py")] + args + ["--out_dir", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(out, "ckpt", "state.json")
