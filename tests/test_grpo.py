@@ -1,5 +1,7 @@
-"""grpo.py: the sampler, advantages and loss against hand-computed values; torchrun on CPU; exact resume;
-the saved LoRA in diffusers' format. Everything runs on the tiny editor, offline, in about a minute."""
+"""grpo.py: the SDE step, advantages, KL and loss against hand-computed values; the editors' conditioning (Qwen's
+M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute, micro-batched decoding,
+Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by diffusers. Everything
+runs on the tiny editors, offline. Diagnostics come from what a run saves (history.json, checkpoints)."""
 import json
 import math
 import os
@@ -12,14 +14,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
-from data import make_toy  # noqa: E402
+from data import Dist, EditPrompt, load_prompts, load_sources, make_toy  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+CPU = torch.device("cpu")
 # a tiny, fast run: 16 px images, 4 sampling steps, 2 prompts x 2 samples per step
-FAST = ["--editor", "tiny", "--resolution", "16", "--tiny_width", "32", "--max_sequence_length", "48",
-        "--num_steps", "4", "--eval_num_steps", "2", "--prompts_per_step", "2", "--group_size", "2",
-        "--micro_batch", "2", "--eval_prompts", "2", "--eval_every", "0", "--lr", "1e-2", "--noise_level", "0.9"]
+FAST = ["--editor", "tiny", "--resolution", "16", "--max_sequence_length", "48", "--num_steps", "4",
+        "--eval_num_steps", "2", "--prompts_per_step", "2", "--group_size", "2", "--micro_batch", "2",
+        "--eval_prompts", "2", "--eval_every", "0", "--lr", "1e-2", "--noise_level", "0.9"]
 
 
 # ---------------------------------------------------------------------------- the sampler
@@ -34,48 +37,35 @@ def test_sde_step_without_noise_is_the_schedulers_euler_step():
     for i in (0, 2, 5):  # includes sigma = 1 and the last step to sigma = 0
         sched._step_index = i
         euler = sched.step(v, sched.timesteps[i], x, return_dict=False)[0]
-        for kind in ("sde", "cps"):
-            prev, log_prob, mean, std = grpo.sde_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], 0.0, kind=kind)
-            torch.testing.assert_close(prev, euler, atol=1e-6, rtol=0)
-            assert torch.equal(std, torch.zeros(3)) and torch.equal(log_prob, torch.zeros(3))
+        prev, log_prob, mean, std = grpo.sde_step(x, v, sched.sigmas[i], sched.sigmas[i + 1], 0.0)
+        torch.testing.assert_close(prev, euler, atol=1e-6, rtol=0)
+        assert torch.equal(std, torch.zeros(3)) and torch.equal(log_prob, torch.zeros(3))
 
 
 def test_sde_log_prob_is_the_normal_density_averaged_over_elements():
     torch.manual_seed(0)
     x, v, prev = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     s, s_next, a = torch.tensor([0.8, 0.5]), torch.tensor([0.6, 0.3]), 0.7
-    _, log_prob, mean, std = grpo.sde_step(x, v, s, s_next, a, prev_sample=prev)
+    _, log_prob, mean, std_dev_t = grpo.sde_step(x, v, s, s_next, a, prev_sample=prev)
     col = lambda t: t.view(2, 1, 1)  # noqa: E731
     dt = col(s_next - s)
     std_s = a * torch.sqrt(col(s) / (1 - col(s)))
     want_mean = x * (1 + std_s**2 / (2 * col(s)) * dt) + v * (1 + std_s**2 * (1 - col(s)) / (2 * col(s))) * dt
-    want_std = std_s * torch.sqrt(-dt)
     torch.testing.assert_close(mean, want_mean)
-    torch.testing.assert_close(std, want_std.flatten())
-    want = torch.distributions.Normal(want_mean, want_std).log_prob(prev).mean(dim=(1, 2))
+    torch.testing.assert_close(std_dev_t, std_s.flatten())  # Flow-GRPO's std_dev_t, without sqrt(-dt)
+    want = torch.distributions.Normal(want_mean, std_s * torch.sqrt(-dt)).log_prob(prev).mean(dim=(1, 2))
     torch.testing.assert_close(log_prob, want)
-    # sigma = 1: the root takes sigma_next instead (finite std)
+
+
+def test_sde_step_at_sigma_one_takes_the_root_at_the_next_sigma():
+    # ours: a sqrt(s' / (1 - s')); Flow-GRPO's code: a sqrt(1 / (1 - s')), sqrt(1 / s') = 1.15x more at s' = 0.75
+    x, v, a = torch.randn(2, 3), torch.randn(2, 3), 0.7
     _, _, _, std1 = grpo.sde_step(x, v, 1.0, 0.75, a)
-    torch.testing.assert_close(std1, torch.full((2,), a * math.sqrt(0.75 / 0.25) * math.sqrt(0.25)))
+    torch.testing.assert_close(std1, torch.full((2,), a * math.sqrt(0.75 / 0.25)))
+    assert abs(a * math.sqrt(1 / 0.25) / float(std1[0]) - 1 / math.sqrt(0.75)) < 1e-6
 
 
-def test_cps_log_prob_and_sampling_are_consistent():
-    torch.manual_seed(1)
-    x, v = torch.randn(2, 6), torch.randn(2, 6)
-    s, s_next, a = 0.7, 0.4, 0.5
-    prev, log_prob, mean, std = grpo.sde_step(x, v, s, s_next, a, generator=torch.Generator().manual_seed(0), kind="cps")
-    want_std = s_next * math.sin(a * math.pi / 2)
-    want_mean = (x - s * v) * (1 - s_next) + (x + (1 - s) * v) * math.sqrt(s_next**2 - want_std**2)
-    torch.testing.assert_close(mean, want_mean)
-    torch.testing.assert_close(std, torch.full((2,), want_std))
-    torch.testing.assert_close(log_prob, torch.distributions.Normal(want_mean, want_std).log_prob(prev).mean(1))
-    noise = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(prev, want_mean + want_std * noise)
-    _, rescored, _, _ = grpo.sde_step(x, v, s, s_next, a, prev_sample=prev, kind="cps")
-    assert torch.equal(rescored, log_prob)
-
-
-# ---------------------------------------------------------------------------- advantages and loss
+# ---------------------------------------------------------------------------- advantages, KL and loss
 
 
 def test_group_advantages_by_hand():
@@ -86,7 +76,15 @@ def test_group_advantages_by_hand():
     want = [-1 / (sd + 1e-4), 0.0, 1 / (sd + 1e-4), 0.0, 0.0, -5 / (5 + 1e-4), 5 / (5 + 1e-4)]
     torch.testing.assert_close(adv, torch.tensor(want))
     big = grpo.group_advantages(torch.tensor([0.0, 0.0, 0.0, 1.0]), torch.zeros(4), clip=1.5)
-    torch.testing.assert_close(big, torch.tensor([-1 / math.sqrt(3), -1 / math.sqrt(3), -1 / math.sqrt(3), 1.5]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(big, torch.tensor([-1 / math.sqrt(3)] * 3 + [1.5]), atol=1e-3, rtol=0)
+
+
+def test_group_advantages_keep_small_spreads_on_large_offsets():
+    r = torch.tensor([100.001, 100.002, 100.004], dtype=torch.float64)
+    dev = r - r.mean()
+    want = dev / (dev.pow(2).mean().sqrt() + 1e-4)  # float64 throughout
+    adv = grpo.group_advantages(r, torch.zeros(3))
+    assert (adv.double() - want).abs().max() < 1e-6  # a float32 computation is off by ~1e-2 here
 
 
 def test_group_advantages_leave_unscored_samples_out():
@@ -94,6 +92,19 @@ def test_group_advantages_leave_unscored_samples_out():
     nan = float("nan")
     adv = grpo.group_advantages(torch.tensor([1.0, nan, 3.0, nan, nan]), torch.tensor([0, 0, 0, 1, 1]), eps=0.0)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0]))
+
+
+def test_kl_is_flow_grpos_exact_transition_kl_times_dt():
+    torch.manual_seed(2)
+    x, v, v_ref = torch.randn(2, 5, 3), torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    s, s_next = 0.8, 0.6
+    _, _, mean, std_dev_t = grpo.sde_step(x, v, s, s_next, 0.9)
+    _, _, ref_mean, _ = grpo.sde_step(x, v_ref, s, s_next, 0.9)
+    kl = grpo.gaussian_kl(mean, ref_mean, std_dev_t)
+    torch.testing.assert_close(kl, ((mean - ref_mean) ** 2).mean(dim=(1, 2)) / (2 * std_dev_t**2))
+    var = (std_dev_t * math.sqrt(s - s_next)) ** 2  # the transitions' variance
+    exact = ((mean - ref_mean) ** 2).mean(dim=(1, 2)) / (2 * var)
+    torch.testing.assert_close(kl, exact * (s - s_next))
 
 
 def test_grpo_loss_by_hand():
@@ -108,8 +119,6 @@ def test_grpo_loss_by_hand():
     kl = torch.tensor([0.5, 1.0, 0.0, 0.5])
     loss_kl, _, _ = grpo.grpo_loss(new, old, adv, c, kl=kl, beta=0.04)
     torch.testing.assert_close(loss_kl, loss + 0.04 * 0.5)
-    torch.testing.assert_close(grpo.gaussian_kl(torch.ones(2, 3), torch.zeros(2, 3), torch.tensor([1.0, 2.0])),
-                               torch.tensor([0.5, 0.125]))
 
 
 def test_rollout_plan_spreads_groups_over_ranks_with_distinct_noise():
@@ -129,7 +138,7 @@ def test_rollout_plan_spreads_groups_over_ranks_with_distinct_noise():
     assert all(len(v) == 1 for v in by_group.values()) and len({min(v) for v in by_group.values()}) == P
 
 
-# ---------------------------------------------------------------------------- the tiny editor
+# ---------------------------------------------------------------------------- the tiny editors
 
 
 @pytest.fixture(scope="module")
@@ -139,17 +148,24 @@ def toy(tmp_path_factory):
     return out
 
 
-def test_ratio_is_exactly_one_at_the_first_update(toy):
-    from data import load_prompts
+def paths(toy):
+    return ["--train_prompts", os.path.join(toy, "rl_train.jsonl"),
+            "--test_prompts", os.path.join(toy, "rl_test.jsonl"),
+            "--sft_data", os.path.join(toy, "editor_train.jsonl")]
 
-    args = grpo_args(toy)
-    editor = grpo.load_editor(args, torch.device("cpu"))
-    prompts = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:3]
-    cond = editor.condition(prompts)
+
+def editor_for(toy, *extra):
+    args = grpo.parse_args(FAST + paths(toy) + list(extra))
+    return grpo.load_editor(args, CPU), args
+
+
+def test_ratio_is_exactly_one_at_the_first_update(toy):
+    editor, _ = editor_for(toy)
+    cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:3])
     sigmas = editor.sigmas(4)
-    x = grpo.initial_noise(editor, [1, 2, 3], torch.device("cpu"))
+    x = grpo.initial_noise(editor, [1, 2, 3], CPU)
     with torch.no_grad():
-        _, traj = grpo.sample(editor, cond, x, sigmas, {0, 1, 2}, 0.9, "sde", torch.Generator().manual_seed(0))
+        _, traj = grpo.sample(editor, cond, x, sigmas, {0, 1, 2}, 0.9, torch.Generator().manual_seed(0))
     for j, x_t, x_next, old in traj:  # the training forward, with gradients, re-scores the same samples
         v = editor.velocity(x_t, sigmas[j], cond)
         _, lp, _, _ = grpo.sde_step(x_t, v, sigmas[j], sigmas[j + 1], 0.9, prev_sample=x_next)
@@ -158,28 +174,119 @@ def test_ratio_is_exactly_one_at_the_first_update(toy):
 
 
 def test_qwen_edit_path_true_cfg_and_small_condition(toy):
-    from data import load_prompts
-
-    args = grpo_args(toy, editor="tiny-qwen", true_cfg=4.0)
-    editor = grpo.load_editor(args, torch.device("cpu"))
+    editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "4")
     cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2])
     # the condition is encoded at the output's size, not the pipeline's 1024^2 area
-    assert cond["image"].shape == (2, 16, 48) and cond["img_shapes"][0] == [(1, 4, 4), (1, 4, 4)]
-    x = grpo.initial_noise(editor, [1, 2], torch.device("cpu"))
+    assert cond["image"].shape == (2, 16, 48) and cond["passes"][0]["img_shapes"][0] == [(1, 4, 4), (1, 4, 4)]
+    x = grpo.initial_noise(editor, [1, 2], CPU)
     with torch.no_grad():
         v = editor.velocity(x, 0.5, cond)
-        args.true_cfg = 1.0
+        editor.guidance = 1.0
         v1 = editor.velocity(x, 0.5, cond)
     assert v.shape == x.shape and not torch.allclose(v, v1)
-    # true CFG keeps the conditional prediction's norm per token
-    torch.testing.assert_close(v.norm(dim=-1), v1.norm(dim=-1))
+    torch.testing.assert_close(v.norm(dim=-1), v1.norm(dim=-1))  # true CFG keeps the conditional prediction's norm
 
 
-def grpo_args(toy, editor="tiny", true_cfg=1.0):
-    import argparse
+def test_qwen_prompt_embedding_has_the_image_tokens_mrope_positions(toy):
+    editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "1")
+    pipe, p = editor.pipe, load_prompts(os.path.join(toy, "rl_train.jsonl"))[0]
+    img = load_sources(p)[0].resize((64, 64))
+    with torch.no_grad():
+        ours = editor.qwen_embed(p.instruction, [img])
+        text = pipe.prompt_template_encode.format(p.instruction)
+        inputs = pipe.processor(text=[text], images=[img], return_tensors="pt")
+        out = pipe.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                                mm_token_type_ids=inputs["mm_token_type_ids"], output_hidden_states=True)
+        want = out.hidden_states[-1][0, pipe.prompt_template_encode_start_idx:]
+        without, _ = pipe.encode_prompt(prompt=[p.instruction], image=img, device=CPU)  # diffusers' own path
+    torch.testing.assert_close(ours, want)
+    assert without.shape[1:] == want.shape[:1] + want.shape[1:] and not torch.allclose(without[0], want, atol=1e-4)
 
-    return argparse.Namespace(editor=editor, seed=0, tiny_patch=2, tiny_width=32, max_sequence_length=48, resolution=16,
-                              cond_pixels=0, offload=False, true_cfg=true_cfg, guidance=2.5, negative_prompt=" ", dtype="fp32")
+
+def test_qwen_edit_plus_conditions_on_every_source(toy):
+    args = grpo.parse_args(FAST + paths(toy) + ["--editor", "tiny-qwen", "--guidance", "1"])
+    editor = grpo.Editor(grpo.tiny_qwen_edit(plus=True), args, CPU, pixel_patch=2)
+    one = load_prompts(os.path.join(toy, "rl_train.jsonl"))[0]
+    a, b = [load_prompts(os.path.join(toy, "rl_train.jsonl"))[i].sources[0] for i in (1, 2)]
+    two = EditPrompt(id="two", instruction="put the shape of Picture 2 into Picture 1", sources=[a, b],
+                     origin=one.origin)
+    cond = editor.condition([two])
+    n, h = (editor.side // 2) ** 2, editor.side // 2
+    assert cond["image"].shape == (1, 2 * n, 4 * editor.C) and cond["passes"][0]["img_shapes"] == [[(1, h, h)] * 3]
+    second = editor.encode_images(load_sources(two)[1:], editor.side)[0]  # Picture 2's latents, at the output's size
+    torch.testing.assert_close(cond["image"][0, n:].float(), second)
+    mixed = editor.condition([one, two])  # one and two sources in one micro-batch: a forward each
+    with torch.no_grad():
+        v = editor.velocity(grpo.initial_noise(editor, [1, 2], CPU), 0.5, mixed)
+        v2 = editor.velocity(grpo.initial_noise(editor, [2], CPU), 0.5, cond)
+    assert v.shape == (2, n, 4 * editor.C)
+    torch.testing.assert_close(v[1:], v2)
+
+
+def test_condition_cache_keyed_by_content_bounded_in_compute_dtype(toy, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(toy, "rl_train.jsonl"))]
+    for name, row in (("a", rows[0]), ("b", rows[1])):  # two files without ids: both number their row "0"
+        row = {k: os.path.join(toy, v) if k == "source" else v for k, v in row.items() if k != "id"}
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    pa, pb = load_prompts(str(tmp_path / "a.jsonl"))[0], load_prompts(str(tmp_path / "b.jsonl"))[0]
+    assert pa.id == pb.id
+    editor, _ = editor_for(toy, "--dtype", "bf16", "--prompts_per_step", "1", "--eval_prompts", "2")
+    ca, cb = editor.condition([pa]), editor.condition([pb])
+    fresh, _ = editor_for(toy, "--dtype", "bf16")
+    cb_fresh = fresh.condition([pb])
+    text = lambda c: c["passes"][0]["encoder_hidden_states"]  # noqa: E731
+    assert torch.equal(cb["image"], cb_fresh["image"]) and torch.equal(text(cb), text(cb_fresh))
+    assert not torch.equal(ca["image"], cb["image"])
+    editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:6])
+    assert len(editor.cache) == 6  # a micro-batch's own prompts always fit
+    editor.condition([pa])
+    assert len(editor.cache) == 3  # then it shrinks to prompts_per_step + eval_prompts
+    assert {v.dtype for e in editor.cache.values() for v in e.values() if torch.is_tensor(v)} == {torch.bfloat16}
+
+
+def test_bf16_compute_with_fully_trained_fp32_modules(toy):
+    editor, args = editor_for(toy, "--dtype", "bf16", "--lora_rank", "0", "--train_modules", "time_text_embed")
+    named, _ = grpo.setup_trainable(editor, args)
+    assert editor.tr.dtype == torch.float32  # the first parameter's dtype is no guide to the compute dtype
+    cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2])
+    v = editor.velocity(grpo.initial_noise(editor, [1, 2], CPU), 0.5, cond)
+    v.square().mean().backward()
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    assert all(q.grad is not None and torch.isfinite(q.grad).all() for _, q in named)
+
+
+def test_decode_runs_the_vae_in_micro_batches(toy):
+    from diffusers import AutoencoderKL, FluxKontextPipeline
+
+    tiny = grpo.tiny_kontext(max_length=48)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        shift_factor=0.0).eval()
+    pipe = FluxKontextPipeline(scheduler=tiny.scheduler, vae=vae, text_encoder=tiny.text_encoder,
+                               tokenizer=tiny.tokenizer, text_encoder_2=tiny.text_encoder_2,
+                               tokenizer_2=tiny.tokenizer_2, transformer=tiny.transformer)
+    editor = grpo.Editor(pipe, grpo.parse_args(FAST + paths(toy)), CPU)
+    sizes, decode = [], vae.decode
+    vae.decode = lambda z, **kw: (sizes.append(len(z)), decode(z, **kw))[1]
+    ims = editor.decode(torch.randn(5, (editor.side // 2) ** 2, 4 * editor.C))
+    assert len(ims) == 5 and ims[0].size == (16, 16) and sizes == [2, 2, 1]
+
+
+def test_default_lora_targets_are_flow_grpos(toy):
+    for name, frozen in (("tiny", {"norm1.linear", "norm1_context.linear", "norm.linear", "proj_out"}),
+                         ("tiny-qwen", {"img_mod.1", "txt_mod.1"})):
+        editor, args = editor_for(toy, "--editor", name, "--guidance", "1")
+        blocks = [editor.tr.transformer_blocks[0]] + list(getattr(editor.tr, "single_transformer_blocks", [])[:1])
+        linears = [{n for n, m in b.named_modules() if isinstance(m, torch.nn.Linear)} for b in blocks]
+        grpo.setup_trainable(editor, args)
+        adapted = [{n.rsplit(".lora_A", 1)[0] for n, _ in b.named_parameters() if ".lora_A." in n} for b in blocks]
+        assert all(a == lin - frozen for a, lin in zip(adapted, linears))
+        if name == "tiny":  # 12 of a double block's 14 linears, 4 of a single block's 6
+            assert [len(a) for a in adapted] == [12, 4]
+
+
+# ---------------------------------------------------------------------------- whole runs
 
 
 def run(args, out, torchrun=False, check=True, **kw):
@@ -194,25 +301,55 @@ def trained(out):
     return load_file(os.path.join(out, "ckpt", "trainable.safetensors"))
 
 
-def test_torchrun_two_ranks(toy, tmp_path):
-    out = str(tmp_path / "ddp")
-    res = run(FAST + ["--data_dir", toy, "--steps", "2", "--sft_steps", "2", "--group_size", "3"], out, torchrun=True,
-              check=False)
+def history(out):
+    with open(os.path.join(out, "history.json")) as f:
+        return json.load(f)
+
+
+def restored(out, args):
+    """The editor as the run left it: warmed-up weights, then the checkpoint's trained tensors."""
+    from safetensors.torch import load_file
+
+    editor = grpo.load_editor(args, CPU)
+    editor.tr.load_state_dict(load_file(os.path.join(out, "sft", "transformer.safetensors")))
+    named, _ = grpo.setup_trainable(editor, args)
+    grpo.load_checkpoint(os.path.join(out, "ckpt"), named)
+    return editor
+
+
+def test_torchrun_two_ranks_end_with_the_saved_weights(toy, tmp_path):
+    out, flags = str(tmp_path / "ddp"), FAST + paths(toy) + ["--steps", "2", "--sft_steps", "2", "--group_size", "3"]
+    res = run(flags, out, torchrun=True, check=False)
     assert res.returncode == 0 and "step 2/2" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
-    with open(os.path.join(out, "ckpt", "state.json")) as f:
-        state = json.load(f)
-    # the weights every rank held at the checkpoint (gathered by the script) are identical
-    sums = state["rank_checksums"]
-    assert len(sums) == 2 and sums[0] == sums[1]
-    # the 2 x 3 samples of a step, split 3 + 3 over the ranks, all start from different noise
-    assert all(rec["distinct_noise"] == 6 for rec in state["history"]["train"])
+    # the last eval ran half its prompts on each rank: the saved weights reproduce it, so both ranks held them
+    args = grpo.parse_args(flags + ["--out_dir", str(tmp_path)])
+    editor = restored(out, args)
+    test = load_prompts(args.test_prompts)[: args.eval_prompts]
+    ev = grpo.evaluate(editor, test, grpo.make_reward("oracle", CPU), editor.sigmas(2), Dist(device=CPU), args, 2)
+    assert abs(ev["reward"] - history(out)["eval"][-1]["reward"]) < 1e-6
+
+
+def test_fsdp_uneven_eval_and_kl_of_fully_trained_modules(toy, tmp_path):
+    """2 ranks, 3 held-out prompts one at a time: rank 1 has one prompt fewer, yet every forward is a collective
+    under FSDP. The KL to the starting weights of fully trained modules is the same with FSDP as without it."""
+    flags = FAST + paths(toy) + ["--steps", "2", "--lora_rank", "0", "--train_modules", "context_embedder",
+                                 "--beta", "0.1", "--eval_prompts", "3", "--micro_batch", "1"]
+    a, b = str(tmp_path / "fsdp"), str(tmp_path / "plain")
+    res = run(flags + ["--fsdp"], a, torchrun=True, check=False, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run(flags, b, torchrun=True, check=False, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ha, hb = history(a), history(b)
+    assert ha["train"][0]["kl"] == 0 and ha["train"][1]["kl"] > 0  # step 1 is the reference itself
+    assert [t["kl"] for t in ha["train"]] == pytest.approx([t["kl"] for t in hb["train"]], rel=1e-3)
+    assert len(ha["eval"]) == 2 and ha["eval"][-1]["reward"] == pytest.approx(hb["eval"][-1]["reward"], abs=1e-6)
 
 
 def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path):
     """--fsdp shards the transformer and its optimizer state over the ranks; a checkpoint gathers the whole state
     and --resume shards it again, so 2 steps + resume to 4 equal 4 straight steps (without the optimizer state
     the weights differ by ~0.03)."""
-    args = FAST + ["--data_dir", toy, "--sft_steps", "2", "--fsdp", "--ckpt_every", "1"]
+    args = FAST + paths(toy) + ["--sft_steps", "2", "--fsdp", "--eval_every", "1"]
     a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
     for extra, out in ((["--steps", "4"], a), (["--steps", "2"], b), (["--steps", "4", "--resume"], b)):
         res = run(args + extra, out, torchrun=True, check=False)
@@ -225,13 +362,13 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path):
 @pytest.fixture(scope="module")
 def straight(toy, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight"))
-    run(FAST + ["--data_dir", toy, "--steps", "4", "--ckpt_every", "1", "--sft_steps", "2"], out)
+    run(FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"], out)
     return out
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(toy, straight, tmp_path):
     out = str(tmp_path / "killed")
-    args = FAST + ["--data_dir", toy, "--steps", "4", "--ckpt_every", "1", "--sft_steps", "2"]
+    args = FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"]
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py")] + args + ["--out_dir", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(out, "ckpt", "state.json")
@@ -245,17 +382,23 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(toy, straight, tmp_pat
     run(args + ["--resume"], out)
     a, b = trained(straight), trained(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with open(os.path.join(straight, "history.json")) as f, open(os.path.join(out, "history.json")) as g:
-        assert [t["reward"] for t in json.load(f)["train"]] == [t["reward"] for t in json.load(g)["train"]]
+    assert [t["reward"] for t in history(straight)["train"]] == [t["reward"] for t in history(out)["train"]]
 
 
-def test_saved_lora_loads_into_the_diffusers_pipeline_and_changes_it(straight):
-    def edit(pipe):
-        return pipe(prompt="make the red circle blue", height=16, width=16, num_inference_steps=2, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
+def test_saved_lora_loads_back_into_the_pipeline_at_full_strength(toy, straight):
+    """alpha 16 != rank 8: without the adapter's metadata load_lora_weights would take alpha = r, half the edit."""
+    from safetensors.torch import load_file
 
-    pipe = grpo.tiny_kontext(seed=0, patch=2, width=32, max_length=48)
-    before = edit(pipe)
-    pipe.load_lora_weights(os.path.join(straight, "ckpt"))
-    after = edit(pipe)
-    assert before.shape == after.shape and not torch.allclose(before, after)
+    args = grpo.parse_args(FAST + paths(toy))
+    prompts = load_prompts(args.train_prompts)[:2]
+    base = grpo.load_editor(args, CPU)
+    base.tr.load_state_dict(load_file(os.path.join(straight, "sft", "transformer.safetensors")))
+    x = grpo.initial_noise(base, [1, 2], CPU)
+    with torch.no_grad():
+        v0 = base.velocity(x, 0.6, base.condition(prompts))
+        trained_v = restored(straight, args)
+        v1 = trained_v.velocity(x, 0.6, trained_v.condition(prompts))
+        base.pipe.load_lora_weights(os.path.join(straight, "ckpt"))
+        v2 = base.velocity(x, 0.6, base.condition(prompts))
+    ratio = float((v2 - v0).norm() / (v1 - v0).norm())
+    assert (v1 - v0).norm() > 0 and abs(ratio - 1) < 1e-4, ratio
