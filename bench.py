@@ -155,7 +155,7 @@ def by_label(pair, column, human):
     ({"preferred": x, "rejected": y}, e.g. the toy's outcomes) reads "winner > loser", with no label on a tie."""
     v = pair.meta[column] if column in pair.meta else getattr(pair, column, None)
     if isinstance(v, dict):  # human = 1 or -1 reads the pair forwards or backwards
-        return " > ".join([v["preferred"], v["rejected"]][::human]) if human else ""
+        return " > ".join(map(str, [v["preferred"], v["rejected"]][::human])) if human else ""
     return "" if v is None else str(v)
 
 
