@@ -128,6 +128,7 @@ def editscore_bench_table(tasks, dimensions, model_diff):
 # either of a tie); task = the item's category (EditScore: its task type); by = its --by label, "" when none.
 Comparison = NamedTuple("Comparison", [("dim", str), ("human", int), ("a", str), ("b", str), ("task", str),
                                        ("by", str)])
+Unit = NamedTuple("Unit", [("item", object), ("edited", object)])  # one image to score: its pair or group, its ref
 
 
 def image_hash(ref, memo):
@@ -160,7 +161,7 @@ def by_label(pair, column, human):
 
 
 def plan(items, scorer, k, seed, by=""):
-    """Benchmark items -> ({key: (item, edited image ref)}, [Comparison], [(ranks, keys)] per candidate group).
+    """Benchmark items -> ({key: Unit}, [Comparison], [(ranks, keys)] per candidate group).
     A key hashes all a score depends on: the images (sources too), instruction, scorer, K and seed. An EditScore-
     bench row judges one dimension, meta["dimension"]; a group gives its pairs, labelled per dimension by humans."""
     memo, units, comps, groups = {}, {}, [], []
@@ -168,7 +169,7 @@ def plan(items, scorer, k, seed, by=""):
     def unit(it, img):
         parts = [[image_hash(s, memo) for s in it.sources], image_hash(img, memo), it.instruction, scorer, k, seed]
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
-        units.setdefault(key, (it, img))
+        units.setdefault(key, Unit(it, img))
         return key
 
     for it in items:
@@ -221,10 +222,10 @@ def score_all(args, dist, units, scorer_flags):
             f.write("\n" if f.tell() else "")  # closes off the torn last line a killed run may have left
             for i in range(0, len(todo), batch):
                 keys = todo[i:i + batch]
-                its = [units[key] for key in keys]
+                us = [units[key] for key in keys]
                 # pass i of a sampled (verifier) score uses seed + i whatever the batch or rank: reproducible
-                out = rm.score([load_sources(it) for it, _ in its], [it.instruction for it, _ in its],
-                               [load_image(img, it.origin) for it, img in its], num_samples=args.k,
+                out = rm.score([load_sources(u.item) for u in us], [u.item.instruction for u in us],
+                               [load_image(u.edited, u.item.origin) for u in us], num_samples=args.k,
                                batch_size=len(keys), seed=args.seed)
                 out = {key: {name: float(v[j]) for name, v in out.items()} for j, key in enumerate(keys)}
                 f.write("".join(json.dumps({"key": key, "scores": s}) + "\n" for key, s in out.items()))
@@ -244,8 +245,7 @@ def score_all(args, dist, units, scorer_flags):
 # "overall" (e.g. EditScore's consistency on a Gaussian head trained on instruction following + quality).
 SCORE_ALIASES = {"prompt_following": ("prompt_following", "instruction_following"),
                  "instruction_following": ("instruction_following", "prompt_following"),
-                 "visual_quality": ("visual_quality", "perceptual_quality"),
-                 "quality_aesthetic": ("visual_quality", "perceptual_quality")}
+                 "visual_quality": ("visual_quality", "perceptual_quality")}
 
 
 def pairwise_metrics(h, d):
@@ -357,9 +357,9 @@ def write_report(args, info, comps, groups, units, scores, editscore):
     if args.worst:  # for a person: the overall rewards most confidently against the human order, one row each
         gaps = sorted((scores[a]["overall"] - scores[b]["overall"], a, b) for c in comps
                       if c.human and c.dim == "overall" for a, b in [[c.a, c.b][::c.human]])  # preferred first
-        rows = [(units[a][0].instruction, [(units[a][0].sources[0], "source"),
-                                           (units[a][1], f"preferred {scores[a]['overall']:.3f}"),
-                                           (units[b][1], f"other {scores[b]['overall']:.3f}")])
+        rows = [(units[a].item.instruction, [(units[a].item.sources[0], "source"),
+                                             (units[a].edited, f"preferred {scores[a]['overall']:.3f}"),
+                                             (units[b].edited, f"other {scores[b]['overall']:.3f}")])
                 for gap, a, b in gaps[:args.worst] if gap < 0]
         image_sheet(rows, os.path.join(args.out_dir, "worst.png"), cell=160)
         print(f"wrote {len(rows)} worst disagreements to {os.path.join(args.out_dir, 'worst.png')}")
