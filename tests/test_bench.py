@@ -107,6 +107,31 @@ def test_editscore_aggregation():
     assert t["overall"]["consistency"] == 0.5
 
 
+def test_evaluate_by_label():
+    """The report's numbers from hand-made comparisons: each --by label is measured on its own pairs."""
+    C = bench.Comparison
+    comps = [C("overall", 1, "a", "b", "t", "x"), C("overall", -1, "c", "d", "t", "x"),   # diffs 2, -0.5: right
+             C("overall", 0, "a", "c", "t", "y"), C("overall", 1, "b", "d", "t", "y")]    # diffs 1 (a tie), -1.5
+    scores = {"a": {"overall": 3.0}, "b": {"overall": 1.0}, "c": {"overall": 2.0}, "d": {"overall": 2.5}}
+    r = bench.evaluate(comps, [([0, 1], ["a", "b"])], scores, editscore=False)
+    o = r["pairwise"]["overall"]
+    assert (o["pairs"], o["human_ties"], o["with_ties"], o["without_ties"]) == (4, 1, 0.5, pytest.approx(2 / 3))
+    assert (o["tie_calibrated"], o["epsilon"]) == (0.5, 0.0)
+    assert (o["by"]["x"]["tie_calibrated"], o["by"]["x"]["without_ties"]) == (1.0, 1.0)
+    y = o["by"]["y"]                                  # eps = 1 calls the tie right; b-d is wrong at every eps
+    assert (y["pairs"], y["human_ties"], y["without_ties"], y["tie_calibrated"], y["epsilon"]) == (2, 1, 0.0, 0.5, 1.0)
+    assert r["groups"] == {"groups": 1, "sizes": [2], "epsilon": 0.0, "accuracy": 1.0}
+    assert r["unparsed"] == {"passes": 0, "images": 0}
+
+
+def test_by_label():
+    from data import PreferencePair
+    p = PreferencePair("p", "edit", ["s.png"], "a.png", "b.png", {"overall": 1}, category="color",
+                       meta={"outcomes": {"preferred": "correct", "rejected": "wrong"}})
+    assert [bench.by_label(p, "outcomes", h) for h in (1, -1, 0)] == ["correct > wrong", "wrong > correct", ""]
+    assert bench.by_label(p, "category", 0) == "color" and bench.by_label(p, "nothing", 1) == ""
+
+
 # ----------------------------------------------------------------------------- fixtures in the real schemas
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200), (120, 120, 120)]
@@ -227,32 +252,45 @@ def editreward_data(tmp):
 
 
 def run_bench(tmp, data, *extra, model="tiny"):
-    out = tmp / f"report_{os.path.basename(data)}.json"
-    bench.main(["--bench", data, "--model", model, "--device", "cpu", "--cache_dir", str(tmp / "cache"),
-                "--out", str(out), *extra])
-    return json.loads(out.read_text())
+    """One in-process run; every run of a test shares tmp/bench (its report.json and its score cache)."""
+    bench.main(["--bench", data, "--model", model, "--device", "cpu", "--out_dir", str(tmp / "bench"), *extra])
+    return json.loads((tmp / "bench" / "report.json").read_text())
 
 
 # ----------------------------------------------------------------------------- smoke runs
 
 
 def test_smoke_every_format(tmp_path, capsys):
-    r = run_bench(tmp_path, project_pairs(tmp_path), "--report_images", str(tmp_path / "worst.png"))
+    data = project_pairs(tmp_path)
+    r = run_bench(tmp_path, data)
     assert set(r["pairwise"]) == {"instruction_following", "visual_quality", "overall"}
-    assert r["pairwise"]["overall"]["human_ties"] == 1 and r["images"] == 12
-    assert Image.open(tmp_path / "worst.png").size[0] > 0
+    assert r["pairwise"]["overall"]["human_ties"] == 1 and r["images"] == 12 and "by" not in r["pairwise"]["overall"]
+    # the worst-case sheet, on the pairs as they are and with the human order reversed (the same images, so
+    # the same scores): the 5 ordered pairs' misses split between the two, one 188 px row each
+    rows = [json.loads(line) for line in open(data)]
+    reversed_pairs = write_jsonl(tmp_path / "reversed.jsonl", [{**r, "preferred": r["rejected"],
+                                                                "rejected": r["preferred"]} for r in rows])
+    capsys.readouterr()
+    misses = []
+    for path in (data, reversed_pairs):
+        r = run_bench(tmp_path, path, "--worst", "8")
+        misses.append(round(5 * (1 - r["pairwise"]["overall"]["without_ties"])))
+        assert f"wrote {misses[-1]} worst disagreements" in capsys.readouterr().out
+        assert Image.open(tmp_path / "bench" / "worst.png").size == ((3 if misses[-1] else 1) * 160,
+                                                                     max(1, misses[-1]) * 188)
+    assert sum(misses) == 5 and r["scored_now"] == 0
 
-    r = run_bench(tmp_path, project_groups(tmp_path))
+    r = run_bench(tmp_path, project_groups(tmp_path), "--by", "outcomes")
     assert r["groups"]["groups"] == 4 and r["groups"]["sizes"] == [3] and r["pairwise"]["overall"]["pairs"] == 12
     assert r["pairwise"]["overall"]["human_ties"] == 3                 # groups 0, 1 and 3 hold one tie each
     assert r["pairwise"]["visual_quality"]["human_ties"] == 4          # per-dimension labels from the scores
     # by outcome: the human-preferred candidate's first, from the groups' follow levels by hand; ties left out
-    by = r["pairwise"]["instruction_following"]["outcomes"]
+    by = r["pairwise"]["instruction_following"]["by"]
     assert {o: v["pairs"] for o, v in by.items()} == {"correct > partial": 1, "correct > wrong": 1, "partial > wrong": 2,
                                                       "partial > correct": 2, "wrong > correct": 2, "wrong > partial": 2}
     assert sum(v["pairs"] * v["without_ties"] for v in by.values()) / 10 == pytest.approx(
         r["pairwise"]["instruction_following"]["without_ties"])
-    assert "| preferred > other |" in capsys.readouterr().out
+    assert "| instruction_following / outcomes correct > wrong | 1 | 0 |" in capsys.readouterr().out
 
     r = run_bench(tmp_path, editscore_bench(tmp_path))
     assert r["images"] == 8                                     # 12 rows x 2 images, shared across dimensions
@@ -260,8 +298,10 @@ def test_smoke_every_format(tmp_path, capsys):
     assert set(r["editscore"]["groups"]) == {"object", "scene"}
     assert "| Object |" in capsys.readouterr().out
 
-    r = run_bench(tmp_path, tiger_bench(tmp_path))
+    r = run_bench(tmp_path, tiger_bench(tmp_path), "--by", "category")   # TIGER's category: the source dataset
     assert r["groups"]["groups"] == 2 and r["pairwise"]["overall"]["human_ties"] == 1
+    by = r["pairwise"]["overall"]["by"]                                 # "A>B>C" in x; "B>A=C" in y, one tie
+    assert {c: (v["pairs"], v["human_ties"]) for c, v in by.items()} == {"x": (3, 0), "y": (3, 1)}
 
     r = run_bench(tmp_path, editreward_data(tmp_path))
     assert r["pairwise"]["visual_quality"]["score_key"] == "visual_quality"
@@ -287,9 +327,9 @@ def test_smoke_verifier_mode(tmp_path):
                    cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, check=True,
                    capture_output=True)
     r = run_bench(tmp_path, data, "--k", "2", model=str(tmp_path / "verifier"))
-    assert r["k"] == 2 and r["avg_k_over_avg_1_time"] > 0 and r["images"] == 12
+    assert r["k"] == 2 and r["images"] == 12
     assert all(isinstance(v[m], float) for v in r["pairwise"].values() for m in ("tie_calibrated", "with_ties"))
-    scores = bench.read_cache(tmp_path / "cache")
+    scores = bench.read_cache(tmp_path / "bench" / "cache")
     assert all(set(s) == {"overall", "follow", "unparsed"} for s in scores.values())  # the principle it was taught
     assert r["unparsed"]["passes"] == sum(s["unparsed"] for s in scores.values()) < 2 * 12  # most passes parse
 
@@ -325,9 +365,8 @@ def test_kill_and_resume_and_torchrun(tmp_path):
     data = project_pairs(tmp_path, n=30)
     flags = ["bench.py", "--bench", data, "--model", "tiny", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cache = tmp_path / "cache"
-    proc = subprocess.Popen([sys.executable, *flags, "--batch_size", "1", "--cache_dir", str(cache),
-                             "--out", str(tmp_path / "a.json")],
+    cache = tmp_path / "bench" / "cache"                                 # run_bench's
+    proc = subprocess.Popen([sys.executable, *flags, "--batch_size", "1", "--out_dir", str(tmp_path / "bench")],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while len(cached_keys(cache)) < 3 and proc.poll() is None and time.time() < deadline:
@@ -344,11 +383,10 @@ def test_kill_and_resume_and_torchrun(tmp_path):
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     res = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", *flags, "--batch_size=2",
-                          "--cache_dir", str(tmp_path / "fresh"), "--out", str(tmp_path / "b.json")],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+                          "--out_dir", str(tmp_path / "fresh")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-    fresh = json.loads((tmp_path / "b.json").read_text())
-    assert len(list((tmp_path / "fresh").glob("*.jsonl"))) == 2 and fresh["scored_now"] == 60
+    fresh = json.loads((tmp_path / "fresh" / "report.json").read_text())
+    assert len(list((tmp_path / "fresh" / "cache").glob("*.jsonl"))) == 2 and fresh["scored_now"] == 60
     assert resumed["pairwise"] == fresh["pairwise"]
 
 
