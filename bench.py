@@ -38,7 +38,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from data import (CandidateGroup, PreferencePair, atomic_write, image_sheet, leave_distributed, load_image, load_items,
-                  load_sources, print0, setup_distributed, shard)
+                  load_sources, print0, regroup, setup_distributed, shard)
 
 # ----------------------------------------------------------------------------- metrics (pure functions)
 
@@ -376,6 +376,9 @@ def main(argv=None):
         raise SystemExit(f"--batch_size {args.batch_size} does not split into {dist.world} ranks")
     t0 = time.time()
     items = load_items(args.bench, "auto", args.split, args.config, skip_bad=args.skip_bad)
+    if any("positions" in it.meta for it in items):  # TIGER's comparisons: scored as the groups they come from
+        items.skipped = list(items.skipped)  # a group whose comparisons contradict is skipped with --skip_bad
+        items[:] = regroup(items, items.skipped if args.skip_bad else None)
     if any(not isinstance(it, (PreferencePair, CandidateGroup)) for it in items):
         raise SystemExit(f"{args.bench}: bench.py evaluates preference pairs and candidate groups, not edit prompts")
     skipped, items = len(items.skipped), (items[:args.limit] if args.limit else list(items))

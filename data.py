@@ -399,7 +399,7 @@ def parse_ranking(ranking, k, origin=""):
     return [len({first[j] for j in np.flatnonzero(gt[:, i])}) for i in range(k)]  # tied classes above i
 
 
-def _regroup(items, skipped=None):
+def regroup(items, skipped=None):
     """Pairs -> candidate groups. TIGER comparisons (meta "group", "positions") are rebuilt into their group, ranked
     by all its comparisons together; a contradiction or a missing comparison is a DataError naming the group (with
     a `skipped` list: recorded there, the group dropped). Any other pair is a group of two."""
@@ -470,7 +470,7 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
                 raise
             skipped.append((origin, str(e)))
     if want is CandidateGroup:
-        items = _regroup(items, skipped if skip_bad else None)
+        items = regroup(items, skipped if skip_bad else None)
     out = Loaded()
     for it in items:
         if not (want is None or isinstance(it, want) or want is PreferencePair and isinstance(it, CandidateGroup)):

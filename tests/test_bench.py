@@ -221,15 +221,24 @@ def editscore_bench(tmp):
 
 
 def tiger_bench(tmp):
-    cols = {"id": ["t0", "t1"], "instruction": ["make it red", "add a cat"],
-            "source_image": [embedded(60), embedded(61)], "candidate_1": [embedded(62), embedded(63)],
-            "candidate_2": [embedded(64), embedded(65)], "candidate_3": [embedded(66), embedded(67)],
-            "ranking": ["A>B>C", "B>A=C"], "comparison_type": ["3pair", "3pair"], "dataset": ["x", "y"]}
-    return write_parquet(tmp / "tiger3.parquet", cols, {"source_image", "candidate_1", "candidate_2", "candidate_3"})
+    # TIGER-Lab/EditReward-Bench 3pair rows as the hub serves them (TIGER-AI-Lab/EditReward
+    # evaluate/inference_3pair_hf.py): one comparison a row, the group in the id prefix, the letters positions
+    cols = {k: [] for k in ("id", "instruction", "source_image", "candidate_1", "candidate_2", "ranking",
+                            "comparison_type", "dataset", "score_1", "score_2", "model_1", "model_2")}
+    for g, (verdicts, dataset) in enumerate([(("A>B", "A>C", "B>C"), "x"), (("B>A", "A=C", "B>C"), "y")]):
+        for verdict, (a, b) in zip(verdicts, ("AB", "AC", "BC")):
+            pa, pb = ord(a) - 65, ord(b) - 65
+            for k, v in {"id": f"t{g}_{a}vs{b}", "instruction": f"edit {g}", "source_image": embedded(60 + g),
+                         "candidate_1": embedded(62 + 3 * g + pa), "candidate_2": embedded(62 + 3 * g + pb),
+                         "ranking": verdict, "comparison_type": f"{a}vs{b}", "dataset": dataset,
+                         "score_1": float(3 - pa), "score_2": float(3 - pb), "model_1": f"m{pa}",
+                         "model_2": f"m{pb}"}.items():
+                cols[k].append(v)
+    return write_parquet(tmp / "tiger3.parquet", cols, {"source_image", "candidate_1", "candidate_2"})
 
 
 def genai_bench(tmp):
-    votes = ["leftvote", "rightvote", "tie", "bothbad_vote"]
+    votes = ["leftvote", "rightvote", "tievote", "bothbad_vote"]  # TIGER-AI-Lab/GenAI-Bench inference.py
     cols = {"source_prompt": ["a dog"] * 4, "target_prompt": ["a red dog"] * 4,
             "instruct_prompt": [f"make it red {i}" for i in range(4)],
             "source_image": [embedded(70 + i) for i in range(4)],

@@ -2,6 +2,7 @@
 M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute, micro-batched decoding,
 Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by diffusers. Everything
 runs on the tiny editors, offline. Diagnostics come from what a run saves (history.json, checkpoints)."""
+import dataclasses
 import json
 import math
 import os
@@ -226,11 +227,11 @@ def test_qwen_edit_plus_conditions_on_every_source(toy):
 
 def test_condition_cache_keyed_by_content_bounded_in_compute_dtype(toy, tmp_path):
     rows = [json.loads(line) for line in open(os.path.join(toy, "rl_train.jsonl"))]
-    for name, row in (("a", rows[0]), ("b", rows[1])):  # two files without ids: both number their row "0"
+    for name, row in (("a", rows[0]), ("b", rows[1])):  # two files without ids
         row = {k: os.path.join(toy, v) if k == "source" else v for k, v in row.items() if k != "id"}
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
     pa, pb = load_prompts(str(tmp_path / "a.jsonl"))[0], load_prompts(str(tmp_path / "b.jsonl"))[0]
-    assert pa.id == pb.id
+    pb = dataclasses.replace(pb, id=pa.id)  # one id, two contents: the cache must tell them apart
     editor, _ = editor_for(toy, "--dtype", "bf16", "--prompts_per_step", "1", "--eval_prompts", "2")
     ca, cb = editor.condition([pa]), editor.condition([pb])
     fresh, _ = editor_for(toy, "--dtype", "bf16")
