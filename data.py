@@ -24,7 +24,6 @@ how noisy it is) so that quality cannot be guessed from content.
   python data.py --inspect TIGER-Lab/EditReward-Bench --config 3pair --skip_bad
 """
 import argparse
-import dataclasses
 import io
 import json
 import math
@@ -32,15 +31,12 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFile, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 DIMS = ("instruction_following", "visual_quality")  # the default reward dimensions
-FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench", "genai_bench", "editscore_rl",
-           "gedit", "jsonl")
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
 
 class DataError(ValueError):
@@ -124,15 +120,10 @@ def _sides(preferred, rejected):
 
 # ---------------------------------------------------------------------------------- images and rows
 def to_rgb(img):
-    """Any PIL image -> 8-bit RGB: EXIF orientation applied, alpha composited on white, CMYK/palette/16-bit
-    converted by value (16-bit greyscale is scaled, not clipped as PIL's convert would)."""
+    """Any PIL image -> RGB, EXIF orientation applied and transparency composited on white (not dropped)."""
     img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
 
 
@@ -144,8 +135,6 @@ def load_image(ref, origin="", verify=False):
     ref = ref.get("bytes") or ref.get("path") if isinstance(ref, dict) else ref
     if isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: image file not found: {ref}")
-    if not isinstance(ref, (str, bytes, bytearray)):
-        raise DataError(f"{origin}: not an image reference: {type(ref).__name__}")
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
         with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:
             return img.verify() if verify else to_rgb(img)
@@ -159,31 +148,10 @@ def load_image(ref, origin="", verify=False):
 HUB_DEFAULTS = {"TIGER-Lab/GenAI-Bench": ("image_edition", "test_v1")}
 
 
-def _open_dataset(path, split, config):
-    """A `datasets.Dataset`, images left as bytes, from a parquet file, a save_to_disk folder (state.json +
-    data-*.arrow: how the EditScore/EditReward-Bench hub repository is stored), another local folder or a hub name."""
-    import datasets
-    if os.path.isfile(path):
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(path)
-        ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-    elif os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
-        ds = datasets.load_dataset(path, config or hub_config, split=split or hub_split)
-    else:
-        raise DataError(f"{path}: no such file, folder or hub dataset name")
-    for name, feat in ds.features.items():  # decode lazily, where an error can name the row
-        if isinstance(feat, datasets.Image):
-            ds = ds.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
-            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
-    return ds
-
-
 def _rows(path, split=None, config=None):
-    """Yield (origin, row) from a .jsonl / .json file or, through `datasets`, anything else. A malformed JSON line
-    is yielded as a DataError in place of the row, so that the caller can skip it or stop."""
+    """Yield (origin, row) from a .jsonl / .json file or, through `datasets`, a parquet file, a save_to_disk folder
+    (state.json + data-*.arrow: how the EditScore/EditReward-Bench hub repository is stored), another folder or a hub
+    name. A malformed JSON line is yielded as a DataError in place of the row, so that the caller can skip it."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -199,10 +167,23 @@ def _rows(path, split=None, config=None):
             except json.JSONDecodeError as e:
                 yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
         return
+    if not (os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        raise DataError(f"{path}: no such file, folder or hub dataset name")
+    import datasets
     try:  # whatever fails while opening (a wrong config, a missing split, no network) names the source
-        ds = _open_dataset(path, split, config)
-    except DataError:
-        raise
+        if os.path.isfile(path):
+            ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(path)
+            ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
+            ds = datasets.load_dataset(path, config or hub_config, split=split or hub_split)
+        for name, feat in ds.features.items():  # images left as bytes, decoded lazily where an error names the row
+            if isinstance(feat, datasets.Image):
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+            elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
+                ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     except Exception as e:
         raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
     yield from ((path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row) for i, row in enumerate(ds))
@@ -370,10 +351,6 @@ PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward
            "jsonl": ({"source", "instruction"}, _parse_jsonl)}
 
 
-def detect_format(row):
-    return next((name for name, (cols, _) in PARSERS.items() if cols <= set(row)), None)
-
-
 def parse_ranking(ranking, k, origin=""):
     """Ranking text -> ranks (0 = best): a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of them), "<"
     allowed. Every pair of candidates must end up ordered or tied, without a contradiction."""
@@ -439,11 +416,10 @@ def regroup(items, skipped=None):
 
 # ---------------------------------------------------------------------------------- loading: one path for all kinds
 def _image_refs(item):
-    if isinstance(item, PreferencePair):
-        return item.sources + [item.preferred, item.rejected]
-    if isinstance(item, CandidateGroup):
-        return item.sources + item.candidates
-    return item.sources + [x for x in (getattr(item, "edited", None), getattr(item, "target", None)) if x is not None]
+    """The item's images, each with a label: its source(s), then its edits."""
+    edits = (zip(item.candidates, (f"rank {r}" for r in item.ranks)) if isinstance(item, CandidateGroup) else
+             ((getattr(item, a, None), a) for a in ("preferred", "rejected", "edited", "target")))
+    return [(x, "source") for x in item.sources] + [(x, a) for x, a in edits if x is not None]
 
 
 def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, disentangle=False):
@@ -451,18 +427,19 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
     into their pairs for PreferencePair, pairs into groups (TIGER comparisons into theirs) for CandidateGroup.
     A bad row raises DataError naming source and row, or with skip_bad is skipped, kept in .skipped and reported."""
     if fmt != "auto" and fmt not in PARSERS:
-        raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(PARSERS)}")
     items, skipped, checked = [], [], set()
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
         try:
             if not isinstance(row, dict):
                 raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object")
-            fmt = (detect_format(row) or "auto") if fmt == "auto" else fmt  # the first good row fixes the format
+            if fmt == "auto":  # the first good row fixes the format
+                fmt = next((name for name, (cols, _) in PARSERS.items() if cols <= set(row)), "auto")
             if fmt == "auto":
                 raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
             item = PARSERS[fmt][1](_Row(row, origin, base))
-            for ref in set(_image_refs(item)) - checked if check_images else ():  # each file or blob checked once
+            for ref in {x for x, _ in _image_refs(item)} - checked if check_images else ():  # each file/blob once
                 checked.add(load_image(ref, origin, verify=True) or ref)
             items.append(item)
         except DataError as e:
@@ -471,12 +448,11 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
             skipped.append((origin, str(e)))
     if want is CandidateGroup:
         items = regroup(items, skipped if skip_bad else None)
-    out = Loaded()
-    for it in items:
-        if not (want is None or isinstance(it, want) or want is PreferencePair and isinstance(it, CandidateGroup)):
-            raise DataError(f"{it.origin}: a {type(it).__name__} where a {want.__name__} was expected")
-        out += it.to_pairs() if want is PreferencePair and isinstance(it, CandidateGroup) else [it]
-    out = Loaded(disentangle_ties(out)) if disentangle else out
+    elif want is PreferencePair:
+        items = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it])]
+    if bad := next((it for it in items if want and not isinstance(it, want)), None):
+        raise DataError(f"{bad.origin}: a {type(bad).__name__} where a {want.__name__} was expected")
+    out = Loaded(disentangle_ties(items) if disentangle else items)
     out.skipped = skipped
     if skipped:
         print(f"skipped {len(skipped)} bad row(s) of {path}:\n  " + "\n  ".join(why for _, why in skipped),
@@ -525,7 +501,7 @@ def disentangle_ties(pairs):
                 w, l, sc = l, w, sc and _sides(sc["rejected"], sc["preferred"])
                 meta.update({k: _sides(x["rejected"], x["preferred"]) for k, x in meta.items()
                              if k in ("outcomes", "models") and isinstance(x, dict)})
-            out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0},
+            out.append(replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0},
                                            tie=False, scores=sc, meta=meta))
     return out
 
@@ -648,6 +624,7 @@ CELLS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1),
          "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
 EDIT_KINDS = ("recolor", "remove", "add", "move", "background")
 NOISE_LEVELS = (0.0, 0.05, 0.095, 0.135)  # Gaussian noise std (0..1 scale) of the four degradation levels
+OUTCOMES = ("correct", "partial", "overedit", "wrong", "unchanged")  # what a candidate edit does
 _INSTR = [("recolor", r"make the (\w+) (\w+) (\w+)"), ("remove", r"remove the (\w+) (\w+)"),
           ("add", r"add a (\w+) (\w+) at the ([\w ]+)"), ("move", r"move the (\w+) (\w+) to the ([\w ]+)"),
           ("background", r"change the background to (\w+)")]
@@ -711,32 +688,23 @@ def toy_oracle(source, instruction, edited):
     instruction_following = correct changed pixels / |pixels that should change  U  pixels that did change|
       (an unchanged image or a wrong edit scores 0, an edit that also changes other things is penalised);
     visual_quality = 1 - mean distance of each pixel to its nearest palette colour / 0.2 (noise, blur);
-    overall = their mean. Also returns the two parts of instruction following, "change" and "keep"."""
-    return toy_oracles(source, instruction, [edited])[0]
-
-
-def toy_oracles(source, instruction, edits):
-    """toy_oracle for several edits of one source under one instruction: the source's and the target's
-    palette classes are worked out once."""
+    overall = their mean. Also returns the two parts of instruction following, "change" and "keep".
+    A list of edits (of this source, under this instruction) gives a list of scores, the target worked out once."""
     src = np.asarray(source, dtype=np.uint8)
     cs, ct = classify(src), classify(toy_target(src, instruction))
-    should = ct != cs
-    out = []
-    for edited in edits:
-        ed = edited if isinstance(edited, Image.Image) else Image.fromarray(np.asarray(edited, dtype=np.uint8))
-        if ed.size != (src.shape[1], src.shape[0]):
-            ed = ed.resize((src.shape[1], src.shape[0]), Image.BILINEAR)
+    should, out, edits = ct != cs, [], edited if isinstance(edited, list) else [edited]
+    for ed in edits:
+        ed = ed if isinstance(ed, Image.Image) else Image.fromarray(np.asarray(ed, dtype=np.uint8))
+        ed = ed.resize(src.shape[1::-1], Image.BILINEAR) if ed.size != src.shape[1::-1] else ed
         ed = np.asarray(ed.convert("RGB"), dtype=np.float32)
         ce = classify(ed)
         did, correct = ce != cs, (should & (ce == ct)).sum()
         union = (should | did).sum()
         dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
-        scores = {"instruction_following": float(correct / max(union, 1)),
-                  "visual_quality": float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0)),
-                  "change": float(correct / max(should.sum(), 1)),
-                  "keep": float(1.0 - (did & ~should).sum() / max(union, 1))}
-        out.append({**scores, "overall": (scores["instruction_following"] + scores["visual_quality"]) / 2})
-    return out
+        f, q = float(correct / max(union, 1)), float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0))
+        out.append({"instruction_following": f, "visual_quality": q, "change": float(correct / max(should.sum(), 1)),
+                    "keep": float(1.0 - (did & ~should).sum() / max(union, 1)), "overall": (f + q) / 2})
+    return out if edits is edited else out[0]
 
 
 def toy_level(x):
@@ -764,11 +732,9 @@ def _random_scene(rng):
 
 def _random_instruction(rng, scene, kind=None):
     """A valid instruction for the scene (unique colours, free cells), optionally of a given kind."""
-    used_colors = {c for _, c, _ in scene["shapes"]}
     free_cells = [p for p in CELLS if p not in {p for _, _, p in scene["shapes"]}]
-    new_colors = [c for c in SHAPE_COLORS if c not in used_colors]
-    kinds = [k for k in EDIT_KINDS if (k in ("add", "move") and free_cells and new_colors) or
-             k in ("recolor", "remove", "background")]
+    new_colors = [c for c in SHAPE_COLORS if c not in {c for _, c, _ in scene["shapes"]}]
+    kinds = [k for k in EDIT_KINDS if k not in ("add", "move") or free_cells and new_colors]
     kind = kind if kind in kinds else rng.choice(kinds)
     shape = rng.choice(scene["shapes"])
     if kind == "recolor":
@@ -780,9 +746,6 @@ def _random_instruction(rng, scene, kind=None):
     if kind == "move":
         return f"move the {shape[1]} {shape[0]} to the {rng.choice(free_cells)}"
     return f"change the background to {rng.choice([b for b in BG_COLORS if b != scene['bg']])}"
-
-
-OUTCOMES = ("correct", "partial", "overedit", "wrong", "unchanged")
 
 
 def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
@@ -811,9 +774,9 @@ def _save(out, name, content):
     """An image array as images/<name>.png, a dict as the JSON file <name>, rows as the JSONL file <name>, each
     written atomically; -> its path (the image's relative to `out`)."""
     if isinstance(content, np.ndarray):
-        path, name = f"images/{name}.png", os.path.join(out, f"images/{name}.png")
-        atomic_write(name, lambda f: Image.fromarray(content).save(f, format="PNG"), "wb")
-        return path
+        rel = f"images/{name}.png"
+        atomic_write(os.path.join(out, rel), lambda f: Image.fromarray(content).save(f, "PNG"), "wb")
+        return rel
     atomic_write(os.path.join(out, name), lambda f: json.dump(content, f) if isinstance(content, dict) else
                  f.writelines(json.dumps(r) + "\n" for r in content))
     return os.path.join(out, name)
@@ -827,7 +790,7 @@ def _toy_group(rng, gid, k, size, out):
     for _ in range(k):
         outcomes.append(rng.choice(OUTCOMES))
         cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
-    oracle = toy_oracles(src, instruction, cands)
+    oracle = toy_oracle(src, instruction, cands)
     human = [{d: int(toy_level(s[d])) for d in DIMS} for s in oracle]
     human = [{**h, "overall": sum(h.values())} for h in human]
     return {"id": gid, "instruction": instruction, "source": _save(out, gid + "_src", src),
@@ -863,14 +826,10 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
     """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}. The last quarter
     of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
     from tqdm import tqdm
-    rng, groups = random.Random(seed), {"train": [], "val": []}
+    rng, ids = random.Random(seed), [f"train{i:05d}" for i in range(n_train)] + [f"val{i:05d}" for i in range(n_val)]
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    with tqdm(total=n_train + n_val, desc="toy candidate groups", disable=n_train + n_val < 500) as bar:
-        for split, n in (("train", n_train), ("val", n_val)):
-            for i in range(n):
-                groups[split].append(_toy_group(rng, f"{split}{i:05d}", k, size, out))
-                bar.update()
-    sft, gcpo, val = groups["train"][:n_train - n_train // 4], groups["train"][n_train - n_train // 4:], groups["val"]
+    groups = [_toy_group(rng, gid, k, size, out) for gid in tqdm(ids, "toy candidate groups", disable=len(ids) < 500)]
+    sft, gcpo, val = groups[:n_train - n_train // 4], groups[n_train - n_train // 4:n_train], groups[n_train:]
     files = {"bench.jsonl": [{key: v for key, v in g.items() if key != "oracle"} for g in val],
              "pairs_train.jsonl": _toy_pairs(sft), "gcpo_train.jsonl": [r for r in _toy_pairs(gcpo) if not r["tie"]],
              "pairs_val.jsonl": _toy_pairs(val),
@@ -881,43 +840,27 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
              "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
-    world = {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k, "editor_wrong": editor_wrong}
-    _save(out, "toy.json", world)
+    _save(out, "toy.json", {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k,
+                            "editor_wrong": editor_wrong})
     return {name: _save(out, name, rows) for name, rows in files.items()}
 
 
 # ---------------------------------------------------------------------------------- looking at data
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
-    """Print counts, tie shares and dimensions of any supported source and draw its first rows on a contact sheet.
-    With skip_bad, rows with missing or corrupt images are skipped (and reported) too, so that the sheet draws."""
+    """Print counts and tie shares of any supported source and draw its first rows on a contact sheet. With
+    skip_bad, rows with missing or corrupt images are skipped (and reported) too, so that the sheet draws."""
     items = load_items(path, fmt, split, config, skip_bad, check_images=skip_bad)
-    kinds = {k: sum(type(it).__name__ == k for it in items) for k in {type(it).__name__ for it in items}}
-    print(f"{path}: {len(items)} rows " + ", ".join(f"{n} {k}" for k, n in kinds.items()) +
+    kinds = [type(it).__name__ for it in items]
+    print(f"{path}: {len(items)} rows " + ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) +
           (f" | skipped {len(items.skipped)} bad row(s), listed above" if items.skipped else ""))
-    pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it]
-                                         if isinstance(it, PreferencePair) else [])]
+    pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it])
+             if isinstance(p, PreferencePair)]
     if pairs:
-        ties = sum(p.tie for p in pairs)
-        print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}), of which "
-              f"{sum(p.tie and {-1, 1} <= set(p.prefs.values()) for p in pairs)} with disagreeing dimensions")
-        for d in sorted({d for p in pairs for d in p.prefs}):
-            v = [p.prefs[d] for p in pairs if d in p.prefs]
-            print(f"  {d}: preferred better {v.count(1)} | tie {v.count(0)} | rejected better {v.count(-1)}")
+        ties, dims = sum(p.tie for p in pairs), sorted({d for p in pairs for d in p.prefs})
+        print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}) | dimensions {', '.join(dims)}")
     sheet = sheet or os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("/", "_") + "_sheet.png"
-    contact_sheet(items[:rows], sheet)
+    image_sheet([(it.instruction, _image_refs(it)) for it in items[:rows]], sheet)
     print(f"contact sheet: {sheet}")
-
-
-def contact_sheet(items, path, cell=128):
-    """A PNG with a row per item under its instruction: the source(s), then each edit with its label."""
-    rows = []
-    for it in items:
-        labels = ([f"rank {r}" for r in it.ranks] if isinstance(it, CandidateGroup) else ["edited"]
-                  if isinstance(it, CotTrace) else ["target"] if isinstance(it, EditPrompt) else
-                  ["tie A", "tie B"] if it.tie else ["preferred", "rejected"])
-        refs = _image_refs(it)
-        rows.append((it.instruction, list(zip(refs, ["source"] * len(it.sources) + labels))))
-    image_sheet(rows, path, cell)
 
 
 if __name__ == "__main__":
