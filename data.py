@@ -1,5 +1,4 @@
-"""
-data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
+"""data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
 
 Items: PreferencePair (instruction, source image(s), preferred and rejected edit, preference per dimension: +1, -1,
 0 = tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (instruction, source image(s), optional target
@@ -45,10 +44,14 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------------- the things the project moves
 @dataclass
-class PreferencePair:
+class _Item:  # what every item has
     id: str
     instruction: str
     sources: list          # source image(s): PIL.Image | path | bytes
+
+
+@dataclass
+class PreferencePair(_Item):
     preferred: object      # image ref
     rejected: object       # image ref
     prefs: dict            # dim -> +1 (preferred better) | -1 (rejected better) | 0 (tie); "overall" included
@@ -60,10 +63,7 @@ class PreferencePair:
 
 
 @dataclass
-class CandidateGroup:
-    id: str
-    instruction: str
-    sources: list
+class CandidateGroup(_Item):
     candidates: list       # K image refs
     ranks: list            # K ints, 0 = best, equal ranks = tie
     category: str = ""
@@ -88,10 +88,7 @@ class CandidateGroup:
 
 
 @dataclass
-class EditPrompt:
-    id: str
-    instruction: str
-    sources: list
+class EditPrompt(_Item):
     category: str = ""
     target: object = None  # a reference edit (editor warm-up data); None for RL prompts
     origin: str = ""
@@ -99,10 +96,7 @@ class EditPrompt:
 
 
 @dataclass
-class CotTrace:
-    id: str
-    instruction: str
-    sources: list
+class CotTrace(_Item):
     edited: object
     response: str
     scores: dict = None
@@ -128,11 +122,10 @@ def to_rgb(img):
 
 
 def load_image(ref, origin="", verify=False):
-    """Decode an image reference (PIL image, path, bytes, or a `datasets` {"bytes", "path"} dict) to RGB. With
-    verify, only check that it exists and that its header and chunk checksums hold (cheap, no decoding)."""
+    """Decode an image reference (PIL image, path or bytes) to RGB. With verify, only check that it exists and that
+    its header and chunk checksums hold (cheap, no decoding)."""
     if isinstance(ref, Image.Image):
         return None if verify else to_rgb(ref)
-    ref = ref.get("bytes") or ref.get("path") if isinstance(ref, dict) else ref
     if isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: image file not found: {ref}")
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
@@ -141,11 +134,6 @@ def load_image(ref, origin="", verify=False):
     except Exception as e:
         what = "corrupt" if verify else "cannot decode"
         raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
-
-
-# GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919 votes for image
-# editing"), not the `datasets` default
-HUB_DEFAULTS = {"TIGER-Lab/GenAI-Bench": ("image_edition", "test_v1")}
 
 
 def _rows(path, split=None, config=None):
@@ -176,9 +164,10 @@ def _rows(path, split=None, config=None):
         elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
             ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
-            ds = datasets.load_dataset(path, config or hub_config, split=split or hub_split)
+        else:  # GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919
+            # votes for image editing"), not the `datasets` default
+            hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
+            ds = datasets.load_dataset(path, config or hub[0], split=split or hub[1])
         for name, feat in ds.features.items():  # images left as bytes, decoded lazily where an error names the row
             if isinstance(feat, datasets.Image):
                 ds = ds.cast_column(name, datasets.Image(decode=False))
@@ -199,9 +188,9 @@ class _Row:
         raise DataError(f"{self.origin}: {msg}")
 
     def req(self, col):
-        if col not in self.row:
-            self.fail(f"missing column '{col}'")
-        return self.row[col] if self.row[col] is not None else self.fail(f"column '{col}' is null")
+        v = self.row.get(col)
+        return v if v is not None else self.fail(f"column '{col}' is null" if col in self.row else
+                                                 f"missing column '{col}'")
 
     def id(self, *cols):  # else the origin (source and row): ids from two files without an id column never collide
         return next((str(self.row[c]) for c in cols if self.row.get(c) is not None), self.origin)
@@ -212,21 +201,16 @@ class _Row:
             f"column '{col}' must be a non-empty string, got {v!r}")
 
     def num(self, col, optional=False):  # a finite number: a boolean, NaN or inf is not; optional: None if absent
-        if optional and self.row.get(col) is None:
-            return None
-        v = self.req(col)
-        try:
-            x = math.nan if isinstance(v, bool) else float(v)
-        except (TypeError, ValueError):
-            x = math.nan
-        return x if math.isfinite(x) else self.fail(f"column '{col}' must be a finite number, got {v!r}")
+        v = self.get(col) if optional else self.req(col)
+        if v is None or isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v):
+            return None if v is None else float(v)
+        self.fail(f"column '{col}' must be a finite number, got {v!r}")
 
     def image(self, col, v=None):  # a path (relative to the manifest), embedded bytes or a PIL image
         v = self.req(col) if v is None else v
         v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
-        if isinstance(v, str) and v:
-            return v if os.path.isabs(v) else os.path.join(self.base, v)
-        return bytes(v) if isinstance(v, bytearray) else v if isinstance(v, (bytes, Image.Image)) else self.fail(
+        v = os.path.join(self.base, v) if isinstance(v, str) and v else bytes(v) if isinstance(v, bytearray) else v
+        return v if isinstance(v, (str, bytes, Image.Image)) and v != "" else self.fail(
             f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
@@ -395,10 +379,9 @@ def regroup(items, skipped=None):
             out.append(p)
     for i, gid in enumerate(out):
         if isinstance(gid, str):
-            comps, at = parts[gid], {}  # candidate position -> (image, model, score)
-            for p in comps:
-                at.update({pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side])
-                           for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))})
+            comps = parts[gid]
+            at = {pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side]) for p in comps
+                  for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))}  # -> (image, model, score)
             rel = [f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}{chr(65 + p.meta['positions'][1])}"
                    for p in comps]
             try:
@@ -422,10 +405,12 @@ def _image_refs(item):
     return [(x, "source") for x in item.sources] + [(x, a) for x, a in edits if x is not None]
 
 
-def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, disentangle=False):
-    """The one loading path: every row parsed into a dataclass, then made into `want` (None: as parsed): groups
-    into their pairs for PreferencePair, pairs into groups (TIGER comparisons into theirs) for CandidateGroup.
-    A bad row raises DataError naming source and row, or with skip_bad is skipped, kept in .skipped and reported."""
+def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, want=None,
+               disentangle=False):
+    """The one loading path: every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair)
+    or made into `want`: groups into their pairs for PreferencePair, pairs into groups (TIGER comparisons into
+    theirs) for CandidateGroup. A bad row raises DataError naming source and row, or with skip_bad is skipped, kept
+    in .skipped and reported."""
     if fmt != "auto" and fmt not in PARSERS:
         raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(PARSERS)}")
     items, skipped, checked = [], [], set()
@@ -460,29 +445,24 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
     return out
 
 
-def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair)."""
-    return _load(None, path, fmt, split, config, skip_bad, check_images)
-
-
 def load_pairs(path, fmt="auto", split=None, config=None, skip_bad=False, disentangle=True, check_images=True):
     """Preference pairs from any pair or group format, ties included, tie-disentangled unless disentangle=False."""
-    return _load(PreferencePair, path, fmt, split, config, skip_bad, check_images, disentangle)
+    return load_items(path, fmt, split, config, skip_bad, check_images, PreferencePair, disentangle)
 
 
 def load_groups(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Candidate groups from any group or pair format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
-    return _load(CandidateGroup, path, fmt, split, config, skip_bad, check_images)
+    return load_items(path, fmt, split, config, skip_bad, check_images, CandidateGroup)
 
 
 def load_prompts(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Edit prompts for RL (and editor warm-up triples, which carry a target)."""
-    return _load(EditPrompt, path, fmt, split, config, skip_bad, check_images)
+    return load_items(path, fmt, split, config, skip_bad, check_images, EditPrompt)
 
 
 def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Chain-of-thought verifier traces for SFT."""
-    return _load(CotTrace, path, fmt, split, config, skip_bad, check_images)
+    return load_items(path, fmt, split, config, skip_bad, check_images, CotTrace)
 
 
 def disentangle_ties(pairs):
@@ -501,15 +481,13 @@ def disentangle_ties(pairs):
                 w, l, sc = l, w, sc and _sides(sc["rejected"], sc["preferred"])
                 meta.update({k: _sides(x["rejected"], x["preferred"]) for k, x in meta.items()
                              if k in ("outcomes", "models") and isinstance(x, dict)})
-            out.append(replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0},
-                                           tie=False, scores=sc, meta=meta))
+            out.append(replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0}, tie=False,
+                               scores=sc, meta=meta))
     return out
 
 
 def shard(items, rank, world_size):
     """Rank's strided slice: the shards of all ranks partition the items exactly (sizes differ by <= 1)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
     return list(items)[rank::world_size]
 
 
@@ -555,7 +533,7 @@ def print0(*args, **kwargs):
 
 def leave_distributed():
     """End a finished torchrun worker: destroy the process group, then exit without interpreter shutdown, where gloo
-    threads outliving the group sometimes aborted a finished run (SIGABRT; 3 of 6 CI runs on 2 CPU cores)."""
+    threads outliving the group can abort a finished run (SIGABRT)."""
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -573,8 +551,8 @@ def atomic_write(path, write, mode="w"):
 
 def atomic_dir(final, write, link=None):
     """write(folder) into a temporary sibling folder that then replaces `final` in one rename; then optionally
-    repoint the symlink `link` at it with another rename, so that a kill at any moment leaves `link` naming a
-    complete folder (and the folder `link` named before is removed)."""
+    repoint the symlink `link` at it (and remove the folder it named) with another rename, so that a kill at any
+    moment leaves `link` naming a complete folder."""
     import shutil
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
@@ -673,9 +651,8 @@ def toy_target(source, instruction):
     bg = np.bincount(np.concatenate([cls[0], cls[-1], cls[:, 0], cls[:, -1]])).argmax()  # border = background
     kind, args = parse_toy_instruction(instruction)
     out = PALETTE[cls].astype(np.uint8)
-    idx = PALETTE_NAMES.index
     if kind in ("recolor", "remove", "move"):  # args: colour, shape, then a new colour or cell
-        out[cls == idx(args[0])] = SHAPE_COLORS[args[2]] if kind == "recolor" else PALETTE[bg]
+        out[cls == PALETTE_NAMES.index(args[0])] = SHAPE_COLORS[args[2]] if kind == "recolor" else PALETTE[bg]
     if kind in ("add", "move"):
         out[_shape_mask(args[1], CELLS[args[2]], size)] = SHAPE_COLORS[args[0]]
     if kind == "background":
@@ -736,16 +713,13 @@ def _random_instruction(rng, scene, kind=None):
     new_colors = [c for c in SHAPE_COLORS if c not in {c for _, c, _ in scene["shapes"]}]
     kinds = [k for k in EDIT_KINDS if k not in ("add", "move") or free_cells and new_colors]
     kind = kind if kind in kinds else rng.choice(kinds)
-    shape = rng.choice(scene["shapes"])
-    if kind == "recolor":
-        return f"make the {shape[1]} {shape[0]} {rng.choice(new_colors)}"
-    if kind == "remove":
-        return f"remove the {shape[1]} {shape[0]}"
-    if kind == "add":
-        return f"add a {rng.choice(new_colors)} {rng.choice(SHAPES)} at the {rng.choice(free_cells)}"
-    if kind == "move":
-        return f"move the {shape[1]} {shape[0]} to the {rng.choice(free_cells)}"
-    return f"change the background to {rng.choice([b for b in BG_COLORS if b != scene['bg']])}"
+    form, color, _ = rng.choice(scene["shapes"])
+    return {"recolor": lambda: f"make the {color} {form} {rng.choice(new_colors)}",  # only the one asked for draws
+            "remove": lambda: f"remove the {color} {form}",
+            "add": lambda: f"add a {rng.choice(new_colors)} {rng.choice(SHAPES)} at the {rng.choice(free_cells)}",
+            "move": lambda: f"move the {color} {form} to the {rng.choice(free_cells)}",
+            "background": lambda: "change the background to " + rng.choice([b for b in BG_COLORS if b != scene["bg"]])
+            }[kind]()
 
 
 def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
@@ -886,8 +860,8 @@ if __name__ == "__main__":
     if args.toy:
         import time
         t0 = time.time()
-        for path in make_toy(args.out, args.seed, n_train=args.n_train, n_val=args.n_val, n_rl=args.n_rl,
-                             n_rl_test=args.n_rl_test, n_editor=args.n_editor).values():
+        sizes = {k: v for k, v in vars(args).items() if k.startswith("n_")}  # n_train, n_val, n_rl, ...
+        for path in make_toy(args.out, args.seed, **sizes).values():
             print(f"{path}: {sum(1 for _ in open(path))} rows")
         print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
     elif args.inspect:
