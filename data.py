@@ -122,8 +122,7 @@ def to_rgb(img):
 
 
 def load_image(ref, origin="", verify=False):
-    """Decode an image reference (PIL image, path or bytes) to RGB. With verify, only check that it exists and that
-    its header and chunk checksums hold (cheap, no decoding)."""
+    """An image reference (PIL image, path or bytes) -> RGB; with verify, only check it exists and its checksum."""
     if isinstance(ref, Image.Image):
         return None if verify else to_rgb(ref)
     if isinstance(ref, str) and not os.path.exists(ref):
@@ -138,8 +137,7 @@ def load_image(ref, origin="", verify=False):
 
 def _rows(path, split=None, config=None):
     """Yield (origin, row) from a .jsonl / .json file or, through `datasets`, a parquet file, a save_to_disk folder
-    (state.json + data-*.arrow: how the EditScore/EditReward-Bench hub repository is stored), another folder or a hub
-    name. A malformed JSON line is yielded as a DataError in place of the row, so that the caller can skip it."""
+    (the EditScore/EditReward-Bench hub layout), another folder or a hub name. A malformed JSON line: a DataError."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -361,40 +359,31 @@ def parse_ranking(ranking, k, origin=""):
 
 
 def regroup(items, skipped=None):
-    """Pairs -> candidate groups. TIGER comparisons (meta "group", "positions") are rebuilt into their group, ranked
-    by all its comparisons together; a contradiction or a missing comparison is a DataError naming the group (with
-    a `skipped` list: recorded there, the group dropped). Any other pair is a group of two."""
-    out, parts = [], {}
+    """TIGER comparisons (meta "group", "positions") -> their groups, each ranked by all its comparisons together; a
+    contradiction or a missing comparison is a DataError naming the group (with a `skipped` list: recorded there, the
+    group dropped). Any other item stays as it is, in its place."""
+    parts = {}  # a group's id (str) -> its comparisons, in the place of its first; any other item under its own id()
     for p in items:
-        if isinstance(p, PreferencePair) and "group" in p.meta:
-            out.append(None if p.meta["group"] in parts else p.meta["group"])
-            parts.setdefault(p.meta["group"], []).append(p)
-        elif isinstance(p, PreferencePair):
-            meta = {key: [v["preferred"], v["rejected"]] if key in ("outcomes", "models") and isinstance(v, dict)
-                    else v for key, v in p.meta.items()}  # per side -> per candidate
-            out.append(CandidateGroup(p.id, p.instruction, p.sources, [p.preferred, p.rejected], [0, int(not p.tie)],
-                                      p.category, p.scores and [p.scores["preferred"], p.scores["rejected"]],
-                                      p.origin, {**meta, "prefs": p.prefs}))
-        else:
-            out.append(p)
-    for i, gid in enumerate(out):
-        if isinstance(gid, str):
-            comps = parts[gid]
-            at = {pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side]) for p in comps
-                  for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))}  # -> (image, model, score)
-            rel = [f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}{chr(65 + p.meta['positions'][1])}"
-                   for p in comps]
-            try:
-                ranks = parse_ranking(rel, 1 + max(at), comps[0].origin)
-            except DataError as e:
-                if skipped is None:
-                    raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None
-                out[i] = skipped.append((f"group {gid!r}", str(e)))
-                continue
-            cands, models, scores = zip(*(at[pos] for pos in range(len(ranks))))
-            out[i] = CandidateGroup(gid, comps[0].instruction, comps[0].sources, list(cands), ranks, comps[0].category,
-                                    None if None in scores else list(scores), comps[0].origin, {"models": list(models)})
-    return [g for g in out if g is not None]
+        parts.setdefault(p.meta.get("group", id(p)) if isinstance(p, PreferencePair) else id(p), []).append(p)
+    out = []
+    for gid, comps in parts.items():
+        if not isinstance(gid, str):
+            out += comps
+            continue
+        at = {pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side]) for p in comps
+              for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))}  # -> (image, model, score)
+        try:
+            rel = [("=" if p.tie else ">").join(chr(65 + x) for x in p.meta["positions"]) for p in comps]  # "C>A"
+            ranks = parse_ranking(rel, 1 + max(at), comps[0].origin)
+        except DataError as e:
+            if skipped is None:
+                raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None
+            skipped.append((f"group {gid!r}", str(e)))
+            continue
+        cands, models, scores = zip(*(at[pos] for pos in range(len(ranks))))
+        out.append(CandidateGroup(gid, comps[0].instruction, comps[0].sources, list(cands), ranks, comps[0].category,
+                                  None if None in scores else list(scores), comps[0].origin, {"models": list(models)}))
+    return out
 
 
 # ---------------------------------------------------------------------------------- loading: one path for all kinds
@@ -407,12 +396,9 @@ def _image_refs(item):
 
 def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, want=None,
                disentangle=False):
-    """The one loading path: every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair)
-    or made into `want`: groups into their pairs for PreferencePair, pairs into groups (TIGER comparisons into
-    theirs) for CandidateGroup. A bad row raises DataError naming source and row, or with skip_bad is skipped, kept
-    in .skipped and reported."""
-    if fmt != "auto" and fmt not in PARSERS:
-        raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(PARSERS)}")
+    """The one loading path: every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair) or
+    as `want` (groups become their pairs, TIGER comparisons their groups). A bad row raises DataError naming source
+    and row, or with skip_bad is skipped, kept in .skipped and reported."""
     items, skipped, checked = [], [], set()
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
@@ -421,8 +407,8 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
                 raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object")
             if fmt == "auto":  # the first good row fixes the format
                 fmt = next((name for name, (cols, _) in PARSERS.items() if cols <= set(row)), "auto")
-            if fmt == "auto":
-                raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
+            if fmt not in PARSERS:
+                raise DataError(f"{origin}: cannot read the columns {sorted(row)} as {fmt!r} ({', '.join(PARSERS)})")
             item = PARSERS[fmt][1](_Row(row, origin, base))
             for ref in {x for x, _ in _image_refs(item)} - checked if check_images else ():  # each file/blob once
                 checked.add(load_image(ref, origin, verify=True) or ref)
@@ -451,7 +437,7 @@ def load_pairs(path, fmt="auto", split=None, config=None, skip_bad=False, disent
 
 
 def load_groups(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Candidate groups from any group or pair format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
+    """Candidate groups from any group format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
     return load_items(path, fmt, split, config, skip_bad, check_images, CandidateGroup)
 
 
@@ -550,9 +536,8 @@ def atomic_write(path, write, mode="w"):
 
 
 def atomic_dir(final, write, link=None):
-    """write(folder) into a temporary sibling folder that then replaces `final` in one rename; then optionally
-    repoint the symlink `link` at it (and remove the folder it named) with another rename, so that a kill at any
-    moment leaves `link` naming a complete folder."""
+    """write(folder) into a temporary sibling that then replaces `final` in one rename; with `link`, repoint that
+    symlink at it by another rename (and remove its old folder): a kill never leaves `link` at a partial folder."""
     import shutil
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
@@ -690,15 +675,13 @@ def toy_level(x):
 
 
 def toy_cot_response(instruction, scores):
-    """A templated chain of thought for verifier SFT, as a teacher would write it: a 1..4 verdict per principle and
-    a JSON answer, 'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'.
-    Its score, round(10 * instruction following), leaves out the quality it rates, which the human-like pair labels
+    """A teacher's templated chain of thought for verifier SFT: a 1..4 verdict per principle, then a JSON answer whose
+    score, round(10 * instruction following), leaves out the quality it rates, which the human-like pair labels
     weigh: the gap GCPO closes in Edit-R1 (SFT traces from a teacher, GCPO from human preferences)."""
     kind = (parse_toy_instruction(instruction) or ("edit",))[0]
     f, k, q = (int(toy_level(scores[d])) for d in ("change", "keep", "visual_quality"))
-    score = int(round(10 * scores["instruction_following"]))
     return (f"{kind}: follow {f}/4; keep {k}/4; quality {q}/4\n"
-            f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {score}}}')
+            f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {round(10 * scores["instruction_following"])}}}')
 
 
 def _random_scene(rng):
@@ -745,8 +728,7 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def _save(out, name, content):
-    """An image array as images/<name>.png, a dict as the JSON file <name>, rows as the JSONL file <name>, each
-    written atomically; -> its path (the image's relative to `out`)."""
+    """Write an image array as images/<name>.png (-> that path), a dict or rows as the JSON(L) file out/<name>."""
     if isinstance(content, np.ndarray):
         rel = f"images/{name}.png"
         atomic_write(os.path.join(out, rel), lambda f: Image.fromarray(content).save(f, "PNG"), "wb")
@@ -765,8 +747,7 @@ def _toy_group(rng, gid, k, size, out):
         outcomes.append(rng.choice(OUTCOMES))
         cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
     oracle = toy_oracle(src, instruction, cands)
-    human = [{d: int(toy_level(s[d])) for d in DIMS} for s in oracle]
-    human = [{**h, "overall": sum(h.values())} for h in human]
+    human = [{**h, "overall": sum(h.values())} for h in ({d: int(toy_level(s[d])) for d in DIMS} for s in oracle)]
     return {"id": gid, "instruction": instruction, "source": _save(out, gid + "_src", src),
             "candidates": [_save(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)],
             "ranks": [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human],  # equal: a tie
@@ -860,9 +841,8 @@ if __name__ == "__main__":
     if args.toy:
         import time
         t0 = time.time()
-        sizes = {k: v for k, v in vars(args).items() if k.startswith("n_")}  # n_train, n_val, n_rl, ...
-        for path in make_toy(args.out, args.seed, **sizes).values():
-            print(f"{path}: {sum(1 for _ in open(path))} rows")
+        paths = make_toy(args.out, args.seed, **{k: v for k, v in vars(args).items() if k.startswith("n_")}).values()
+        print("\n".join(f"{p}: {sum(1 for _ in open(p))} rows" for p in paths))
         print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
     elif args.inspect:
         try:
