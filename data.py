@@ -113,23 +113,16 @@ def _sides(preferred, rejected):
 
 
 # ---------------------------------------------------------------------------------- images and rows
-def to_rgb(img):
-    """Any PIL image -> RGB, EXIF orientation applied and transparency composited on white (not dropped)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    return img.convert("RGB")
-
-
 def load_image(ref, origin="", verify=False):
-    """An image reference (PIL image, path or bytes) -> RGB; with verify, only check it exists and its checksum."""
+    """An image reference (PIL image, path or bytes) -> RGB, EXIF orientation applied (alpha dropped, as PIL does);
+    with verify, only check that it exists and that its header and checksums hold (cheap, no decoding)."""
     if isinstance(ref, Image.Image):
-        return None if verify else to_rgb(ref)
+        return None if verify else ImageOps.exif_transpose(ref).convert("RGB")
     if isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: image file not found: {ref}")
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
         with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:
-            return img.verify() if verify else to_rgb(img)
+            return img.verify() if verify else ImageOps.exif_transpose(img).convert("RGB")
     except Exception as e:
         what = "corrupt" if verify else "cannot decode"
         raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
@@ -426,8 +419,7 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     out = Loaded(disentangle_ties(items) if disentangle else items)
     out.skipped = skipped
     if skipped:
-        print(f"skipped {len(skipped)} bad row(s) of {path}:\n  " + "\n  ".join(why for _, why in skipped),
-              file=sys.stderr)
+        print(f"skipped {len(skipped)} bad row(s) of {path}:", *(w for _, w in skipped), sep="\n  ", file=sys.stderr)
     return out
 
 
@@ -518,8 +510,7 @@ def print0(*args, **kwargs):
 
 
 def leave_distributed():
-    """End a finished torchrun worker: destroy the process group, then exit without interpreter shutdown, where gloo
-    threads outliving the group can abort a finished run (SIGABRT)."""
+    """End a finished worker: destroy the process group, exit without the shutdown where gloo threads can abort."""
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -557,8 +548,7 @@ def atomic_dir(final, write, link=None):
 
 
 def image_sheet(rows, path, cell=128):
-    """One PNG for a person: rows of (title, [(image ref or PIL, caption), ...]), each row a title line above its
-    images and a caption under each. Used by --inspect, bench.py's worst cases and grpo.py's sample grids."""
+    """One PNG of rows (title, [(image ref or PIL, caption), ...]) for --inspect, bench.py and grpo.py."""
     ncol = max([len(pics) for _, pics in rows] + [1])
     sheet = Image.new("RGB", (ncol * cell, max(1, len(rows)) * (cell + 28)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -597,11 +587,9 @@ def _shape_mask(kind, cell, size):
     """Boolean (size, size) mask of a shape drawn in one of the 3x3 cells."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     cx, cy, r = (cell[0] * 2 + 1) * size / 6, (cell[1] * 2 + 1) * size / 6, 0.13 * size
-    if kind == "circle":
-        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-    if kind == "square":
-        return (abs(x - cx) <= 0.85 * r) & (abs(y - cy) <= 0.85 * r)
-    return (y <= cy + 0.8 * r) & (abs(x - cx) <= (y - (cy - r)) / 1.8)  # triangle, apex up
+    return {"circle": lambda: (x - cx) ** 2 + (y - cy) ** 2 <= r * r,
+            "square": lambda: (abs(x - cx) <= 0.85 * r) & (abs(y - cy) <= 0.85 * r),
+            "triangle": lambda: (y <= cy + 0.8 * r) & (abs(x - cx) <= (y - (cy - r)) / 1.8)}[kind]()  # apex up
 
 
 def render_scene(scene, size=56):
@@ -613,20 +601,17 @@ def render_scene(scene, size=56):
 
 
 def classify(img, smooth=True):
-    """uint8 (H, W, 3) -> (H, W) index of the nearest palette colour. With smooth, after a 3x3 median filter,
-    so that pixel noise changes the image's quality but not what it shows."""
+    """uint8 (H, W, 3) -> (H, W) nearest palette colour index; smooth: 3x3 median first, so noise hides no content."""
     a = np.asarray(img, dtype=np.float32)
     if smooth:
-        pad = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        h, w = a.shape[:2]
+        pad, (h, w) = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge"), a.shape[:2]
         a = np.median(np.stack([pad[i:i + h, j:j + w] for i in range(3) for j in range(3)]), axis=0)
     return ((a[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
 
 
 def parse_toy_instruction(instruction):
     """'make the red circle blue' -> ("recolor", ("red", "circle", "blue")); None if not a toy instruction."""
-    return next(((kind, m.groups()) for kind, pat in _INSTR if (m := re.fullmatch(pat, instruction.strip().lower()))),
-                None)
+    return next(((k, m.groups()) for k, pat in _INSTR if (m := re.fullmatch(pat, instruction.strip().lower()))), None)
 
 
 def toy_target(source, instruction):
@@ -795,15 +780,13 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
              "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
-    _save(out, "toy.json", {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k,
-                            "editor_wrong": editor_wrong})
+    _save(out, "toy.json", dict(seed=seed, size=size, n_train=n_train, n_val=n_val, k=k, editor_wrong=editor_wrong))
     return {name: _save(out, name, rows) for name, rows in files.items()}
 
 
 # ---------------------------------------------------------------------------------- looking at data
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
-    """Print counts and tie shares of any supported source and draw its first rows on a contact sheet. With
-    skip_bad, rows with missing or corrupt images are skipped (and reported) too, so that the sheet draws."""
+    """Print counts and tie shares of any source and draw its first rows; skip_bad skips rows with bad images too."""
     items = load_items(path, fmt, split, config, skip_bad, check_images=skip_bad)
     kinds = [type(it).__name__ for it in items]
     print(f"{path}: {len(items)} rows " + ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) +
@@ -819,8 +802,7 @@ def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=Non
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # --- the toy world (image size, group size and editor noise are make_toy arguments)
     ap.add_argument("--toy", action="store_true", help="write the procedural toy world to --out")
     ap.add_argument("--out", default="data/toy", help="output folder for --toy")
