@@ -1,8 +1,7 @@
 """data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
 
-Items: PreferencePair (instruction, source image(s), preferred and rejected edit, preference per dimension: +1, -1,
-0 = tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (instruction, source image(s), optional target
-edit), CotTrace (an edit and a written judgement). Formats (told from the columns of the first row, or fmt=):
+Items (the dataclasses below): PreferencePair, CandidateGroup (K edits ranked, ties allowed), EditPrompt, CotTrace.
+Formats (told from the columns of the first row, or fmt=):
   editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
   editreward_data  TIGER-Lab/EditReward-Data: left/right edits with 1..4 human scores per dimension
   editscore_bench  EditScore/EditReward-Bench: output_images[0] is preferred on one dimension
@@ -11,12 +10,11 @@ edit), CotTrace (an edit and a written judgement). Formats (told from the column
   editscore_rl, gedit   EditScore-RL-Data and stepfun-ai/GEdit-Bench prompts
   jsonl            the project's own: {"id", "instruction", "source"} + "preferred", "rejected", "prefs" | "candidates",
                    "ranking" ("A>B=C") or "ranks" | "edited", "response" | optional "target"; image paths relative
-A source is a .json/.jsonl/.parquet file, a folder (save_to_disk ones too) or a hub name. A bad row stops the load
-with a DataError naming source, row and column; skip_bad skips and reports it. Tie-disentanglement: EditReward
-(arXiv 2509.26346, section 3.3). The toy world: shapes on a plain background at 56 px, edited by instructions ("make
-the red circle blue", "remove / add / move ...", "change the background to ..."); toy_oracle() scores any edit from
-its pixels, to label data and to tell whether RL improved the editor. Candidates are factorial (what the edit does x
-how noisy it is) so that quality cannot be guessed from content.
+A source is a .json/.jsonl/.parquet file, a folder (save_to_disk ones too) or a hub name; a bad row is a DataError
+naming source, row and column (skip_bad: skipped and reported). Tie-disentanglement: EditReward (arXiv 2509.26346,
+section 3.3). The toy world: shapes on a plain background at 56 px, edited by instructions ("make the red circle
+blue", "remove / add / move ...", "change the background to ..."); toy_oracle() scores any edit from its pixels.
+Candidates are factorial (what the edit does x how noisy it is): quality cannot be guessed from content.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
@@ -104,8 +102,7 @@ class CotTrace(_Item):
 
 
 class Loaded(list):
-    """A list of items that also remembers what was skipped, as (origin, reason), under skip_bad."""
-    skipped: list = ()
+    skipped: list = ()  # under skip_bad, what was skipped: [(origin, reason)]
 
 
 def _sides(preferred, rejected):
@@ -217,11 +214,10 @@ def _parse_editreward_json(c):
     s = [{d: c.num(f"model{k}_{col}_score", optional=col != "dim1") for d, col in
           (("instruction_following", "dim1"), ("visual_quality", "dim2"), ("overall", "overall"))} for k in (1, 2)]
     s = [{d: x for d, x in side.items() if None not in (x, s[1 - i][d])} for i, side in enumerate(s)]
-    if (tie := c.get("tie_case", False)) not in (True, False, 0, 1):
-        c.fail(f"column 'tie_case' must be true or false, got {tie!r}")
+    tie = bool(c.get("tie_case", False))
     prefs = {**{d: int(np.sign(x - s[1][d])) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, bool(tie), "", _sides(*s), c.origin,
+                          prefs, tie, "", _sides(*s), c.origin,
                           {"models": _sides(c.get("model1"), c.get("model2"))})
 
 
@@ -381,7 +377,6 @@ def regroup(items, skipped=None):
 
 # ---------------------------------------------------------------------------------- loading: one path for all kinds
 def _image_refs(item):
-    """The item's images, each with a label: its source(s), then its edits."""
     edits = (zip(item.candidates, (f"rank {r}" for r in item.ranks)) if isinstance(item, CandidateGroup) else
              ((getattr(item, a, None), a) for a in ("preferred", "rejected", "edited", "target")))
     return [(x, "source") for x in item.sources] + [(x, a) for x, a in edits if x is not None]
@@ -550,8 +545,7 @@ def atomic_dir(final, write, link=None):
 def image_sheet(rows, path, cell=128):
     """One PNG of rows (title, [(image ref or PIL, caption), ...]) for --inspect, bench.py and grpo.py."""
     ncol = max([len(pics) for _, pics in rows] + [1])
-    sheet = Image.new("RGB", (ncol * cell, max(1, len(rows)) * (cell + 28)), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw = ImageDraw.Draw(sheet := Image.new("RGB", (ncol * cell, max(1, len(rows)) * (cell + 28)), "white"))
     for r, (title, pics) in enumerate(rows):
         y = r * (cell + 28)
         draw.text((2, y + 1), str(title)[:ncol * cell // 6], fill="black")
@@ -635,8 +629,8 @@ def toy_oracle(source, instruction, edited):
     instruction_following = correct changed pixels / |pixels that should change  U  pixels that did change|
       (an unchanged image or a wrong edit scores 0, an edit that also changes other things is penalised);
     visual_quality = 1 - mean distance of each pixel to its nearest palette colour / 0.2 (noise, blur);
-    overall = their mean. Also returns the two parts of instruction following, "change" and "keep".
-    A list of edits (of this source, under this instruction) gives a list of scores, the target worked out once."""
+    overall = their mean; also the two parts of instruction following, "change" and "keep". A list of edits (of this
+    source, under this instruction) gives a list of scores."""
     src = np.asarray(source, dtype=np.uint8)
     cs, ct = classify(src), classify(toy_target(src, instruction))
     should, out, edits = ct != cs, [], edited if isinstance(edited, list) else [edited]
@@ -713,13 +707,12 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def _save(out, name, content):
-    """Write an image array as images/<name>.png (-> that path), a dict or rows as the JSON(L) file out/<name>."""
+    """Write an image array as images/<name>.png (-> that path) or rows as the JSONL file out/<name> (-> its path)."""
     if isinstance(content, np.ndarray):
         rel = f"images/{name}.png"
         atomic_write(os.path.join(out, rel), lambda f: Image.fromarray(content).save(f, "PNG"), "wb")
         return rel
-    atomic_write(os.path.join(out, name), lambda f: json.dump(content, f) if isinstance(content, dict) else
-                 f.writelines(json.dumps(r) + "\n" for r in content))
+    atomic_write(os.path.join(out, name), lambda f: f.writelines(json.dumps(r) + "\n" for r in content))
     return os.path.join(out, name)
 
 
@@ -748,8 +741,7 @@ def _toy_pairs(groups):
 
 
 def _toy_prompt(rng, pid, size, out, editor_wrong=None):
-    """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit than the
-    one asked for (a noisy editing dataset)."""
+    """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit."""
     scene = _random_scene(rng)
     instruction = _random_instruction(rng, scene)
     row = {"id": pid, "instruction": instruction, "source": _save(out, pid + "_src", render_scene(scene, size)),
@@ -780,7 +772,7 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
              "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
-    _save(out, "toy.json", dict(seed=seed, size=size, n_train=n_train, n_val=n_val, k=k, editor_wrong=editor_wrong))
+    _save(out, "toy.json", [dict(seed=seed, size=size, n_train=n_train, n_val=n_val, k=k, editor_wrong=editor_wrong)])
     return {name: _save(out, name, rows) for name, rows in files.items()}
 
 
