@@ -143,8 +143,6 @@ def _rows(path, split=None, config=None):
             except json.JSONDecodeError as e:
                 yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
         return
-    if not (os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
-        raise DataError(f"{path}: no such file, folder or hub dataset name")
     import datasets
     try:  # whatever fails while opening (a wrong config, a missing split, no network) names the source
         if os.path.isfile(path):
@@ -323,8 +321,7 @@ PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward
 
 
 def parse_ranking(ranking, k, origin=""):
-    """Ranking text -> ranks (0 = best): a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of them), "<"
-    allowed. Every pair of candidates must end up ordered or tied, without a contradiction."""
+    """Ranking text -> ranks (0 = best): a chain "A>B=C" or relations "A>B, B=C" (or their list), complete, no cycle."""
     text = ",".join(ranking) if isinstance(ranking, (list, tuple)) else str(ranking)
     ge, gt = np.eye(k, dtype=bool), np.zeros((k, k), dtype=bool)  # i >= j and i > j, by the relations given
     for chain in filter(None, re.split(r"[,;\s]+", text.strip().upper())):
@@ -348,10 +345,9 @@ def parse_ranking(ranking, k, origin=""):
 
 
 def regroup(items, skipped=None):
-    """TIGER comparisons (meta "group", "positions") -> their groups, each ranked by all its comparisons together; a
-    contradiction or a missing comparison is a DataError naming the group (with a `skipped` list: recorded there, the
-    group dropped). Any other item stays as it is, in its place."""
-    parts = {}  # a group's id (str) -> its comparisons, in the place of its first; any other item under its own id()
+    """TIGER comparisons (meta "group", "positions") -> their groups, ranked by all their comparisons together; a
+    contradiction or gap is a DataError naming the group (given a `skipped` list: recorded there, the group dropped)."""
+    parts = {}  # a group's id (str) -> its comparisons, in the place of the first; any other item stays, under id()
     for p in items:
         parts.setdefault(p.meta.get("group", id(p)) if isinstance(p, PreferencePair) else id(p), []).append(p)
     out = []
@@ -384,9 +380,8 @@ def _image_refs(item):
 
 def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, want=None,
                disentangle=False):
-    """The one loading path: every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair) or
-    as `want` (groups become their pairs, TIGER comparisons their groups). A bad row raises DataError naming source
-    and row, or with skip_bad is skipped, kept in .skipped and reported."""
+    """The one loading path: every row as a dataclass, as parsed or as `want` (groups -> pairs, TIGER comparisons ->
+    groups). A bad row is a DataError naming source and row; skip_bad skips it, keeps it in .skipped, reports it."""
     items, skipped, checked = [], [], set()
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
@@ -445,10 +440,9 @@ def disentangle_ties(pairs):
     out = []
     for p in pairs:
         dim_prefs = {d: v for d, v in p.prefs.items() if d != "overall" and v != 0}
-        if not p.tie or set(dim_prefs.values()) != {-1, 1}:
-            out.append(p)
-            continue
-        for d, v in dim_prefs.items():
+        split = p.tie and set(dim_prefs.values()) == {-1, 1}
+        out += [] if split else [p]
+        for d, v in dim_prefs.items() if split else ():
             w, l, sc, meta = p.preferred, p.rejected, p.scores, {**p.meta, "disentangled": True}
             if v < 0:  # the dimension's winner goes first, and with it its scores, outcome and model
                 w, l, sc = l, w, sc and _sides(sc["rejected"], sc["preferred"])
@@ -815,8 +809,7 @@ if __name__ == "__main__":
     if args.toy:
         import time
         t0 = time.time()
-        paths = make_toy(args.out, args.seed, **{k: v for k, v in vars(args).items() if k.startswith("n_")}).values()
-        print("\n".join(f"{p}: {sum(1 for _ in open(p))} rows" for p in paths))
+        make_toy(args.out, args.seed, **{k: v for k, v in vars(args).items() if k.startswith("n_")})
         print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
     elif args.inspect:
         try:
