@@ -183,8 +183,7 @@ class _Row:
 
     def text(self, col):
         v = self.req(col)
-        return v.strip() if isinstance(v, str) and v.strip() else self.fail(
-            f"column '{col}' must be a non-empty string, got {v!r}")
+        return v.strip() if type(v) is str and v.strip() else self.fail(f"column '{col}' must be a non-empty string")
 
     def num(self, col, optional=False):  # a finite number: a boolean, NaN or inf is not; optional: None if absent
         v = self.get(col) if optional else self.req(col)
@@ -469,32 +468,26 @@ class Dist:
     ddp = property(lambda self: self.world > 1 or "RANK" in os.environ)
 
 
-_DIST = Dist()
-
-
 def setup_distributed(device="auto"):
     """One script for `python` and `torchrun`: under torchrun (RANK in the environment) join the process group,
     NCCL on CUDA, gloo on CPU, a GPU per local rank. Seed with `seed + dist.rank` where ranks must differ."""
     import torch
     import torch.distributed as tdist
-    global _DIST
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
     if "RANK" not in os.environ:
-        _DIST = Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
-        return _DIST
+        return Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
     local = int(os.environ.get("LOCAL_RANK", 0))
     tdist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
     else:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    _DIST = Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
-    return _DIST
+    return Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 only, flushed (torchrun interleaves the ranks' buffered output)."""
-    if _DIST.master:
+    """print on rank 0 only (torchrun's RANK), flushed (torchrun interleaves the ranks' buffered output)."""
+    if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -749,8 +742,8 @@ def _toy_prompt(rng, pid, size, out, editor_wrong=None):
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
              editor_wrong=0.65):
-    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}. The last quarter
-    of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
+    """Write the toy world as the project's JSONL files under `out` -> {name: path}. The last quarter of the training
+    groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
     from tqdm import tqdm
     rng, ids = random.Random(seed), [f"train{i:05d}" for i in range(n_train)] + [f"val{i:05d}" for i in range(n_val)]
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
