@@ -111,8 +111,7 @@ def _sides(preferred, rejected):
 
 # ---------------------------------------------------------------------------------- images and rows
 def load_image(ref, origin="", verify=False):
-    """An image reference (PIL image, path or bytes) -> RGB, EXIF orientation applied (alpha dropped, as PIL does);
-    with verify, only check that it exists and that its header and checksums hold (cheap, no decoding)."""
+    """An image ref (PIL image, path or bytes) -> RGB, EXIF-rotated; verify: only check its header and checksums."""
     if isinstance(ref, Image.Image):
         return None if verify else ImageOps.exif_transpose(ref).convert("RGB")
     if isinstance(ref, str) and not os.path.exists(ref):
@@ -126,8 +125,7 @@ def load_image(ref, origin="", verify=False):
 
 
 def _rows(path, split=None, config=None):
-    """Yield (origin, row) from a .jsonl / .json file or, through `datasets`, a parquet file, a save_to_disk folder
-    (the EditScore/EditReward-Bench hub layout), another folder or a hub name. A malformed JSON line: a DataError."""
+    """Yield (origin, row) from a .json(l) file or, via `datasets`, parquet, a save_to_disk folder or a hub name."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -150,8 +148,7 @@ def _rows(path, split=None, config=None):
         elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
             ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-        else:  # GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919
-            # votes for image editing"), not the `datasets` default
+        else:  # GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README)
             hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
             ds = datasets.load_dataset(path, config or hub[0], split=split or hub[1])
         for name, feat in ds.features.items():  # images left as bytes, decoded lazily where an error names the row
@@ -214,8 +211,7 @@ def _parse_editreward_json(c):
     tie = bool(c.get("tie_case", False))
     prefs = {**{d: int(np.sign(x - s[1][d])) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, tie, "", _sides(*s), c.origin,
-                          {"models": _sides(c.get("model1"), c.get("model2"))})
+                          prefs, tie, "", _sides(*s), c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
 
 
 def _parse_editreward_data(c):
@@ -297,9 +293,7 @@ def _parse_jsonl(c):
         return CandidateGroup(id, instruction, sources, c.images("candidates"), [int(r) for r in ranks], cat,
                               c.get("scores"), c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
-        prefs = c.get("prefs") or {"overall": 1}
-        if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) or isinstance(v, bool) for v in prefs.values()):
-            c.fail(f"'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
+        prefs = c.get("prefs") or {"overall": 1}  # dimension -> -1, 0 or 1
         return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
                               bool(c.get("tie", prefs.get("overall", 1) == 0)), cat, c.get("scores"), c.origin, meta)
     if "response" in c.row:
@@ -433,9 +427,8 @@ def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check
 
 
 def disentangle_ties(pairs):
-    """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree (A follows the instruction
-    better, B looks better) becomes one strict single-dimension sample per disagreeing dimension, with "overall": 0
-    in its prefs so that no consumer reads it as an overall preference. Pairs tied on every dimension stay ties."""
+    """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree becomes one strict sample per
+    disagreeing dimension, with "overall": 0 so that none reads as an overall preference. Full ties stay ties."""
     out = []
     for p in pairs:
         dim_prefs = {d: v for d, v in p.prefs.items() if d != "overall" and v != 0}
@@ -469,8 +462,7 @@ class Dist:
 
 
 def setup_distributed(device="auto"):
-    """One script for `python` and `torchrun`: under torchrun (RANK in the environment) join the process group,
-    NCCL on CUDA, gloo on CPU, a GPU per local rank. Seed with `seed + dist.rank` where ranks must differ."""
+    """Under torchrun (RANK set) join the process group: NCCL on CUDA, gloo on CPU. Seed with seed + dist.rank."""
     import torch
     import torch.distributed as tdist
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
@@ -509,8 +501,7 @@ def atomic_write(path, write, mode="w"):
 
 
 def atomic_dir(final, write, link=None):
-    """write(folder) into a temporary sibling that then replaces `final` in one rename; with `link`, repoint that
-    symlink at it by another rename (and remove its old folder): a kill never leaves `link` at a partial folder."""
+    """write(folder) into a temporary sibling, renamed over `final`, then `link` (a symlink) renamed to point at it."""
     import shutil
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
@@ -600,8 +591,7 @@ def toy_target(source, instruction):
     src = np.asarray(source, dtype=np.uint8)
     cls, size = classify(src, smooth=False), src.shape[0]  # sources are clean renders: keep every pixel
     bg = np.bincount(np.concatenate([cls[0], cls[-1], cls[:, 0], cls[:, -1]])).argmax()  # border = background
-    kind, args = parse_toy_instruction(instruction)
-    out = PALETTE[cls].astype(np.uint8)
+    (kind, args), out = parse_toy_instruction(instruction), PALETTE[cls].astype(np.uint8)
     if kind in ("recolor", "remove", "move"):  # args: colour, shape, then a new colour or cell
         out[cls == PALETTE_NAMES.index(args[0])] = SHAPE_COLORS[args[2]] if kind == "recolor" else PALETTE[bg]
     if kind in ("add", "move"):
@@ -641,9 +631,8 @@ def toy_level(x):
 
 
 def toy_cot_response(instruction, scores):
-    """A teacher's templated chain of thought for verifier SFT: a 1..4 verdict per principle, then a JSON answer whose
-    score, round(10 * instruction following), leaves out the quality it rates, which the human-like pair labels
-    weigh: the gap GCPO closes in Edit-R1 (SFT traces from a teacher, GCPO from human preferences)."""
+    """A teacher's chain of thought for verifier SFT: a 1..4 verdict per principle, then a JSON score, round(10 *
+    instruction following), blind to the quality the human-like pair labels weigh (the gap GCPO closes in Edit-R1)."""
     kind = (parse_toy_instruction(instruction) or ("edit",))[0]
     f, k, q = (int(toy_level(scores[d])) for d in ("change", "keep", "visual_quality"))
     return (f"{kind}: follow {f}/4; keep {k}/4; quality {q}/4\n"
@@ -704,8 +693,7 @@ def _save(out, name, content):
 
 
 def _toy_group(rng, gid, k, size, out):
-    """A scene, an instruction and k candidates whose outcome and noise level are drawn independently (the
-    factorial design), rated 1..4 per dimension from the oracle like a human would (overall: their sum)."""
+    """k candidates of outcome x noise level drawn independently, rated 1..4 per dimension from the oracle (+ sum)."""
     scene = _random_scene(rng)
     instruction, src, outcomes, cands = _random_instruction(rng, scene), render_scene(scene, size), [], []
     for _ in range(k):
@@ -753,9 +741,8 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
              "pairs_train.jsonl": _toy_pairs(sft), "gcpo_train.jsonl": [r for r in _toy_pairs(gcpo) if not r["tie"]],
              "pairs_val.jsonl": _toy_pairs(val),
              "cot_train.jsonl": [{"id": f"{g['id']}_c{j}", "instruction": g["instruction"], "source": g["source"],
-                                  "edited": c, "response": toy_cot_response(g["instruction"], o), "scores": h}
-                                 for g in sft for j, (c, o, h) in enumerate(zip(*(g[x] for x in
-                                                                                ("candidates", "oracle", "scores"))))],
+                                  "edited": g["candidates"][j], "response": toy_cot_response(g["instruction"], o),
+                                  "scores": g["scores"][j]} for g in sft for j, o in enumerate(g["oracle"])],
              "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
