@@ -1,9 +1,7 @@
-"""
-data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
+"""data.py: the data nanoEditRL reads, the ground its scripts share, and a procedural toy editing world.
 
-Items: PreferencePair (instruction, source image(s), preferred and rejected edit, preference per dimension: +1, -1,
-0 = tie), CandidateGroup (K edits ranked, ties allowed), EditPrompt (instruction, source image(s), optional target
-edit), CotTrace (an edit and a written judgement). Formats (told from the columns of the first row, or fmt=):
+Items (the dataclasses below): PreferencePair, CandidateGroup (K edits ranked, ties allowed), EditPrompt, CotTrace.
+Formats (told from the columns of the first row, or fmt=):
   editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
   editreward_data  TIGER-Lab/EditReward-Data: left/right edits with 1..4 human scores per dimension
   editscore_bench  EditScore/EditReward-Bench: output_images[0] is preferred on one dimension
@@ -12,19 +10,17 @@ edit), CotTrace (an edit and a written judgement). Formats (told from the column
   editscore_rl, gedit   EditScore-RL-Data and stepfun-ai/GEdit-Bench prompts
   jsonl            the project's own: {"id", "instruction", "source"} + "preferred", "rejected", "prefs" | "candidates",
                    "ranking" ("A>B=C") or "ranks" | "edited", "response" | optional "target"; image paths relative
-A source is a .json/.jsonl/.parquet file, a folder (save_to_disk ones too) or a hub name. A bad row stops the load
-with a DataError naming source, row and column; skip_bad skips and reports it. Tie-disentanglement: EditReward
-(arXiv 2509.26346, section 3.3). The toy world: shapes on a plain background at 56 px, edited by instructions ("make
-the red circle blue", "remove / add / move ...", "change the background to ..."); toy_oracle() scores any edit from
-its pixels, to label data and to tell whether RL improved the editor. Candidates are factorial (what the edit does x
-how noisy it is) so that quality cannot be guessed from content.
+A source is a .json/.jsonl/.parquet file, a folder (save_to_disk ones too) or a hub name; a bad row is a DataError
+naming source, row and column (skip_bad: skipped and reported). Tie-disentanglement: EditReward (arXiv 2509.26346,
+section 3.3). The toy world: shapes on a plain background at 56 px, edited by instructions ("make the red circle
+blue", "remove / add / move ...", "change the background to ..."); toy_oracle() scores any edit from its pixels.
+Candidates are factorial (what the edit does x how noisy it is): quality cannot be guessed from content.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
   python data.py --inspect TIGER-Lab/EditReward-Bench --config 3pair --skip_bad
 """
 import argparse
-import dataclasses
 import io
 import json
 import math
@@ -32,15 +28,12 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFile, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 DIMS = ("instruction_following", "visual_quality")  # the default reward dimensions
-FORMATS = ("editreward_json", "editreward_data", "editscore_bench", "tiger_bench", "genai_bench", "editscore_rl",
-           "gedit", "jsonl")
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
 
 class DataError(ValueError):
@@ -49,10 +42,14 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------------- the things the project moves
 @dataclass
-class PreferencePair:
+class _Item:  # what every item has
     id: str
     instruction: str
     sources: list          # source image(s): PIL.Image | path | bytes
+
+
+@dataclass
+class PreferencePair(_Item):
     preferred: object      # image ref
     rejected: object       # image ref
     prefs: dict            # dim -> +1 (preferred better) | -1 (rejected better) | 0 (tie); "overall" included
@@ -64,10 +61,7 @@ class PreferencePair:
 
 
 @dataclass
-class CandidateGroup:
-    id: str
-    instruction: str
-    sources: list
+class CandidateGroup(_Item):
     candidates: list       # K image refs
     ranks: list            # K ints, 0 = best, equal ranks = tie
     category: str = ""
@@ -92,10 +86,7 @@ class CandidateGroup:
 
 
 @dataclass
-class EditPrompt:
-    id: str
-    instruction: str
-    sources: list
+class EditPrompt(_Item):
     category: str = ""
     target: object = None  # a reference edit (editor warm-up data); None for RL prompts
     origin: str = ""
@@ -103,10 +94,7 @@ class EditPrompt:
 
 
 @dataclass
-class CotTrace:
-    id: str
-    instruction: str
-    sources: list
+class CotTrace(_Item):
     edited: object
     response: str
     scores: dict = None
@@ -114,8 +102,7 @@ class CotTrace:
 
 
 class Loaded(list):
-    """A list of items that also remembers what was skipped, as (origin, reason), under skip_bad."""
-    skipped: list = ()
+    skipped: list = ()  # under skip_bad, what was skipped: [(origin, reason)]
 
 
 def _sides(preferred, rejected):
@@ -123,67 +110,22 @@ def _sides(preferred, rejected):
 
 
 # ---------------------------------------------------------------------------------- images and rows
-def to_rgb(img):
-    """Any PIL image -> 8-bit RGB: EXIF orientation applied, alpha composited on white, CMYK/palette/16-bit
-    converted by value (16-bit greyscale is scaled, not clipped as PIL's convert would)."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or img.mode == "P" and "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-    return img.convert("RGB")
-
-
 def load_image(ref, origin="", verify=False):
-    """Decode an image reference (PIL image, path, bytes, or a `datasets` {"bytes", "path"} dict) to RGB. With
-    verify, only check that it exists and that its header and chunk checksums hold (cheap, no decoding)."""
+    """An image ref (PIL image, path or bytes) -> RGB, EXIF-rotated; verify: only check its header and checksums."""
     if isinstance(ref, Image.Image):
-        return None if verify else to_rgb(ref)
-    ref = ref.get("bytes") or ref.get("path") if isinstance(ref, dict) else ref
+        return None if verify else ImageOps.exif_transpose(ref).convert("RGB")
     if isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: image file not found: {ref}")
-    if not isinstance(ref, (str, bytes, bytearray)):
-        raise DataError(f"{origin}: not an image reference: {type(ref).__name__}")
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
         with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:
-            return img.verify() if verify else to_rgb(img)
+            return img.verify() if verify else ImageOps.exif_transpose(img).convert("RGB")
     except Exception as e:
         what = "corrupt" if verify else "cannot decode"
         raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
 
 
-# GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README: "919 votes for image
-# editing"), not the `datasets` default
-HUB_DEFAULTS = {"TIGER-Lab/GenAI-Bench": ("image_edition", "test_v1")}
-
-
-def _open_dataset(path, split, config):
-    """A `datasets.Dataset`, images left as bytes, from a parquet file, a save_to_disk folder (state.json +
-    data-*.arrow: how the EditScore/EditReward-Bench hub repository is stored), another local folder or a hub name."""
-    import datasets
-    if os.path.isfile(path):
-        ds = datasets.load_dataset("parquet", data_files=path, split="train")
-    elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(path)
-        ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-    elif os.path.exists(path) or re.fullmatch(r"[\w.-]+/[\w.-]+", path):
-        hub_config, hub_split = HUB_DEFAULTS.get(path, (None, "train"))
-        ds = datasets.load_dataset(path, config or hub_config, split=split or hub_split)
-    else:
-        raise DataError(f"{path}: no such file, folder or hub dataset name")
-    for name, feat in ds.features.items():  # decode lazily, where an error can name the row
-        if isinstance(feat, datasets.Image):
-            ds = ds.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
-            ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
-    return ds
-
-
 def _rows(path, split=None, config=None):
-    """Yield (origin, row) from a .jsonl / .json file or, through `datasets`, anything else. A malformed JSON line
-    is yielded as a DataError in place of the row, so that the caller can skip it or stop."""
+    """Yield (origin, row) from a .json(l) file or, via `datasets`, parquet, a save_to_disk folder or a hub name."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -199,10 +141,21 @@ def _rows(path, split=None, config=None):
             except json.JSONDecodeError as e:
                 yield f"{path}:{i}", DataError(f"{path}:{i}: malformed JSON line: {e}")
         return
+    import datasets
     try:  # whatever fails while opening (a wrong config, a missing split, no network) names the source
-        ds = _open_dataset(path, split, config)
-    except DataError:
-        raise
+        if os.path.isfile(path):
+            ds = datasets.load_dataset("parquet", data_files=path, split="train")
+        elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+            ds = datasets.load_from_disk(path)
+            ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+        else:  # GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README)
+            hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
+            ds = datasets.load_dataset(path, config or hub[0], split=split or hub[1])
+        for name, feat in ds.features.items():  # images left as bytes, decoded lazily where an error names the row
+            if isinstance(feat, datasets.Image):
+                ds = ds.cast_column(name, datasets.Image(decode=False))
+            elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
+                ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     except Exception as e:
         raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
     yield from ((path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row) for i, row in enumerate(ds))
@@ -218,34 +171,28 @@ class _Row:
         raise DataError(f"{self.origin}: {msg}")
 
     def req(self, col):
-        if col not in self.row:
-            self.fail(f"missing column '{col}'")
-        return self.row[col] if self.row[col] is not None else self.fail(f"column '{col}' is null")
+        v = self.row.get(col)
+        return v if v is not None else self.fail(f"column '{col}' is null" if col in self.row else
+                                                 f"missing column '{col}'")
 
     def id(self, *cols):  # else the origin (source and row): ids from two files without an id column never collide
         return next((str(self.row[c]) for c in cols if self.row.get(c) is not None), self.origin)
 
     def text(self, col):
         v = self.req(col)
-        return v.strip() if isinstance(v, str) and v.strip() else self.fail(
-            f"column '{col}' must be a non-empty string, got {v!r}")
+        return v.strip() if type(v) is str and v.strip() else self.fail(f"column '{col}' must be a non-empty string")
 
     def num(self, col, optional=False):  # a finite number: a boolean, NaN or inf is not; optional: None if absent
-        if optional and self.row.get(col) is None:
-            return None
-        v = self.req(col)
-        try:
-            x = math.nan if isinstance(v, bool) else float(v)
-        except (TypeError, ValueError):
-            x = math.nan
-        return x if math.isfinite(x) else self.fail(f"column '{col}' must be a finite number, got {v!r}")
+        v = self.get(col) if optional else self.req(col)
+        if v is None or isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v):
+            return None if v is None else float(v)
+        self.fail(f"column '{col}' must be a finite number, got {v!r}")
 
     def image(self, col, v=None):  # a path (relative to the manifest), embedded bytes or a PIL image
         v = self.req(col) if v is None else v
         v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
-        if isinstance(v, str) and v:
-            return v if os.path.isabs(v) else os.path.join(self.base, v)
-        return bytes(v) if isinstance(v, bytearray) else v if isinstance(v, (bytes, Image.Image)) else self.fail(
+        v = os.path.join(self.base, v) if isinstance(v, str) and v else bytes(v) if isinstance(v, bytearray) else v
+        return v if isinstance(v, (str, bytes, Image.Image)) and v != "" else self.fail(
             f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
@@ -261,12 +208,10 @@ def _parse_editreward_json(c):
     s = [{d: c.num(f"model{k}_{col}_score", optional=col != "dim1") for d, col in
           (("instruction_following", "dim1"), ("visual_quality", "dim2"), ("overall", "overall"))} for k in (1, 2)]
     s = [{d: x for d, x in side.items() if None not in (x, s[1 - i][d])} for i, side in enumerate(s)]
-    if (tie := c.get("tie_case", False)) not in (True, False, 0, 1):
-        c.fail(f"column 'tie_case' must be true or false, got {tie!r}")
+    tie = bool(c.get("tie_case", False))
     prefs = {**{d: int(np.sign(x - s[1][d])) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, bool(tie), "", _sides(*s), c.origin,
-                          {"models": _sides(c.get("model1"), c.get("model2"))})
+                          prefs, tie, "", _sides(*s), c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
 
 
 def _parse_editreward_data(c):
@@ -348,9 +293,7 @@ def _parse_jsonl(c):
         return CandidateGroup(id, instruction, sources, c.images("candidates"), [int(r) for r in ranks], cat,
                               c.get("scores"), c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
-        prefs = c.get("prefs") or {"overall": 1}
-        if not isinstance(prefs, dict) or any(v not in (-1, 0, 1) or isinstance(v, bool) for v in prefs.values()):
-            c.fail(f"'prefs' must map dimensions to -1, 0 or 1, got {prefs!r}")
+        prefs = c.get("prefs") or {"overall": 1}  # dimension -> -1, 0 or 1
         return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
                               bool(c.get("tie", prefs.get("overall", 1) == 0)), cat, c.get("scores"), c.origin, meta)
     if "response" in c.row:
@@ -370,13 +313,8 @@ PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward
            "jsonl": ({"source", "instruction"}, _parse_jsonl)}
 
 
-def detect_format(row):
-    return next((name for name, (cols, _) in PARSERS.items() if cols <= set(row)), None)
-
-
 def parse_ranking(ranking, k, origin=""):
-    """Ranking text -> ranks (0 = best): a chain "A>B=C", pairwise relations "A>B, B=C" (or a list of them), "<"
-    allowed. Every pair of candidates must end up ordered or tied, without a contradiction."""
+    """Ranking text -> ranks (0 = best): a chain "A>B=C" or relations "A>B, B=C" (or their list), complete, no cycle."""
     text = ",".join(ranking) if isinstance(ranking, (list, tuple)) else str(ranking)
     ge, gt = np.eye(k, dtype=bool), np.zeros((k, k), dtype=bool)  # i >= j and i > j, by the relations given
     for chain in filter(None, re.split(r"[,;\s]+", text.strip().upper())):
@@ -400,69 +338,55 @@ def parse_ranking(ranking, k, origin=""):
 
 
 def regroup(items, skipped=None):
-    """Pairs -> candidate groups. TIGER comparisons (meta "group", "positions") are rebuilt into their group, ranked
-    by all its comparisons together; a contradiction or a missing comparison is a DataError naming the group (with
-    a `skipped` list: recorded there, the group dropped). Any other pair is a group of two."""
-    out, parts = [], {}
+    """TIGER comparisons (meta "group", "positions") -> their groups, ranked by all their comparisons together; a
+    contradiction or gap is a DataError naming the group (given a `skipped` list: recorded there, the group dropped)."""
+    parts = {}  # a group's id (str) -> its comparisons, in the place of the first; any other item stays, under id()
     for p in items:
-        if isinstance(p, PreferencePair) and "group" in p.meta:
-            out.append(None if p.meta["group"] in parts else p.meta["group"])
-            parts.setdefault(p.meta["group"], []).append(p)
-        elif isinstance(p, PreferencePair):
-            meta = {key: [v["preferred"], v["rejected"]] if key in ("outcomes", "models") and isinstance(v, dict)
-                    else v for key, v in p.meta.items()}  # per side -> per candidate
-            out.append(CandidateGroup(p.id, p.instruction, p.sources, [p.preferred, p.rejected], [0, int(not p.tie)],
-                                      p.category, p.scores and [p.scores["preferred"], p.scores["rejected"]],
-                                      p.origin, {**meta, "prefs": p.prefs}))
-        else:
-            out.append(p)
-    for i, gid in enumerate(out):
-        if isinstance(gid, str):
-            comps, at = parts[gid], {}  # candidate position -> (image, model, score)
-            for p in comps:
-                at.update({pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side])
-                           for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))})
-            rel = [f"{chr(65 + p.meta['positions'][0])}{'=' if p.tie else '>'}{chr(65 + p.meta['positions'][1])}"
-                   for p in comps]
-            try:
-                ranks = parse_ranking(rel, 1 + max(at), comps[0].origin)
-            except DataError as e:
-                if skipped is None:
-                    raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None
-                out[i] = skipped.append((f"group {gid!r}", str(e)))
-                continue
-            cands, models, scores = zip(*(at[pos] for pos in range(len(ranks))))
-            out[i] = CandidateGroup(gid, comps[0].instruction, comps[0].sources, list(cands), ranks, comps[0].category,
-                                    None if None in scores else list(scores), comps[0].origin, {"models": list(models)})
-    return [g for g in out if g is not None]
+        parts.setdefault(p.meta.get("group", id(p)) if isinstance(p, PreferencePair) else id(p), []).append(p)
+    out = []
+    for gid, comps in parts.items():
+        if not isinstance(gid, str):
+            out += comps
+            continue
+        at = {pos: (getattr(p, side), p.meta["models"][side], p.scores and p.scores[side]) for p in comps
+              for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))}  # -> (image, model, score)
+        try:
+            rel = [("=" if p.tie else ">").join(chr(65 + x) for x in p.meta["positions"]) for p in comps]  # "C>A"
+            ranks = parse_ranking(rel, 1 + max(at), comps[0].origin)
+        except DataError as e:
+            if skipped is None:
+                raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None
+            skipped.append((f"group {gid!r}", str(e)))
+            continue
+        cands, models, scores = zip(*(at[pos] for pos in range(len(ranks))))
+        out.append(CandidateGroup(gid, comps[0].instruction, comps[0].sources, list(cands), ranks, comps[0].category,
+                                  None if None in scores else list(scores), comps[0].origin, {"models": list(models)}))
+    return out
 
 
 # ---------------------------------------------------------------------------------- loading: one path for all kinds
 def _image_refs(item):
-    if isinstance(item, PreferencePair):
-        return item.sources + [item.preferred, item.rejected]
-    if isinstance(item, CandidateGroup):
-        return item.sources + item.candidates
-    return item.sources + [x for x in (getattr(item, "edited", None), getattr(item, "target", None)) if x is not None]
+    edits = (zip(item.candidates, (f"rank {r}" for r in item.ranks)) if isinstance(item, CandidateGroup) else
+             ((getattr(item, a, None), a) for a in ("preferred", "rejected", "edited", "target")))
+    return [(x, "source") for x in item.sources] + [(x, a) for x, a in edits if x is not None]
 
 
-def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, disentangle=False):
-    """The one loading path: every row parsed into a dataclass, then made into `want` (None: as parsed): groups
-    into their pairs for PreferencePair, pairs into groups (TIGER comparisons into theirs) for CandidateGroup.
-    A bad row raises DataError naming source and row, or with skip_bad is skipped, kept in .skipped and reported."""
-    if fmt != "auto" and fmt not in PARSERS:
-        raise DataError(f"{path}: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, want=None,
+               disentangle=False):
+    """The one loading path: every row as a dataclass, as parsed or as `want` (groups -> pairs, TIGER comparisons ->
+    groups). A bad row is a DataError naming source and row; skip_bad skips it, keeps it in .skipped, reports it."""
     items, skipped, checked = [], [], set()
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
         try:
             if not isinstance(row, dict):
                 raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object")
-            fmt = (detect_format(row) or "auto") if fmt == "auto" else fmt  # the first good row fixes the format
-            if fmt == "auto":
-                raise DataError(f"{origin}: cannot tell the format from the columns {sorted(row)}")
+            if fmt == "auto":  # the first good row fixes the format
+                fmt = next((name for name, (cols, _) in PARSERS.items() if cols <= set(row)), "auto")
+            if fmt not in PARSERS:
+                raise DataError(f"{origin}: cannot read the columns {sorted(row)} as {fmt!r} ({', '.join(PARSERS)})")
             item = PARSERS[fmt][1](_Row(row, origin, base))
-            for ref in set(_image_refs(item)) - checked if check_images else ():  # each file or blob checked once
+            for ref in {x for x, _ in _image_refs(item)} - checked if check_images else ():  # each file/blob once
                 checked.add(load_image(ref, origin, verify=True) or ref)
             items.append(item)
         except DataError as e:
@@ -471,69 +395,58 @@ def _load(want, path, fmt="auto", split=None, config=None, skip_bad=False, check
             skipped.append((origin, str(e)))
     if want is CandidateGroup:
         items = regroup(items, skipped if skip_bad else None)
-    out = Loaded()
-    for it in items:
-        if not (want is None or isinstance(it, want) or want is PreferencePair and isinstance(it, CandidateGroup)):
-            raise DataError(f"{it.origin}: a {type(it).__name__} where a {want.__name__} was expected")
-        out += it.to_pairs() if want is PreferencePair and isinstance(it, CandidateGroup) else [it]
-    out = Loaded(disentangle_ties(out)) if disentangle else out
+    elif want is PreferencePair:
+        items = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it])]
+    if bad := next((it for it in items if want and not isinstance(it, want)), None):
+        raise DataError(f"{bad.origin}: a {type(bad).__name__} where a {want.__name__} was expected")
+    out = Loaded(disentangle_ties(items) if disentangle else items)
     out.skipped = skipped
     if skipped:
-        print(f"skipped {len(skipped)} bad row(s) of {path}:\n  " + "\n  ".join(why for _, why in skipped),
-              file=sys.stderr)
+        print(f"skipped {len(skipped)} bad row(s) of {path}:", *(w for _, w in skipped), sep="\n  ", file=sys.stderr)
     return out
-
-
-def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Every row of `path` as a dataclass, as it is (a TIGER comparison is a PreferencePair)."""
-    return _load(None, path, fmt, split, config, skip_bad, check_images)
 
 
 def load_pairs(path, fmt="auto", split=None, config=None, skip_bad=False, disentangle=True, check_images=True):
     """Preference pairs from any pair or group format, ties included, tie-disentangled unless disentangle=False."""
-    return _load(PreferencePair, path, fmt, split, config, skip_bad, check_images, disentangle)
+    return load_items(path, fmt, split, config, skip_bad, check_images, PreferencePair, disentangle)
 
 
 def load_groups(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Candidate groups from any group or pair format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
-    return _load(CandidateGroup, path, fmt, split, config, skip_bad, check_images)
+    """Candidate groups from any group format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
+    return load_items(path, fmt, split, config, skip_bad, check_images, CandidateGroup)
 
 
 def load_prompts(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Edit prompts for RL (and editor warm-up triples, which carry a target)."""
-    return _load(EditPrompt, path, fmt, split, config, skip_bad, check_images)
+    return load_items(path, fmt, split, config, skip_bad, check_images, EditPrompt)
 
 
 def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
     """Chain-of-thought verifier traces for SFT."""
-    return _load(CotTrace, path, fmt, split, config, skip_bad, check_images)
+    return load_items(path, fmt, split, config, skip_bad, check_images, CotTrace)
 
 
 def disentangle_ties(pairs):
-    """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree (A follows the instruction
-    better, B looks better) becomes one strict single-dimension sample per disagreeing dimension, with "overall": 0
-    in its prefs so that no consumer reads it as an overall preference. Pairs tied on every dimension stay ties."""
+    """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree becomes one strict sample per
+    disagreeing dimension, with "overall": 0 so that none reads as an overall preference. Full ties stay ties."""
     out = []
     for p in pairs:
         dim_prefs = {d: v for d, v in p.prefs.items() if d != "overall" and v != 0}
-        if not p.tie or set(dim_prefs.values()) != {-1, 1}:
-            out.append(p)
-            continue
-        for d, v in dim_prefs.items():
+        split = p.tie and set(dim_prefs.values()) == {-1, 1}
+        out += [] if split else [p]
+        for d, v in dim_prefs.items() if split else ():
             w, l, sc, meta = p.preferred, p.rejected, p.scores, {**p.meta, "disentangled": True}
             if v < 0:  # the dimension's winner goes first, and with it its scores, outcome and model
                 w, l, sc = l, w, sc and _sides(sc["rejected"], sc["preferred"])
                 meta.update({k: _sides(x["rejected"], x["preferred"]) for k, x in meta.items()
                              if k in ("outcomes", "models") and isinstance(x, dict)})
-            out.append(dataclasses.replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0},
-                                           tie=False, scores=sc, meta=meta))
+            out.append(replace(p, id=f"{p.id}#{d}", preferred=w, rejected=l, prefs={d: 1, "overall": 0}, tie=False,
+                               scores=sc, meta=meta))
     return out
 
 
 def shard(items, rank, world_size):
     """Rank's strided slice: the shards of all ranks partition the items exactly (sizes differ by <= 1)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
     return list(items)[rank::world_size]
 
 
@@ -548,38 +461,30 @@ class Dist:
     ddp = property(lambda self: self.world > 1 or "RANK" in os.environ)
 
 
-_DIST = Dist()
-
-
 def setup_distributed(device="auto"):
-    """One script for `python` and `torchrun`: under torchrun (RANK in the environment) join the process group,
-    NCCL on CUDA, gloo on CPU, a GPU per local rank. Seed with `seed + dist.rank` where ranks must differ."""
+    """Under torchrun (RANK set) join the process group: NCCL on CUDA, gloo on CPU. Seed with seed + dist.rank."""
     import torch
     import torch.distributed as tdist
-    global _DIST
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")
     if "RANK" not in os.environ:
-        _DIST = Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
-        return _DIST
+        return Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
     local = int(os.environ.get("LOCAL_RANK", 0))
     tdist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
         torch.cuda.set_device(local)
     else:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    _DIST = Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
-    return _DIST
+    return Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 def print0(*args, **kwargs):
-    """print on rank 0 only, flushed (torchrun interleaves the ranks' buffered output)."""
-    if _DIST.master:
+    """print on rank 0 only (torchrun's RANK), flushed (torchrun interleaves the ranks' buffered output)."""
+    if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
 
 
 def leave_distributed():
-    """End a finished torchrun worker: destroy the process group, then exit without interpreter shutdown, where gloo
-    threads outliving the group sometimes aborted a finished run (SIGABRT; 3 of 6 CI runs on 2 CPU cores)."""
+    """End a finished worker: destroy the process group, exit without the shutdown where gloo threads can abort."""
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
@@ -596,9 +501,7 @@ def atomic_write(path, write, mode="w"):
 
 
 def atomic_dir(final, write, link=None):
-    """write(folder) into a temporary sibling folder that then replaces `final` in one rename; then optionally
-    repoint the symlink `link` at it with another rename, so that a kill at any moment leaves `link` naming a
-    complete folder (and the folder `link` named before is removed)."""
+    """write(folder) into a temporary sibling, renamed over `final`, then `link` (a symlink) renamed to point at it."""
     import shutil
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
@@ -618,11 +521,9 @@ def atomic_dir(final, write, link=None):
 
 
 def image_sheet(rows, path, cell=128):
-    """One PNG for a person: rows of (title, [(image ref or PIL, caption), ...]), each row a title line above its
-    images and a caption under each. Used by --inspect, bench.py's worst cases and grpo.py's sample grids."""
+    """One PNG of rows (title, [(image ref or PIL, caption), ...]) for --inspect, bench.py and grpo.py."""
     ncol = max([len(pics) for _, pics in rows] + [1])
-    sheet = Image.new("RGB", (ncol * cell, max(1, len(rows)) * (cell + 28)), "white")
-    draw = ImageDraw.Draw(sheet)
+    draw = ImageDraw.Draw(sheet := Image.new("RGB", (ncol * cell, max(1, len(rows)) * (cell + 28)), "white"))
     for r, (title, pics) in enumerate(rows):
         y = r * (cell + 28)
         draw.text((2, y + 1), str(title)[:ncol * cell // 6], fill="black")
@@ -648,6 +549,7 @@ CELLS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1),
          "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
 EDIT_KINDS = ("recolor", "remove", "add", "move", "background")
 NOISE_LEVELS = (0.0, 0.05, 0.095, 0.135)  # Gaussian noise std (0..1 scale) of the four degradation levels
+OUTCOMES = ("correct", "partial", "overedit", "wrong", "unchanged")  # what a candidate edit does
 _INSTR = [("recolor", r"make the (\w+) (\w+) (\w+)"), ("remove", r"remove the (\w+) (\w+)"),
           ("add", r"add a (\w+) (\w+) at the ([\w ]+)"), ("move", r"move the (\w+) (\w+) to the ([\w ]+)"),
           ("background", r"change the background to (\w+)")]
@@ -657,11 +559,9 @@ def _shape_mask(kind, cell, size):
     """Boolean (size, size) mask of a shape drawn in one of the 3x3 cells."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     cx, cy, r = (cell[0] * 2 + 1) * size / 6, (cell[1] * 2 + 1) * size / 6, 0.13 * size
-    if kind == "circle":
-        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-    if kind == "square":
-        return (abs(x - cx) <= 0.85 * r) & (abs(y - cy) <= 0.85 * r)
-    return (y <= cy + 0.8 * r) & (abs(x - cx) <= (y - (cy - r)) / 1.8)  # triangle, apex up
+    return {"circle": lambda: (x - cx) ** 2 + (y - cy) ** 2 <= r * r,
+            "square": lambda: (abs(x - cx) <= 0.85 * r) & (abs(y - cy) <= 0.85 * r),
+            "triangle": lambda: (y <= cy + 0.8 * r) & (abs(x - cx) <= (y - (cy - r)) / 1.8)}[kind]()  # apex up
 
 
 def render_scene(scene, size=56):
@@ -673,20 +573,17 @@ def render_scene(scene, size=56):
 
 
 def classify(img, smooth=True):
-    """uint8 (H, W, 3) -> (H, W) index of the nearest palette colour. With smooth, after a 3x3 median filter,
-    so that pixel noise changes the image's quality but not what it shows."""
+    """uint8 (H, W, 3) -> (H, W) nearest palette colour index; smooth: 3x3 median first, so noise hides no content."""
     a = np.asarray(img, dtype=np.float32)
     if smooth:
-        pad = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge")
-        h, w = a.shape[:2]
+        pad, (h, w) = np.pad(a, ((1, 1), (1, 1), (0, 0)), mode="edge"), a.shape[:2]
         a = np.median(np.stack([pad[i:i + h, j:j + w] for i in range(3) for j in range(3)]), axis=0)
     return ((a[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
 
 
 def parse_toy_instruction(instruction):
     """'make the red circle blue' -> ("recolor", ("red", "circle", "blue")); None if not a toy instruction."""
-    return next(((kind, m.groups()) for kind, pat in _INSTR if (m := re.fullmatch(pat, instruction.strip().lower()))),
-                None)
+    return next(((k, m.groups()) for k, pat in _INSTR if (m := re.fullmatch(pat, instruction.strip().lower()))), None)
 
 
 def toy_target(source, instruction):
@@ -694,11 +591,9 @@ def toy_target(source, instruction):
     src = np.asarray(source, dtype=np.uint8)
     cls, size = classify(src, smooth=False), src.shape[0]  # sources are clean renders: keep every pixel
     bg = np.bincount(np.concatenate([cls[0], cls[-1], cls[:, 0], cls[:, -1]])).argmax()  # border = background
-    kind, args = parse_toy_instruction(instruction)
-    out = PALETTE[cls].astype(np.uint8)
-    idx = PALETTE_NAMES.index
+    (kind, args), out = parse_toy_instruction(instruction), PALETTE[cls].astype(np.uint8)
     if kind in ("recolor", "remove", "move"):  # args: colour, shape, then a new colour or cell
-        out[cls == idx(args[0])] = SHAPE_COLORS[args[2]] if kind == "recolor" else PALETTE[bg]
+        out[cls == PALETTE_NAMES.index(args[0])] = SHAPE_COLORS[args[2]] if kind == "recolor" else PALETTE[bg]
     if kind in ("add", "move"):
         out[_shape_mask(args[1], CELLS[args[2]], size)] = SHAPE_COLORS[args[0]]
     if kind == "background":
@@ -711,32 +606,23 @@ def toy_oracle(source, instruction, edited):
     instruction_following = correct changed pixels / |pixels that should change  U  pixels that did change|
       (an unchanged image or a wrong edit scores 0, an edit that also changes other things is penalised);
     visual_quality = 1 - mean distance of each pixel to its nearest palette colour / 0.2 (noise, blur);
-    overall = their mean. Also returns the two parts of instruction following, "change" and "keep"."""
-    return toy_oracles(source, instruction, [edited])[0]
-
-
-def toy_oracles(source, instruction, edits):
-    """toy_oracle for several edits of one source under one instruction: the source's and the target's
-    palette classes are worked out once."""
+    overall = their mean; also the two parts of instruction following, "change" and "keep". A list of edits (of this
+    source, under this instruction) gives a list of scores."""
     src = np.asarray(source, dtype=np.uint8)
     cs, ct = classify(src), classify(toy_target(src, instruction))
-    should = ct != cs
-    out = []
-    for edited in edits:
-        ed = edited if isinstance(edited, Image.Image) else Image.fromarray(np.asarray(edited, dtype=np.uint8))
-        if ed.size != (src.shape[1], src.shape[0]):
-            ed = ed.resize((src.shape[1], src.shape[0]), Image.BILINEAR)
+    should, out, edits = ct != cs, [], edited if isinstance(edited, list) else [edited]
+    for ed in edits:
+        ed = ed if isinstance(ed, Image.Image) else Image.fromarray(np.asarray(ed, dtype=np.uint8))
+        ed = ed.resize(src.shape[1::-1], Image.BILINEAR) if ed.size != src.shape[1::-1] else ed
         ed = np.asarray(ed.convert("RGB"), dtype=np.float32)
         ce = classify(ed)
         did, correct = ce != cs, (should & (ce == ct)).sum()
         union = (should | did).sum()
         dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
-        scores = {"instruction_following": float(correct / max(union, 1)),
-                  "visual_quality": float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0)),
-                  "change": float(correct / max(should.sum(), 1)),
-                  "keep": float(1.0 - (did & ~should).sum() / max(union, 1))}
-        out.append({**scores, "overall": (scores["instruction_following"] + scores["visual_quality"]) / 2})
-    return out
+        f, q = float(correct / max(union, 1)), float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0))
+        out.append({"instruction_following": f, "visual_quality": q, "change": float(correct / max(should.sum(), 1)),
+                    "keep": float(1.0 - (did & ~should).sum() / max(union, 1)), "overall": (f + q) / 2})
+    return out if edits is edited else out[0]
 
 
 def toy_level(x):
@@ -745,15 +631,12 @@ def toy_level(x):
 
 
 def toy_cot_response(instruction, scores):
-    """A templated chain of thought for verifier SFT, as a teacher would write it: a 1..4 verdict per principle and
-    a JSON answer, 'recolor: follow 4/4; keep 4/4; quality 2/4\n{"follow": 4, "keep": 4, "quality": 2, "score": 9}'.
-    Its score, round(10 * instruction following), leaves out the quality it rates, which the human-like pair labels
-    weigh: the gap GCPO closes in Edit-R1 (SFT traces from a teacher, GCPO from human preferences)."""
+    """A teacher's chain of thought for verifier SFT: a 1..4 verdict per principle, then a JSON score, round(10 *
+    instruction following), blind to the quality the human-like pair labels weigh (the gap GCPO closes in Edit-R1)."""
     kind = (parse_toy_instruction(instruction) or ("edit",))[0]
     f, k, q = (int(toy_level(scores[d])) for d in ("change", "keep", "visual_quality"))
-    score = int(round(10 * scores["instruction_following"]))
     return (f"{kind}: follow {f}/4; keep {k}/4; quality {q}/4\n"
-            f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {score}}}')
+            f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {round(10 * scores["instruction_following"])}}}')
 
 
 def _random_scene(rng):
@@ -764,25 +647,17 @@ def _random_scene(rng):
 
 def _random_instruction(rng, scene, kind=None):
     """A valid instruction for the scene (unique colours, free cells), optionally of a given kind."""
-    used_colors = {c for _, c, _ in scene["shapes"]}
     free_cells = [p for p in CELLS if p not in {p for _, _, p in scene["shapes"]}]
-    new_colors = [c for c in SHAPE_COLORS if c not in used_colors]
-    kinds = [k for k in EDIT_KINDS if (k in ("add", "move") and free_cells and new_colors) or
-             k in ("recolor", "remove", "background")]
+    new_colors = [c for c in SHAPE_COLORS if c not in {c for _, c, _ in scene["shapes"]}]
+    kinds = [k for k in EDIT_KINDS if k not in ("add", "move") or free_cells and new_colors]
     kind = kind if kind in kinds else rng.choice(kinds)
-    shape = rng.choice(scene["shapes"])
-    if kind == "recolor":
-        return f"make the {shape[1]} {shape[0]} {rng.choice(new_colors)}"
-    if kind == "remove":
-        return f"remove the {shape[1]} {shape[0]}"
-    if kind == "add":
-        return f"add a {rng.choice(new_colors)} {rng.choice(SHAPES)} at the {rng.choice(free_cells)}"
-    if kind == "move":
-        return f"move the {shape[1]} {shape[0]} to the {rng.choice(free_cells)}"
-    return f"change the background to {rng.choice([b for b in BG_COLORS if b != scene['bg']])}"
-
-
-OUTCOMES = ("correct", "partial", "overedit", "wrong", "unchanged")
+    form, color, _ = rng.choice(scene["shapes"])
+    return {"recolor": lambda: f"make the {color} {form} {rng.choice(new_colors)}",  # only the one asked for draws
+            "remove": lambda: f"remove the {color} {form}",
+            "add": lambda: f"add a {rng.choice(new_colors)} {rng.choice(SHAPES)} at the {rng.choice(free_cells)}",
+            "move": lambda: f"move the {color} {form} to the {rng.choice(free_cells)}",
+            "background": lambda: "change the background to " + rng.choice([b for b in BG_COLORS if b != scene["bg"]])
+            }[kind]()
 
 
 def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
@@ -808,28 +683,24 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
 
 
 def _save(out, name, content):
-    """An image array as images/<name>.png, a dict as the JSON file <name>, rows as the JSONL file <name>, each
-    written atomically; -> its path (the image's relative to `out`)."""
+    """Write an image array as images/<name>.png (-> that path) or rows as the JSONL file out/<name> (-> its path)."""
     if isinstance(content, np.ndarray):
-        path, name = f"images/{name}.png", os.path.join(out, f"images/{name}.png")
-        atomic_write(name, lambda f: Image.fromarray(content).save(f, format="PNG"), "wb")
-        return path
-    atomic_write(os.path.join(out, name), lambda f: json.dump(content, f) if isinstance(content, dict) else
-                 f.writelines(json.dumps(r) + "\n" for r in content))
+        rel = f"images/{name}.png"
+        atomic_write(os.path.join(out, rel), lambda f: Image.fromarray(content).save(f, "PNG"), "wb")
+        return rel
+    atomic_write(os.path.join(out, name), lambda f: f.writelines(json.dumps(r) + "\n" for r in content))
     return os.path.join(out, name)
 
 
 def _toy_group(rng, gid, k, size, out):
-    """A scene, an instruction and k candidates whose outcome and noise level are drawn independently (the
-    factorial design), rated 1..4 per dimension from the oracle like a human would (overall: their sum)."""
+    """k candidates of outcome x noise level drawn independently, rated 1..4 per dimension from the oracle (+ sum)."""
     scene = _random_scene(rng)
     instruction, src, outcomes, cands = _random_instruction(rng, scene), render_scene(scene, size), [], []
     for _ in range(k):
         outcomes.append(rng.choice(OUTCOMES))
         cands.append(toy_candidate(rng, scene, instruction, outcomes[-1], rng.randrange(4), size))
-    oracle = toy_oracles(src, instruction, cands)
-    human = [{d: int(toy_level(s[d])) for d in DIMS} for s in oracle]
-    human = [{**h, "overall": sum(h.values())} for h in human]
+    oracle = toy_oracle(src, instruction, cands)
+    human = [{**h, "overall": sum(h.values())} for h in ({d: int(toy_level(s[d])) for d in DIMS} for s in oracle)]
     return {"id": gid, "instruction": instruction, "source": _save(out, gid + "_src", src),
             "candidates": [_save(out, f"{gid}_c{j}", c) for j, c in enumerate(cands)],
             "ranks": [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human],  # equal: a tie
@@ -845,8 +716,7 @@ def _toy_pairs(groups):
 
 
 def _toy_prompt(rng, pid, size, out, editor_wrong=None):
-    """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit than the
-    one asked for (a noisy editing dataset)."""
+    """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit."""
     scene = _random_scene(rng)
     instruction = _random_instruction(rng, scene)
     row = {"id": pid, "instruction": instruction, "source": _save(out, pid + "_src", render_scene(scene, size)),
@@ -860,69 +730,45 @@ def _toy_prompt(rng, pid, size, out, editor_wrong=None):
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
              editor_wrong=0.65):
-    """Write the toy world in the project's own JSONL formats under `out`; returns {name: path}. The last quarter
-    of the training groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
+    """Write the toy world as the project's JSONL files under `out` -> {name: path}. The last quarter of the training
+    groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
     from tqdm import tqdm
-    rng, groups = random.Random(seed), {"train": [], "val": []}
+    rng, ids = random.Random(seed), [f"train{i:05d}" for i in range(n_train)] + [f"val{i:05d}" for i in range(n_val)]
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
-    with tqdm(total=n_train + n_val, desc="toy candidate groups", disable=n_train + n_val < 500) as bar:
-        for split, n in (("train", n_train), ("val", n_val)):
-            for i in range(n):
-                groups[split].append(_toy_group(rng, f"{split}{i:05d}", k, size, out))
-                bar.update()
-    sft, gcpo, val = groups["train"][:n_train - n_train // 4], groups["train"][n_train - n_train // 4:], groups["val"]
+    groups = [_toy_group(rng, gid, k, size, out) for gid in tqdm(ids, "toy candidate groups", disable=len(ids) < 500)]
+    sft, gcpo, val = groups[:n_train - n_train // 4], groups[n_train - n_train // 4:n_train], groups[n_train:]
     files = {"bench.jsonl": [{key: v for key, v in g.items() if key != "oracle"} for g in val],
              "pairs_train.jsonl": _toy_pairs(sft), "gcpo_train.jsonl": [r for r in _toy_pairs(gcpo) if not r["tie"]],
              "pairs_val.jsonl": _toy_pairs(val),
              "cot_train.jsonl": [{"id": f"{g['id']}_c{j}", "instruction": g["instruction"], "source": g["source"],
-                                  "edited": c, "response": toy_cot_response(g["instruction"], o), "scores": h}
-                                 for g in sft for j, (c, o, h) in enumerate(zip(*(g[x] for x in
-                                                                                ("candidates", "oracle", "scores"))))],
+                                  "edited": g["candidates"][j], "response": toy_cot_response(g["instruction"], o),
+                                  "scores": g["scores"][j]} for g in sft for j, o in enumerate(g["oracle"])],
              "rl_train.jsonl": [_toy_prompt(rng, f"rl{i:05d}", size, out) for i in range(n_rl)],
              "rl_test.jsonl": [_toy_prompt(rng, f"rltest{i:05d}", size, out) for i in range(n_rl_test)],
              "editor_train.jsonl": [_toy_prompt(rng, f"ed{i:05d}", size, out, editor_wrong) for i in range(n_editor)]}
-    world = {"seed": seed, "size": size, "n_train": n_train, "n_val": n_val, "k": k, "editor_wrong": editor_wrong}
-    _save(out, "toy.json", world)
+    _save(out, "toy.json", [dict(seed=seed, size=size, n_train=n_train, n_val=n_val, k=k, editor_wrong=editor_wrong)])
     return {name: _save(out, name, rows) for name, rows in files.items()}
 
 
 # ---------------------------------------------------------------------------------- looking at data
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
-    """Print counts, tie shares and dimensions of any supported source and draw its first rows on a contact sheet.
-    With skip_bad, rows with missing or corrupt images are skipped (and reported) too, so that the sheet draws."""
+    """Print counts and tie shares of any source and draw its first rows; skip_bad skips rows with bad images too."""
     items = load_items(path, fmt, split, config, skip_bad, check_images=skip_bad)
-    kinds = {k: sum(type(it).__name__ == k for it in items) for k in {type(it).__name__ for it in items}}
-    print(f"{path}: {len(items)} rows " + ", ".join(f"{n} {k}" for k, n in kinds.items()) +
+    kinds = [type(it).__name__ for it in items]
+    print(f"{path}: {len(items)} rows " + ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds)) +
           (f" | skipped {len(items.skipped)} bad row(s), listed above" if items.skipped else ""))
-    pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it]
-                                         if isinstance(it, PreferencePair) else [])]
+    pairs = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it])
+             if isinstance(p, PreferencePair)]
     if pairs:
-        ties = sum(p.tie for p in pairs)
-        print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}), of which "
-              f"{sum(p.tie and {-1, 1} <= set(p.prefs.values()) for p in pairs)} with disagreeing dimensions")
-        for d in sorted({d for p in pairs for d in p.prefs}):
-            v = [p.prefs[d] for p in pairs if d in p.prefs]
-            print(f"  {d}: preferred better {v.count(1)} | tie {v.count(0)} | rejected better {v.count(-1)}")
+        ties, dims = sum(p.tie for p in pairs), sorted({d for p in pairs for d in p.prefs})
+        print(f"pairs: {len(pairs)} | tied overall {ties} ({ties / len(pairs):.1%}) | dimensions {', '.join(dims)}")
     sheet = sheet or os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("/", "_") + "_sheet.png"
-    contact_sheet(items[:rows], sheet)
+    image_sheet([(it.instruction, _image_refs(it)) for it in items[:rows]], sheet)
     print(f"contact sheet: {sheet}")
 
 
-def contact_sheet(items, path, cell=128):
-    """A PNG with a row per item under its instruction: the source(s), then each edit with its label."""
-    rows = []
-    for it in items:
-        labels = ([f"rank {r}" for r in it.ranks] if isinstance(it, CandidateGroup) else ["edited"]
-                  if isinstance(it, CotTrace) else ["target"] if isinstance(it, EditPrompt) else
-                  ["tie A", "tie B"] if it.tie else ["preferred", "rejected"])
-        refs = _image_refs(it)
-        rows.append((it.instruction, list(zip(refs, ["source"] * len(it.sources) + labels))))
-    image_sheet(rows, path, cell)
-
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # --- the toy world (image size, group size and editor noise are make_toy arguments)
     ap.add_argument("--toy", action="store_true", help="write the procedural toy world to --out")
     ap.add_argument("--out", default="data/toy", help="output folder for --toy")
@@ -943,9 +789,7 @@ if __name__ == "__main__":
     if args.toy:
         import time
         t0 = time.time()
-        for path in make_toy(args.out, args.seed, n_train=args.n_train, n_val=args.n_val, n_rl=args.n_rl,
-                             n_rl_test=args.n_rl_test, n_editor=args.n_editor).values():
-            print(f"{path}: {sum(1 for _ in open(path))} rows")
+        make_toy(args.out, args.seed, **{k: v for k, v in vars(args).items() if k.startswith("n_")})
         print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
     elif args.inspect:
         try:
