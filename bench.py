@@ -143,8 +143,7 @@ def image_hash(ref, memo):
 
 
 def scorer_id(model):
-    """Names the scorer in the cache key: the checkpoint's path plus the size and mtime of its files, so a
-    retrained checkpoint at the same path is never served stale scores."""
+    """The scorer's name in the cache key: its path + its files' sizes and mtimes (a retrained one is new)."""
     files = sorted(glob.glob(os.path.join(model, "**"), recursive=True)) if os.path.isdir(model) else []
     stats = [(os.path.relpath(p, model), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files
              if os.path.isfile(p)]
@@ -188,7 +187,6 @@ def plan(items, scorer, k, seed, by=""):
 
 
 # ----------------------------------------------------------------------------- scoring, with a cache per rank
-
 
 def read_cache(cache_dir):
     """All cached scores {key: {name: value}} from every rank's JSONL file in cache_dir."""
