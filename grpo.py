@@ -1,5 +1,5 @@
 """
-Flow-GRPO for instruction-guided image editors, rewarded by the project's reward model.
+Flow-GRPO or DiffusionNFT for instruction-guided image editors, rewarded by the project's reward model.
 
 An editor (FLUX.1-Kontext-dev, Qwen-Image-Edit[-2509 (Plus)], or `--editor tiny`: Kontext built small with random
 weights) samples G edits per prompt with a stochastic sampler; a reward model scores them; group-normalised
@@ -12,10 +12,13 @@ sigmas, VAE). Simplified: square images; Kontext and Qwen-Image-Edit see the fir
 The tiny editors work in pixel space (their "VAE" is a space-to-depth). `--sft_steps` is the toy's stand-in for an
 editor's own training: flow matching on (source, instruction, target) triples leaves an imperfect, stochastic editor.
 As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1.
+`--algo nft` swaps the sampler and the loss for DiffusionNFT's (arXiv 2509.16117 section 3, as UniWorld-V2 arXiv
+2510.16888 trains editors with it): ODE rollouts by a softly following old policy, only the clean edits kept, and a
+CFG-free flow-matching update (nft_loss). Simplified: no separate EMA of the weights for eval and checkpoints.
 
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
   python data.py --toy --out data/toy && python grpo.py --toy --reward oracle
-  python rewardmodel.py --toy && python grpo.py --toy --reward rm:out/rm_toy
+  python rewardmodel.py --toy && python grpo.py --toy --reward rm:out/rm_toy    # add --algo nft for DiffusionNFT
   # 1 GPU, FLUX.1-Kontext-dev, Flow-GRPO's settings (6 steps, noise 0.9, LoRA r=64 a=128 on 16 of 20 block linears)
   python grpo.py --editor black-forest-labs/FLUX.1-Kontext-dev --train_prompts data/rl/rl_train.jsonl \\
       --test_prompts data/rl/rl_test.jsonl --reward rm:out/rm --dtype bf16 --resolution 512 --num_steps 6 \\
@@ -23,13 +26,15 @@ As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. U
   # 8 GPUs, Qwen-Image-Edit with true CFG 4 (--nnodes/--node_rank/--rdzv_endpoint for several nodes)
   torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --guidance 4 --num_steps 10 --dtype bf16 \\
       --resolution 512 --cond_pixels 262144 --train_prompts data/rl/rl_train.jsonl --reward rm:out/rm \\
-      --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 --fsdp
+      --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 \\
+      --fsdp --grad_checkpointing
 
 Outputs in --out_dir: a log line per step, eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors for `pipeline.load_lora_weights(ckpt)`, trainable.safetensors
 (every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json (--resume).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -98,6 +103,18 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, beta=0.0)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     loss = loss + beta * kl.mean() if kl is not None and beta > 0 else loss
     return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range)
+
+def nft_loss(v, v_old, target, t, r, beta=1.0, scale=5.0):
+    """DiffusionNFT's loss (arXiv 2509.16117 section 3; the forms of NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): the
+    implicit positive and negative policies v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v pulled to
+    the flow-matching target eps - x0 with weights r and 1 - r (r = 0.5 + 0.5 clip(A / 5, -1, 1), the optimality
+    probability), in x0 space: x0± - x0 = t (v± - target), each divided by its own mean |x0± - x0| (no gradient).
+    L = scale / beta mean_i [r_i |x0+ - x0|^2 / w+_i + (1 - r_i) |x0- - x0|^2 / w-_i], the authors' scale 5.
+    v, v_old, target (B, tokens, D); t, r (B,). At v = v_old the gradient is (2r - 1) times the one at r = 1."""
+    t, v_old, dims = t.reshape(-1, 1, 1).float(), v_old.detach().float(), tuple(range(1, v.dim()))
+    err = [t * (beta * v + (1 - beta) * v_old - target), t * ((1 + beta) * v_old - beta * v - target)]  # (B, tokens, D)
+    pos, neg = ((e**2).mean(dims) / e.detach().double().abs().mean(dims).clamp(min=1e-5).float() for e in err)
+    return (scale / beta * (r * pos + (1 - r) * neg)).mean()
 
 def flow_matching_loss(v_pred, x0, noise):
     """Supervised flow matching (the warm-up): x_s = (1 - s) x0 + s eps has velocity eps - x0."""
@@ -190,8 +207,10 @@ class Editor:
         self.pipe, self.tr, self.device, self.args = pipe, pipe.transformer, device, args
         self.qwen, self.plus = "QwenImage" in type(pipe).__name__, "Plus" in type(pipe).__name__
         self.dtype = DTYPES[args.dtype]  # the compute dtype: autocast follows it, not the trained weights' fp32
-        # one knob, as in Flow-GRPO: Kontext's distilled guidance (pipeline default 2.5), Qwen's true CFG (4; 1 = off)
-        self.guidance = args.guidance if args.guidance is not None else (4.0 if self.qwen else 2.5)
+        # one knob, as in Flow-GRPO: Kontext's distilled guidance (pipeline default 2.5), Qwen's true CFG (4; 1 = off,
+        # NFT's default: it is CFG-free, as PKU-YuanGroup/Edit-R1's config/qwen_image_edit_nft.py)
+        self.guidance = args.guidance if args.guidance is not None else \
+            ((1.0 if args.algo == "nft" else 4.0) if self.qwen else 2.5)
         self.patch, self.down = pixel_patch, pixel_patch or pipe.vae_scale_factor  # patch > 0: space-to-depth "VAE"
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
@@ -504,34 +523,37 @@ def setup_trainable(editor, args):
         q.data = q.data.float()
     return named, {n: q.detach().clone() for n, q in named if "lora_" not in n}
 
-def shard_transformer(tr, ref):
-    """FSDP2: shard every block, then the rest, over the ranks, and the reference weights like the parameters they
-    stand in for. Returns the sharded [(name, param)] and reference (the old Parameter objects are gone)."""
+def shard_transformer(tr, *weights):
+    """FSDP2: shard every block, then the rest, over the ranks, and the weights that stand in for the parameters (the
+    reference, NFT's old policy) like them. Returns the sharded [(name, param)], then each of `weights` sharded."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
     for block in list(tr.transformer_blocks) + list(getattr(tr, "single_transformer_blocks", [])):
         fully_shard(block)
     fully_shard(tr)
     named = [(n, q) for n, q in tr.named_parameters() if q.requires_grad]
-    return named, {n: distribute_tensor(ref[n].to(q.device), q.device_mesh, q.placements) for n, q in named if n in ref}
+    return named, *({n: distribute_tensor(w[n].to(q.device), q.device_mesh, q.placements) for n, q in named if n in w}
+                    for w in weights)
 
-@torch.no_grad()
-def reference_velocity(editor, x, sigma, cond, named, ref):
-    """The policy before RL: adapter off and the fully trained modules' starting weights copied in, then back, in
-    place (under FSDP the all-gather reads the parameters' storage, not a swapped-in .data)."""
-    params, lora = dict(named), any("lora_" in n for n, _ in named)
-    now = {n: params[n].detach().clone() for n in ref}
-    for weights in (ref, now):
+@contextlib.contextmanager
+def swapped_in(editor, named, weights):
+    """Run a block with `weights` copied into the trained tensors, then theirs back, in place (under FSDP the
+    all-gather reads the parameters' storage, not a swapped-in .data). Weights without the LoRA's tensors turn the
+    adapter off: the reference, the policy before RL. NFT's old policy carries every trained tensor."""
+    params, lora_off = dict(named), any("lora_" in n and n not in weights for n, _ in named)
+    now = {n: params[n].detach().clone() for n in weights}
+    for ws in (weights, now):
         if hasattr(editor.tr, "reshard"):  # FSDP keeps the root's gathered weights after a forward: drop them
             editor.tr.reshard()
-        for n, w in weights.items():
-            params[n].copy_(w)
-        if lora:  # the adapter off for the reference's forward, on again after it
-            (editor.tr.disable_adapters if weights is ref else editor.tr.enable_adapters)()
-        v = editor.velocity(x, sigma, cond) if weights is ref else v
-    return v
+        with torch.no_grad():
+            for n, w in ws.items():
+                params[n].copy_(w)
+        if lora_off:
+            (editor.tr.disable_adapters if ws is weights else editor.tr.enable_adapters)()
+        if ws is weights:
+            yield
 
-def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
+def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
     """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with its rank and alpha (without
     them load_lora_weights takes alpha = r), every trained tensor, the optimizer state and the step. Collective
     under FSDP (the whole tensors are gathered); rank 0 writes."""
@@ -543,6 +565,7 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
         tr.reshard()
     state = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().cpu().contiguous()
              for n, q in tr.named_parameters() if q.requires_grad}
+    old = {n: (w.full_tensor() if hasattr(w, "full_tensor") else w).cpu().contiguous() for n, w in old.items()}
     # the whole optimizer state keyed by parameter name (gathered under FSDP, where each rank holds a shard)
     opt_state = get_optimizer_state_dict(tr, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -552,6 +575,8 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
             type(editor.pipe).save_lora_weights(d, transformer_lora_layers=lora,
                                                 transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
         save_file(state, os.path.join(d, "trainable.safetensors"))
+        if old:  # NFT's old policy, for an exact --resume
+            save_file(old, os.path.join(d, "old_policy.safetensors"))
         torch.save(opt_state, os.path.join(d, "optimizer.pt"))
         with open(os.path.join(d, "state.json"), "w") as f:
             json.dump({"step": step, "history": history, "args": vars(args)}, f)
@@ -559,19 +584,23 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
     if ddp.master:
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
 
-def load_checkpoint(ckpt, named):
-    """Copy a checkpoint's trained tensors into the (unsharded) parameters -> (step, history, optimizer state)."""
+def load_checkpoint(ckpt, named, old=None):
+    """Copy a checkpoint's trained tensors into the (unsharded) parameters, and NFT's old policy into `old`
+    -> (step, history, optimizer state)."""
     from safetensors.torch import load_file
     saved = load_file(os.path.join(ckpt, "trainable.safetensors"))
+    saved_old = load_file(os.path.join(ckpt, "old_policy.safetensors")) if old else {}
     with torch.no_grad():
         for n, q in named:
             q.copy_(saved[n])
+        for n, w in (old or {}).items():
+            w.copy_(saved_old[n])
     meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
     return meta["step"], meta["history"], torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
 
 @torch.no_grad()
 def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
-    """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory)])."""
+    """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory, final x)])."""
     editor.tr.eval()  # no dropout: the rollout's log-probs must be reproducible by the training forward
     finals, batches = [], []
     for lo in range(0, len(prompts), args.micro_batch):
@@ -580,34 +609,66 @@ def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
         x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas, sde_steps,
                          args.noise_level, gen)
         finals.append(x)
-        batches.append((lo, hi, cond, traj))
+        batches.append((lo, hi, cond, traj, x))
     return editor.decode(torch.cat(finals)), batches
 
 def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
     """One optimizer step on this rank's samples, accumulating micro-batches x SDE steps (the loss is their mean); on
     policy, so the ratios are 1. Returns the log's statistics (ratios of the samples that carry a gradient)."""
-    params, ratios, clipped, kls, n = [q for _, q in named], [], [], [], sum(hi - lo for lo, hi, _, _ in batches)
+    ratios, clipped, kls, n = [], [], [], sum(hi - lo for lo, hi, *_ in batches)
     opt.zero_grad(set_to_none=False)
-    for (lo, hi, cond, traj), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
+    for (lo, hi, cond, *_), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
         step = dict(sigma=sigmas[j], sigma_next=sigmas[j + 1], noise_level=args.noise_level, prev_sample=x_next)
         _, lp, mean, std = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)
         kl = None
         if args.beta > 0:
-            ref_mean = sde_step(x_t, reference_velocity(editor, x_t, sigmas[j], cond, named, ref), **step)[2]
+            with torch.no_grad(), swapped_in(editor, named, ref):
+                ref_mean = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)[2]
             kl = gaussian_kl(mean, ref_mean, std)
             kls.append(kl.detach().mean())
         loss, ratio, clip = grpo_loss(lp, old_lp, adv[lo:hi], args.clip_range, kl, args.beta)
         (loss * (hi - lo) / n / len(sde_steps)).backward()
         ratios.append(ratio[adv[lo:hi] != 0])
         clipped.append(clip[adv[lo:hi] != 0].float())
-    if not args.fsdp:  # FSDP reduces the gradients itself
-        allreduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-    opt.step()
     ratio = torch.cat(ratios) if sum(map(len, ratios)) else torch.ones(1)  # every group dropped
     return {"kl": float(torch.stack(kls).mean()) if kls else 0.0, "clip": float(torch.cat(clipped).mean().nan_to_num()),
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "grad_norm": float(grad_norm)}
+            "grad_norm": optimizer_step(opt, [q for _, q in named], args)}
+
+def nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen):
+    """DiffusionNFT's optimizer step on this rank's clean edits x0 (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py):
+    each is noised to K = --sde_window (0: N - 1) of the rollout's own N sigmas, a random K per sample and fresh noise
+    at each, and nft_loss compares the current velocity with the old policy's; + beta mean |v - v_ref|^2 (its KL)."""
+    kls, n, K, dev = [], sum(hi - lo for lo, hi, *_ in batches), args.sde_window or args.num_steps - 1, gen.device
+    opt.zero_grad(set_to_none=False)
+    for lo, hi, cond, _, x0 in batches:
+        ts = torch.stack([sigmas.to(dev)[torch.randperm(args.num_steps, generator=gen, device=dev)[:K]]
+                          for _ in range(hi - lo)])  # (B, K)
+        r = 0.5 + 0.5 * (adv[lo:hi] / 5).clamp(-1, 1)  # the optimality probability, clipped at A = +-5 as theirs
+        for t in ts.T:
+            noise = torch.randn(x0.shape, generator=gen, device=dev)
+            x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            with torch.no_grad(), swapped_in(editor, named, old):
+                v_old = editor.velocity(x_t, t, cond)
+            v = editor.velocity(x_t, t, cond)
+            loss = nft_loss(v, v_old, noise - x0, t, r, args.nft_beta)
+            if args.beta > 0:
+                with torch.no_grad(), swapped_in(editor, named, ref):
+                    v_ref = editor.velocity(x_t, t, cond)
+                kl = ((v - v_ref) ** 2).mean()
+                loss = loss + args.beta * kl
+                kls.append(kl.detach())
+            (loss * (hi - lo) / n / K).backward()
+    return {"kl": float(torch.stack(kls).mean()) if kls else 0.0,
+            "grad_norm": optimizer_step(opt, [q for _, q in named], args)}
+
+def optimizer_step(opt, params, args):
+    """Average the gradients over ranks (FSDP reduces them itself), clip their norm, step -> the norm before."""
+    if not args.fsdp:
+        allreduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    opt.step()
+    return float(grad_norm)
 
 # ----------------------------------------------------------------------------- flags and the loop
 # the toy recipe: a noisy warm-up (65% wrong targets) leaves an imperfect, stochastic editor; a group shares its
@@ -618,6 +679,8 @@ TOY = dict(editor="tiny", sft_steps=1000, steps=60, same_noise_per_group=True, n
            window_max_start=0, noise_level=0.7, prompts_per_step=8, group_size=8, micro_batch=16, lora_rank=0,
            train_modules="context_embedder,time_text_embed.text_embedder", lr=1e-3, max_sequence_length=48,
            eval_every=10, eval_prompts=48, threads=1)
+# under nft the ODE rollouts differ only by their initial noise, and each sample is trained at 3 sigmas as GRPO's window
+TOY_NFT = dict(same_noise_per_group=False)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -641,10 +704,15 @@ def parse_args(argv=None):
     p.add_argument("--num_steps", type=int, default=8, help="sampling steps of a rollout")
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
-    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps; 0 = all but last")
+    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps; 0 = all but last. "
+                   "nft: the N sigmas each sample is trained at")
     p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window, as Flow-GRPO's "
                    "sde_window_range: keeps it on the early, noisy steps that decide the layout; -1 = any")
-    # --- GRPO
+    # --- GRPO and DiffusionNFT
+    p.add_argument("--algo", default="grpo", choices=["grpo", "nft"], help="Flow-GRPO or DiffusionNFT (nft_loss)")
+    p.add_argument("--nft_beta", type=float, default=1.0, help="nft: beta of the implicit policies' mixing")
+    p.add_argument("--nft_decay", type=float, default=0.5, help="nft: cap of the old policy's EMA decay min(step/1000, "
+                   "cap); 0: on-policy")
     p.add_argument("--steps", type=int, default=100, help="RL steps (rollout + update rounds)")
     p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (global)")
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt, spread over ranks")
@@ -668,11 +736,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and the noise")
     args = p.parse_args(argv)
     if args.toy:
-        p.set_defaults(**TOY)
+        p.set_defaults(**{**TOY, **(TOY_NFT if args.algo == "nft" else {})})
         args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
     if args.sde_window >= args.num_steps:
         p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
+    if args.algo == "nft" and args.same_noise_per_group:
+        p.error("--same_noise_per_group under --algo nft: a group's ODE rollouts would be identical")
     if n % world:
         p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks")
     return args
@@ -690,13 +760,14 @@ def main(args):
     ckpt, start, history, opt_state = os.path.join(args.out_dir, "ckpt"), 0, None, None
     warmup(editor, args, ddp)
     named, ref = setup_trainable(editor, args)
+    old = {n: q.detach().clone() for n, q in named} if args.algo == "nft" else {}  # NFT's old policy starts as theta
     if args.resume and os.path.isdir(ckpt):  # weights go in before FSDP shards them
-        start, history, opt_state = load_checkpoint(ckpt, named)
+        start, history, opt_state = load_checkpoint(ckpt, named, old)
         print0(f"resumed from {ckpt} at step {start}")
     if args.grad_checkpointing:
         editor.tr.enable_gradient_checkpointing()
     if args.fsdp:
-        named, ref = shard_transformer(editor.tr, ref)
+        named, ref, old = shard_transformer(editor.tr, ref, old)
     opt = torch.optim.AdamW([q for _, q in named], lr=args.lr, weight_decay=0.0)
     if opt_state is not None:  # keyed by parameter name: under FSDP each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -711,9 +782,11 @@ def main(args):
         mine, groups, noise_keys = rollout_plan(args.seed, step, len(train), args.prompts_per_step, args.group_size,
                                                 ddp.rank, ddp.world, args.same_noise_per_group)
         prompts = [train[groups[g]] for g, _ in mine]
-        sde_steps = sde_window(args.seed, step, args.num_steps, args.sde_window, args.window_max_start)
+        sde_steps = sde_window(args.seed, step, args.num_steps, args.sde_window, args.window_max_start) \
+            if args.algo == "grpo" else set()  # NFT: any solver collects its samples, here the ODE
         gen = torch.Generator(ddp.device).manual_seed(seed_of(args.seed, SDE_NOISE, step, ddp.rank))
-        edits, batches = rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen)
+        with swapped_in(editor, named, old) if old else contextlib.nullcontext():  # NFT samples with the old policy
+            edits, batches = rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen)
         t_rollout, t0 = time.time() - t0, time.time()
         # reward, then advantages normalised within each group over every rank's samples (slot order)
         rewards = gather(reward_fn(prompts, edits).to(ddp.device))
@@ -722,20 +795,25 @@ def main(args):
         zero_std = float(torch.stack([(adv[gids == g] == 0).all() for g in gids.unique()]).double().mean())
         adv = adv[ddp.rank * len(mine) : (ddp.rank + 1) * len(mine)]
         t_reward, t0 = time.time() - t0, time.time()
-        stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args)
+        stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args) if args.algo == "grpo" else \
+            nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen)
+        decay = min(0.001 * (step + 1), args.nft_decay)  # NFT's soft update (its decay_type 1), after the step
+        for n, q in named if old else []:
+            old[n].mul_(decay).add_(q.detach(), alpha=1 - decay)
         # log: one line per step, rank 0's view of the update, every rank's rewards
         scored = rewards[~torch.isnan(rewards)]
         rec = {"step": step + 1, "reward": float(scored.mean()), "reward_std": float(scored.std()),
                "unscored": len(rewards) - len(scored), "zero_std": zero_std, **stats,
                "rollout_s": t_rollout, "reward_s": t_reward, "train_s": time.time() - t0}
         history["train"].append(rec)
+        ppo = f" | clip {rec['clip']:.3f} | ratio {rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, " \
+            f"{rec['ratio_max']:.5f}]" if "clip" in rec else ""
         print0(f"step {step + 1}/{args.steps} | reward {rec['reward']:.4f} ± {rec['reward_std']:.4f} | zero-std "
-               f"{zero_std:.2f} | unscored {rec['unscored']} | kl {rec['kl']:.2e} | clip {rec['clip']:.3f} | ratio "
-               f"{rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, {rec['ratio_max']:.5f}] | gnorm "
+               f"{zero_std:.2f} | unscored {rec['unscored']} | kl {rec['kl']:.2e}{ppo} | gnorm "
                f"{rec['grad_norm']:.2e} | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {rec['train_s']:.1f}s")
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, step + 1))
-            save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp)
+            save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp, old)
     if ddp.master:
         with open(os.path.join(args.out_dir, "history.json"), "w") as f:
             json.dump(history, f)
