@@ -12,9 +12,8 @@ sigmas, VAE). Simplified: square images; Kontext and Qwen-Image-Edit see the fir
 The tiny editors work in pixel space (their "VAE" is a space-to-depth). `--sft_steps` is the toy's stand-in for an
 editor's own training: flow matching on (source, instruction, target) triples leaves an imperfect, stochastic editor.
 As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1.
-`--algo nft` swaps the sampler and the loss for DiffusionNFT's (arXiv 2509.16117 section 3, as UniWorld-V2 arXiv
-2510.16888 trains editors with it): ODE rollouts by a softly following old policy, only the clean edits kept, and a
-CFG-free flow-matching update (nft_loss). Simplified: no separate EMA of the weights for eval and checkpoints.
+`--algo nft`: DiffusionNFT (arXiv 2509.16117 section 3; UniWorld-V2 arXiv 2510.16888 on editors): ODE rollouts by a
+soft-following old policy, a CFG-free flow-matching update on the clean edits (nft_loss); no EMA copy for eval.
 
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
   python data.py --toy --out data/toy && python grpo.py --toy --reward oracle
@@ -105,12 +104,11 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, beta=0.0)
     return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range)
 
 def nft_loss(v, v_old, target, t, r, beta=1.0, scale=5.0):
-    """DiffusionNFT's loss (arXiv 2509.16117 section 3; the forms of NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): the
-    implicit positive and negative policies v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v pulled to
-    the flow-matching target eps - x0 with weights r and 1 - r (r = 0.5 + 0.5 clip(A / 5, -1, 1), the optimality
-    probability), in x0 space: x0± - x0 = t (v± - target), each divided by its own mean |x0± - x0| (no gradient).
-    L = scale / beta mean_i [r_i |x0+ - x0|^2 / w+_i + (1 - r_i) |x0- - x0|^2 / w-_i], the authors' scale 5.
-    v, v_old, target (B, tokens, D); t, r (B,). At v = v_old the gradient is (2r - 1) times the one at r = 1."""
+    """DiffusionNFT's loss (arXiv 2509.16117 section 3, in the forms of NVlabs/DiffusionNFT's scripts/train_nft_sd3.py):
+    implicit positive and negative policies v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v, each pulled
+    to the flow-matching target eps - x0 in x0 space, e± = x0± - x0 = t (v± - target), with weights r and 1 - r:
+    L = scale / beta mean_i [r_i mean(e+^2) / w+_i + (1 - r_i) mean(e-^2) / w-_i], w± = mean|e±| (no gradient);
+    r = 0.5 + 0.5 clip(A / 5, -1, 1), the optimality probability; scale 5. v, v_old, target (B, tokens, D), t, r (B,)"""
     t, v_old, dims = t.reshape(-1, 1, 1).float(), v_old.detach().float(), tuple(range(1, v.dim()))
     err = [t * (beta * v + (1 - beta) * v_old - target), t * ((1 + beta) * v_old - beta * v - target)]  # (B, tokens, D)
     pos, neg = ((e**2).mean(dims) / e.detach().double().abs().mean(dims).clamp(min=1e-5).float() for e in err)
@@ -207,10 +205,9 @@ class Editor:
         self.pipe, self.tr, self.device, self.args = pipe, pipe.transformer, device, args
         self.qwen, self.plus = "QwenImage" in type(pipe).__name__, "Plus" in type(pipe).__name__
         self.dtype = DTYPES[args.dtype]  # the compute dtype: autocast follows it, not the trained weights' fp32
-        # one knob, as in Flow-GRPO: Kontext's distilled guidance (pipeline default 2.5), Qwen's true CFG (4; 1 = off,
-        # NFT's default: it is CFG-free, as PKU-YuanGroup/Edit-R1's config/qwen_image_edit_nft.py)
-        self.guidance = args.guidance if args.guidance is not None else \
-            ((1.0 if args.algo == "nft" else 4.0) if self.qwen else 2.5)
+        # one knob, as in Flow-GRPO: Kontext's distilled guidance (default 2.5), Qwen's true CFG (4; 1 = off: NFT's)
+        self.guidance = args.guidance if args.guidance is not None else 2.5 if not self.qwen else 4.0 if args.algo == \
+            "grpo" else 1.0
         self.patch, self.down = pixel_patch, pixel_patch or pipe.vae_scale_factor  # patch > 0: space-to-depth "VAE"
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
@@ -495,9 +492,7 @@ def warmup(editor, args, ddp):
                                   noise)
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        allreduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        optimizer_step(opt, params, args.grad_clip)
         if step % 50 == 0 or step == args.sft_steps - 1:
             print0(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.1f}s")
     state = {k: v.contiguous() for k, v in editor.tr.eval().state_dict().items()}
@@ -537,17 +532,15 @@ def shard_transformer(tr, *weights):
 
 @contextlib.contextmanager
 def swapped_in(editor, named, weights):
-    """Run a block with `weights` copied into the trained tensors, then theirs back, in place (under FSDP the
-    all-gather reads the parameters' storage, not a swapped-in .data). Weights without the LoRA's tensors turn the
-    adapter off: the reference, the policy before RL. NFT's old policy carries every trained tensor."""
+    """Run a block with `weights` in the trained tensors, copied in and back in place (FSDP's all-gather reads their
+    storage, not a swapped-in .data). Without LoRA tensors they are the reference: the policy before RL, adapter off."""
     params, lora_off = dict(named), any("lora_" in n and n not in weights for n, _ in named)
     now = {n: params[n].detach().clone() for n in weights}
     for ws in (weights, now):
         if hasattr(editor.tr, "reshard"):  # FSDP keeps the root's gathered weights after a forward: drop them
             editor.tr.reshard()
-        with torch.no_grad():
-            for n, w in ws.items():
-                params[n].copy_(w)
+        for n, w in ws.items():
+            params[n].detach().copy_(w)  # no autograd record, whether or not the caller runs under no_grad
         if lora_off:
             (editor.tr.disable_adapters if ws is weights else editor.tr.enable_adapters)()
         if ws is weights:
@@ -585,16 +578,14 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
 
 def load_checkpoint(ckpt, named, old=None):
-    """Copy a checkpoint's trained tensors into the (unsharded) parameters, and NFT's old policy into `old`
-    -> (step, history, optimizer state)."""
+    """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
     from safetensors.torch import load_file
     saved = load_file(os.path.join(ckpt, "trainable.safetensors"))
-    saved_old = load_file(os.path.join(ckpt, "old_policy.safetensors")) if old else {}
     with torch.no_grad():
         for n, q in named:
             q.copy_(saved[n])
-        for n, w in (old or {}).items():
-            w.copy_(saved_old[n])
+        for n, w in (load_file(os.path.join(ckpt, "old_policy.safetensors")) if old else {}).items():
+            old[n].copy_(w)
     meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
     return meta["step"], meta["history"], torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
 
@@ -630,10 +621,11 @@ def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
         (loss * (hi - lo) / n / len(sde_steps)).backward()
         ratios.append(ratio[adv[lo:hi] != 0])
         clipped.append(clip[adv[lo:hi] != 0].float())
+    grad_norm = optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)
     ratio = torch.cat(ratios) if sum(map(len, ratios)) else torch.ones(1)  # every group dropped
     return {"kl": float(torch.stack(kls).mean()) if kls else 0.0, "clip": float(torch.cat(clipped).mean().nan_to_num()),
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "grad_norm": optimizer_step(opt, [q for _, q in named], args)}
+            "grad_norm": grad_norm}
 
 def nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen):
     """DiffusionNFT's optimizer step on this rank's clean edits x0 (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py):
@@ -642,10 +634,9 @@ def nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen):
     kls, n, K, dev = [], sum(hi - lo for lo, hi, *_ in batches), args.sde_window or args.num_steps - 1, gen.device
     opt.zero_grad(set_to_none=False)
     for lo, hi, cond, _, x0 in batches:
-        ts = torch.stack([sigmas.to(dev)[torch.randperm(args.num_steps, generator=gen, device=dev)[:K]]
-                          for _ in range(hi - lo)])  # (B, K)
+        idx = torch.stack([torch.randperm(args.num_steps, generator=gen, device=dev)[:K] for _ in range(hi - lo)])
         r = 0.5 + 0.5 * (adv[lo:hi] / 5).clamp(-1, 1)  # the optimality probability, clipped at A = +-5 as theirs
-        for t in ts.T:
+        for t in sigmas.to(dev)[idx].T:  # (B,): each sample's next sigma
             noise = torch.randn(x0.shape, generator=gen, device=dev)
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             with torch.no_grad(), swapped_in(editor, named, old):
@@ -655,18 +646,17 @@ def nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen):
             if args.beta > 0:
                 with torch.no_grad(), swapped_in(editor, named, ref):
                     v_ref = editor.velocity(x_t, t, cond)
-                kl = ((v - v_ref) ** 2).mean()
-                loss = loss + args.beta * kl
-                kls.append(kl.detach())
+                kls.append(F.mse_loss(v, v_ref))
+                loss = loss + args.beta * kls[-1]
             (loss * (hi - lo) / n / K).backward()
-    return {"kl": float(torch.stack(kls).mean()) if kls else 0.0,
-            "grad_norm": optimizer_step(opt, [q for _, q in named], args)}
+    return {"kl": float(torch.stack(kls).detach().mean()) if kls else 0.0,
+            "grad_norm": optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)}
 
-def optimizer_step(opt, params, args):
-    """Average the gradients over ranks (FSDP reduces them itself), clip their norm, step -> the norm before."""
-    if not args.fsdp:
+def optimizer_step(opt, params, grad_clip, reduce=True):
+    """Average the gradients over ranks (not under FSDP: it reduces them itself), clip their norm, step -> the norm."""
+    if reduce:
         allreduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     return float(grad_norm)
 
@@ -679,8 +669,6 @@ TOY = dict(editor="tiny", sft_steps=1000, steps=60, same_noise_per_group=True, n
            window_max_start=0, noise_level=0.7, prompts_per_step=8, group_size=8, micro_batch=16, lora_rank=0,
            train_modules="context_embedder,time_text_embed.text_embedder", lr=1e-3, max_sequence_length=48,
            eval_every=10, eval_prompts=48, threads=1)
-# under nft the ODE rollouts differ only by their initial noise, and each sample is trained at 3 sigmas as GRPO's window
-TOY_NFT = dict(same_noise_per_group=False)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -704,19 +692,18 @@ def parse_args(argv=None):
     p.add_argument("--num_steps", type=int, default=8, help="sampling steps of a rollout")
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
-    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps; 0 = all but last. "
-                   "nft: the N sigmas each sample is trained at")
-    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window, as Flow-GRPO's "
-                   "sde_window_range: keeps it on the early, noisy steps that decide the layout; -1 = any")
+    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps, 0: all but last"
+                   " (nft: at N sigmas)")
+    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window (Flow-GRPO's "
+                   "sde_window_range: the early, noisy steps decide the layout); -1 = any")
     # --- GRPO and DiffusionNFT
     p.add_argument("--algo", default="grpo", choices=["grpo", "nft"], help="Flow-GRPO or DiffusionNFT (nft_loss)")
     p.add_argument("--nft_beta", type=float, default=1.0, help="nft: beta of the implicit policies' mixing")
-    p.add_argument("--nft_decay", type=float, default=0.5, help="nft: cap of the old policy's EMA decay min(step/1000, "
-                   "cap); 0: on-policy")
+    p.add_argument("--nft_decay", type=float, default=0.5, help="nft: cap c of the old policy's decay min(step/1e3, c)")
     p.add_argument("--steps", type=int, default=100, help="RL steps (rollout + update rounds)")
     p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (global)")
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt, spread over ranks")
-    p.add_argument("--same_noise_per_group", action="store_true", help="a group shares its initial noise (DanceGRPO)")
+    p.add_argument("--same_noise_per_group", action="store_true", help="grpo: a group shares its initial noise")
     p.add_argument("--clip_range", type=float, default=1e-4, help="PPO ratio clip c")
     p.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting policy (Flow-GRPO's scale)")
     p.add_argument("--micro_batch", type=int, default=8, help="samples per forward and per decode on each rank")
@@ -736,13 +723,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and the noise")
     args = p.parse_args(argv)
     if args.toy:
-        p.set_defaults(**{**TOY, **(TOY_NFT if args.algo == "nft" else {})})
+        p.set_defaults(**TOY)
         args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
     if args.sde_window >= args.num_steps:
         p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
-    if args.algo == "nft" and args.same_noise_per_group:
-        p.error("--same_noise_per_group under --algo nft: a group's ODE rollouts would be identical")
     if n % world:
         p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks")
     return args
@@ -780,7 +765,7 @@ def main(args):
         # plan: the same prompts and slots on every rank, each rank its slice; SDE noise differs per rank
         t0 = time.time()
         mine, groups, noise_keys = rollout_plan(args.seed, step, len(train), args.prompts_per_step, args.group_size,
-                                                ddp.rank, ddp.world, args.same_noise_per_group)
+                                                ddp.rank, ddp.world, args.same_noise_per_group and args.algo == "grpo")
         prompts = [train[groups[g]] for g, _ in mine]
         sde_steps = sde_window(args.seed, step, args.num_steps, args.sde_window, args.window_max_start) \
             if args.algo == "grpo" else set()  # NFT: any solver collects its samples, here the ODE
