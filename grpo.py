@@ -12,8 +12,7 @@ sigmas, VAE). Simplified: square images; Kontext and Qwen-Image-Edit see the fir
 The tiny editors work in pixel space (their "VAE" is a space-to-depth). `--sft_steps` is the toy's stand-in for an
 editor's own training: flow matching on (source, instruction, target) triples leaves an imperfect, stochastic editor.
 As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1.
-`--algo nft`: DiffusionNFT (arXiv 2509.16117 section 3; UniWorld-V2 arXiv 2510.16888 on editors): ODE rollouts by a
-soft-following old policy, a CFG-free flow-matching update on the clean edits (nft_loss); no EMA copy for eval.
+`--algo nft`: DiffusionNFT (arXiv 2509.16117 section 3; UniWorld-V2 arXiv 2510.16888 on editors): see nft_update.
 
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
   python data.py --toy --out data/toy && python grpo.py --toy --reward oracle
@@ -30,7 +29,8 @@ soft-following old policy, a CFG-free flow-matching update on the clean edits (n
 
 Outputs in --out_dir: a log line per step, eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors for `pipeline.load_lora_weights(ckpt)`, trainable.safetensors
-(every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json (--resume).
+(every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json and, under
+--algo nft, old_policy.safetensors (--resume).
 """
 import argparse
 import contextlib
@@ -48,8 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (atomic_dir, image_sheet, leave_distributed, load_image, load_prompts, load_sources, print0,
-                  setup_distributed, shard, toy_oracle)
+from data import (atomic_dir, atomic_write, image_sheet, leave_distributed, load_image, load_prompts, load_sources,
+                  print0, setup_distributed, shard, toy_oracle)
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -95,9 +95,8 @@ def gaussian_kl(mean, ref_mean, std_dev_t):
     return ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
 
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, beta=0.0):
-    """PPO-clipped GRPO loss: mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - c, 1 + c)) + beta mean(kl),
-    rho_i = exp(log_prob_i - old_log_prob_i). The log-probs are per-element means, so c is tiny (1e-4).
-    Returns (loss, ratio (B,), clipped (B,) bool)."""
+    """PPO-clipped GRPO loss: mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - c, 1 + c)) + beta mean(kl), rho_i =
+    exp(log_prob_i - old_log_prob_i), c tiny (1e-4): per-element mean log-probs -> (loss, ratio (B,), clipped (B,))."""
     ratio = torch.exp(log_prob - old_log_prob)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     loss = loss + beta * kl.mean() if kl is not None and beta > 0 else loss
@@ -535,8 +534,7 @@ def swapped_in(editor, named, weights):
     """Run a block with `weights` in the trained tensors, copied in and back in place (FSDP's all-gather reads their
     storage, not a swapped-in .data). Without LoRA tensors they are the reference: the policy before RL, adapter off."""
     params, lora_off = dict(named), any("lora_" in n and n not in weights for n, _ in named)
-    now = {n: params[n].detach().clone() for n in weights}
-    for ws in (weights, now):
+    for ws in (weights, {n: params[n].detach().clone() for n in weights}):  # then the current ones, cloned up front
         if hasattr(editor.tr, "reshard"):  # FSDP keeps the root's gathered weights after a forward: drop them
             editor.tr.reshard()
         for n, w in ws.items():
@@ -547,9 +545,8 @@ def swapped_in(editor, named, weights):
             yield
 
 def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
-    """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with its rank and alpha (without
-    them load_lora_weights takes alpha = r), every trained tensor, the optimizer state and the step. Collective
-    under FSDP (the whole tensors are gathered); rank 0 writes."""
+    """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with rank and alpha (without them
+    load_lora_weights takes alpha = r), every trained tensor, NFT's old policy, optimizer state, step. Collective."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -597,8 +594,8 @@ def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
     for lo in range(0, len(prompts), args.micro_batch):
         hi = min(lo + args.micro_batch, len(prompts))
         cond = editor.condition(prompts[lo:hi])
-        x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas, sde_steps,
-                         args.noise_level, gen)
+        x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas,
+                         sde_steps if args.algo == "grpo" else set(), args.noise_level, gen)  # NFT: the plain ODE
         finals.append(x)
         batches.append((lo, hi, cond, traj, x))
     return editor.decode(torch.cat(finals)), batches
@@ -627,11 +624,11 @@ def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
             "grad_norm": grad_norm}
 
-def nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen):
-    """DiffusionNFT's optimizer step on this rank's clean edits x0 (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py):
-    each is noised to K = --sde_window (0: N - 1) of the rollout's own N sigmas, a random K per sample and fresh noise
-    at each, and nft_loss compares the current velocity with the old policy's; + beta mean |v - v_ref|^2 (its KL)."""
-    kls, n, K, dev = [], sum(hi - lo for lo, hi, *_ in batches), args.sde_window or args.num_steps - 1, gen.device
+def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
+    """DiffusionNFT's step (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): each clean edit x0, fresh-noised to a random
+    K = --sde_window (0: N - 1) of the rollout's N sigmas, in nft_loss; the (ODE) rollouts are the soft-following old
+    policy's, CFG-free. Simplified: no KL (the authors' weight 1e-4), no EMA copy of the weights for eval."""
+    n, K, dev = sum(hi - lo for lo, hi, *_ in batches), args.sde_window or args.num_steps - 1, gen.device
     opt.zero_grad(set_to_none=False)
     for lo, hi, cond, _, x0 in batches:
         idx = torch.stack([torch.randperm(args.num_steps, generator=gen, device=dev)[:K] for _ in range(hi - lo)])
@@ -641,16 +638,9 @@ def nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen):
             x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
             with torch.no_grad(), swapped_in(editor, named, old):
                 v_old = editor.velocity(x_t, t, cond)
-            v = editor.velocity(x_t, t, cond)
-            loss = nft_loss(v, v_old, noise - x0, t, r, args.nft_beta)
-            if args.beta > 0:
-                with torch.no_grad(), swapped_in(editor, named, ref):
-                    v_ref = editor.velocity(x_t, t, cond)
-                kls.append(F.mse_loss(v, v_ref))
-                loss = loss + args.beta * kls[-1]
+            loss = nft_loss(editor.velocity(x_t, t, cond), v_old, noise - x0, t, r, args.nft_beta)
             (loss * (hi - lo) / n / K).backward()
-    return {"kl": float(torch.stack(kls).detach().mean()) if kls else 0.0,
-            "grad_norm": optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)}
+    return {"kl": 0.0, "grad_norm": optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)}
 
 def optimizer_step(opt, params, grad_clip, reduce=True):
     """Average the gradients over ranks (not under FSDP: it reduces them itself), clip their norm, step -> the norm."""
@@ -692,8 +682,7 @@ def parse_args(argv=None):
     p.add_argument("--num_steps", type=int, default=8, help="sampling steps of a rollout")
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
-    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps, 0: all but last"
-                   " (nft: at N sigmas)")
+    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N steps, 0: all but last (nft: N sigmas)")
     p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window (Flow-GRPO's "
                    "sde_window_range: the early, noisy steps decide the layout); -1 = any")
     # --- GRPO and DiffusionNFT
@@ -705,7 +694,7 @@ def parse_args(argv=None):
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt, spread over ranks")
     p.add_argument("--same_noise_per_group", action="store_true", help="grpo: a group shares its initial noise")
     p.add_argument("--clip_range", type=float, default=1e-4, help="PPO ratio clip c")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting policy (Flow-GRPO's scale)")
+    p.add_argument("--beta", type=float, default=0.0, help="grpo: KL weight to the starting policy (Flow-GRPO's scale)")
     p.add_argument("--micro_batch", type=int, default=8, help="samples per forward and per decode on each rank")
     # --- trained weights and optimizer
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank; 0 = no adapter")
@@ -767,8 +756,7 @@ def main(args):
         mine, groups, noise_keys = rollout_plan(args.seed, step, len(train), args.prompts_per_step, args.group_size,
                                                 ddp.rank, ddp.world, args.same_noise_per_group and args.algo == "grpo")
         prompts = [train[groups[g]] for g, _ in mine]
-        sde_steps = sde_window(args.seed, step, args.num_steps, args.sde_window, args.window_max_start) \
-            if args.algo == "grpo" else set()  # NFT: any solver collects its samples, here the ODE
+        sde_steps = sde_window(args.seed, step, args.num_steps, args.sde_window, args.window_max_start)
         gen = torch.Generator(ddp.device).manual_seed(seed_of(args.seed, SDE_NOISE, step, ddp.rank))
         with swapped_in(editor, named, old) if old else contextlib.nullcontext():  # NFT samples with the old policy
             edits, batches = rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen)
@@ -781,7 +769,7 @@ def main(args):
         adv = adv[ddp.rank * len(mine) : (ddp.rank + 1) * len(mine)]
         t_reward, t0 = time.time() - t0, time.time()
         stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args) if args.algo == "grpo" else \
-            nft_update(editor, opt, named, ref, old, batches, adv, sigmas, args, gen)
+            nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen)
         decay = min(0.001 * (step + 1), args.nft_decay)  # NFT's soft update (its decay_type 1), after the step
         for n, q in named if old else []:
             old[n].mul_(decay).add_(q.detach(), alpha=1 - decay)
@@ -800,8 +788,7 @@ def main(args):
             history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, step + 1))
             save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp, old)
     if ddp.master:
-        with open(os.path.join(args.out_dir, "history.json"), "w") as f:
-            json.dump(history, f)
+        atomic_write(os.path.join(args.out_dir, "history.json"), lambda f: json.dump(history, f))
         ev = history["eval"]
         print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
                f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")
