@@ -1,7 +1,8 @@
-"""grpo.py: the SDE step, advantages, KL and loss against hand-computed values; the editors' conditioning (Qwen's
-M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute, micro-batched decoding,
-Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by diffusers. Everything
-runs on the tiny editors, offline. Diagnostics come from what a run saves (history.json, checkpoints)."""
+"""grpo.py: the SDE step, advantages, KL, the GRPO and DiffusionNFT losses against hand-computed values; the editors'
+conditioning (Qwen's M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute,
+micro-batched decoding, Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by
+diffusers (each of the last three under --algo grpo and nft). Everything runs on the tiny editors, offline.
+Diagnostics come from what a run saves (history.json, checkpoints)."""
 import dataclasses
 import json
 import math
