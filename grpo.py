@@ -1,5 +1,5 @@
 """
-Flow-GRPO for instruction-guided image editors, rewarded by the project's reward model.
+Flow-GRPO or DiffusionNFT for instruction-guided image editors, rewarded by the project's reward model.
 
 An editor (FLUX.1-Kontext-dev, Qwen-Image-Edit[-2509 (Plus)], or `--editor tiny`: Kontext built small with random
 weights) samples G edits per prompt with a stochastic sampler; a reward model scores them; group-normalised
@@ -12,10 +12,11 @@ sigmas, VAE). Simplified: square images; Kontext and Qwen-Image-Edit see the fir
 The tiny editors work in pixel space (their "VAE" is a space-to-depth). `--sft_steps` is the toy's stand-in for an
 editor's own training: flow matching on (source, instruction, target) triples leaves an imperfect, stochastic editor.
 As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1.
+`--algo nft`: DiffusionNFT (arXiv 2509.16117 section 3; UniWorld-V2 arXiv 2510.16888 on editors): see nft_update.
 
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
   python data.py --toy --out data/toy && python grpo.py --toy --reward oracle
-  python rewardmodel.py --toy && python grpo.py --toy --reward rm:out/rm_toy
+  python rewardmodel.py --toy && python grpo.py --toy --reward rm:out/rm_toy    # add --algo nft for DiffusionNFT
   # 1 GPU, FLUX.1-Kontext-dev, Flow-GRPO's settings (6 steps, noise 0.9, LoRA r=64 a=128 on 16 of 20 block linears)
   python grpo.py --editor black-forest-labs/FLUX.1-Kontext-dev --train_prompts data/rl/rl_train.jsonl \\
       --test_prompts data/rl/rl_test.jsonl --reward rm:out/rm --dtype bf16 --resolution 512 --num_steps 6 \\
@@ -23,13 +24,16 @@ As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. U
   # 8 GPUs, Qwen-Image-Edit with true CFG 4 (--nnodes/--node_rank/--rdzv_endpoint for several nodes)
   torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --guidance 4 --num_steps 10 --dtype bf16 \\
       --resolution 512 --cond_pixels 262144 --train_prompts data/rl/rl_train.jsonl --reward rm:out/rm \\
-      --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 --fsdp
+      --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 \\
+      --fsdp --grad_checkpointing
 
 Outputs in --out_dir: a log line per step, eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors for `pipeline.load_lora_weights(ckpt)`, trainable.safetensors
-(every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json (--resume).
+(every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json and, under
+--algo nft, old_policy.safetensors (--resume).
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -44,8 +48,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import (atomic_dir, image_sheet, leave_distributed, load_image, load_prompts, load_sources, print0,
-                  setup_distributed, shard, toy_oracle)
+from data import (atomic_dir, atomic_write, image_sheet, leave_distributed, load_image, load_prompts, load_sources,
+                  print0, setup_distributed, shard, toy_oracle)
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -91,13 +95,23 @@ def gaussian_kl(mean, ref_mean, std_dev_t):
     return ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std_dev_t**2)
 
 def grpo_loss(log_prob, old_log_prob, advantages, clip_range, kl=None, beta=0.0):
-    """PPO-clipped GRPO loss: mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - c, 1 + c)) + beta mean(kl),
-    rho_i = exp(log_prob_i - old_log_prob_i). The log-probs are per-element means, so c is tiny (1e-4).
-    Returns (loss, ratio (B,), clipped (B,) bool)."""
+    """PPO-clipped GRPO loss: mean_i max(-A_i rho_i, -A_i clip(rho_i, 1 - c, 1 + c)) + beta mean(kl), rho_i =
+    exp(log_prob_i - old_log_prob_i), c tiny (1e-4): per-element mean log-probs -> (loss, ratio (B,), clipped (B,))."""
     ratio = torch.exp(log_prob - old_log_prob)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     loss = loss + beta * kl.mean() if kl is not None and beta > 0 else loss
     return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range)
+
+def nft_loss(v, v_old, target, t, r, beta=1.0, scale=5.0):
+    """DiffusionNFT's loss (arXiv 2509.16117 section 3, in the forms of NVlabs/DiffusionNFT's scripts/train_nft_sd3.py):
+    implicit positive and negative policies v+ = beta v + (1 - beta) v_old, v- = (1 + beta) v_old - beta v, each pulled
+    to the flow-matching target eps - x0 in x0 space, e± = x0± - x0 = t (v± - target), with weights r and 1 - r:
+    L = scale / beta mean_i [r_i mean(e+^2) / w+_i + (1 - r_i) mean(e-^2) / w-_i], w± = mean|e±| (no gradient);
+    r = 0.5 + 0.5 clip(A / 5, -1, 1), the optimality probability; scale 5. v, v_old, target (B, tokens, D), t, r (B,)"""
+    t, v_old, dims = t.reshape(-1, 1, 1).float(), v_old.detach().float(), tuple(range(1, v.dim()))
+    err = [t * (beta * v + (1 - beta) * v_old - target), t * ((1 + beta) * v_old - beta * v - target)]  # (B, tokens, D)
+    pos, neg = ((e**2).mean(dims) / e.detach().double().abs().mean(dims).clamp(min=1e-5).float() for e in err)
+    return (scale / beta * (r * pos + (1 - r) * neg)).mean()
 
 def flow_matching_loss(v_pred, x0, noise):
     """Supervised flow matching (the warm-up): x_s = (1 - s) x0 + s eps has velocity eps - x0."""
@@ -190,8 +204,9 @@ class Editor:
         self.pipe, self.tr, self.device, self.args = pipe, pipe.transformer, device, args
         self.qwen, self.plus = "QwenImage" in type(pipe).__name__, "Plus" in type(pipe).__name__
         self.dtype = DTYPES[args.dtype]  # the compute dtype: autocast follows it, not the trained weights' fp32
-        # one knob, as in Flow-GRPO: Kontext's distilled guidance (pipeline default 2.5), Qwen's true CFG (4; 1 = off)
-        self.guidance = args.guidance if args.guidance is not None else (4.0 if self.qwen else 2.5)
+        # one knob, as in Flow-GRPO: Kontext's distilled guidance (default 2.5), Qwen's true CFG (4; 1 = off: NFT's)
+        self.guidance = args.guidance if args.guidance is not None else 2.5 if not self.qwen else 4.0 if args.algo == \
+            "grpo" else 1.0
         self.patch, self.down = pixel_patch, pixel_patch or pipe.vae_scale_factor  # patch > 0: space-to-depth "VAE"
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
@@ -476,9 +491,7 @@ def warmup(editor, args, ddp):
                                   noise)
         opt.zero_grad(set_to_none=False)
         loss.backward()
-        allreduce_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
+        optimizer_step(opt, params, args.grad_clip)
         if step % 50 == 0 or step == args.sft_steps - 1:
             print0(f"sft {step + 1}/{args.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.1f}s")
     state = {k: v.contiguous() for k, v in editor.tr.eval().state_dict().items()}
@@ -504,37 +517,36 @@ def setup_trainable(editor, args):
         q.data = q.data.float()
     return named, {n: q.detach().clone() for n, q in named if "lora_" not in n}
 
-def shard_transformer(tr, ref):
-    """FSDP2: shard every block, then the rest, over the ranks, and the reference weights like the parameters they
-    stand in for. Returns the sharded [(name, param)] and reference (the old Parameter objects are gone)."""
+def shard_transformer(tr, *weights):
+    """FSDP2: shard every block, then the rest, over the ranks, and the weights that stand in for the parameters (the
+    reference, NFT's old policy) like them. Returns the sharded [(name, param)], then each of `weights` sharded."""
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
     for block in list(tr.transformer_blocks) + list(getattr(tr, "single_transformer_blocks", [])):
         fully_shard(block)
     fully_shard(tr)
     named = [(n, q) for n, q in tr.named_parameters() if q.requires_grad]
-    return named, {n: distribute_tensor(ref[n].to(q.device), q.device_mesh, q.placements) for n, q in named if n in ref}
+    return named, *({n: distribute_tensor(w[n].to(q.device), q.device_mesh, q.placements) for n, q in named if n in w}
+                    for w in weights)
 
-@torch.no_grad()
-def reference_velocity(editor, x, sigma, cond, named, ref):
-    """The policy before RL: adapter off and the fully trained modules' starting weights copied in, then back, in
-    place (under FSDP the all-gather reads the parameters' storage, not a swapped-in .data)."""
-    params, lora = dict(named), any("lora_" in n for n, _ in named)
-    now = {n: params[n].detach().clone() for n in ref}
-    for weights in (ref, now):
+@contextlib.contextmanager
+def swapped_in(editor, named, weights):
+    """Run a block with `weights` in the trained tensors, copied in and back in place (FSDP's all-gather reads their
+    storage, not a swapped-in .data). Without LoRA tensors they are the reference: the policy before RL, adapter off."""
+    params, lora_off = dict(named), any("lora_" in n and n not in weights for n, _ in named)
+    for ws in (weights, {n: params[n].detach().clone() for n in weights}):  # then the current ones, cloned up front
         if hasattr(editor.tr, "reshard"):  # FSDP keeps the root's gathered weights after a forward: drop them
             editor.tr.reshard()
-        for n, w in weights.items():
-            params[n].copy_(w)
-        if lora:  # the adapter off for the reference's forward, on again after it
-            (editor.tr.disable_adapters if weights is ref else editor.tr.enable_adapters)()
-        v = editor.velocity(x, sigma, cond) if weights is ref else v
-    return v
+        for n, w in ws.items():
+            params[n].detach().copy_(w)  # no autograd record, whether or not the caller runs under no_grad
+        if lora_off:
+            (editor.tr.disable_adapters if ws is weights else editor.tr.enable_adapters)()
+        if ws is weights:
+            yield
 
-def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
-    """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with its rank and alpha (without
-    them load_lora_weights takes alpha = r), every trained tensor, the optimizer state and the step. Collective
-    under FSDP (the whole tensors are gathered); rank 0 writes."""
+def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
+    """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with rank and alpha (without them
+    load_lora_weights takes alpha = r), every trained tensor, NFT's old policy, optimizer state, step. Collective."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -543,6 +555,7 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
         tr.reshard()
     state = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().cpu().contiguous()
              for n, q in tr.named_parameters() if q.requires_grad}
+    old = {n: (w.full_tensor() if hasattr(w, "full_tensor") else w).cpu().contiguous() for n, w in old.items()}
     # the whole optimizer state keyed by parameter name (gathered under FSDP, where each rank holds a shard)
     opt_state = get_optimizer_state_dict(tr, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -552,6 +565,8 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
             type(editor.pipe).save_lora_weights(d, transformer_lora_layers=lora,
                                                 transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
         save_file(state, os.path.join(d, "trainable.safetensors"))
+        if old:  # NFT's old policy, for an exact --resume
+            save_file(old, os.path.join(d, "old_policy.safetensors"))
         torch.save(opt_state, os.path.join(d, "optimizer.pt"))
         with open(os.path.join(d, "state.json"), "w") as f:
             json.dump({"step": step, "history": history, "args": vars(args)}, f)
@@ -559,55 +574,81 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp):
     if ddp.master:
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
 
-def load_checkpoint(ckpt, named):
-    """Copy a checkpoint's trained tensors into the (unsharded) parameters -> (step, history, optimizer state)."""
+def load_checkpoint(ckpt, named, old=None):
+    """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
     from safetensors.torch import load_file
     saved = load_file(os.path.join(ckpt, "trainable.safetensors"))
     with torch.no_grad():
         for n, q in named:
             q.copy_(saved[n])
+        for n, w in (load_file(os.path.join(ckpt, "old_policy.safetensors")) if old else {}).items():
+            old[n].copy_(w)
     meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
     return meta["step"], meta["history"], torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
 
 @torch.no_grad()
 def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
-    """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory)])."""
+    """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory, final x)])."""
     editor.tr.eval()  # no dropout: the rollout's log-probs must be reproducible by the training forward
     finals, batches = [], []
     for lo in range(0, len(prompts), args.micro_batch):
         hi = min(lo + args.micro_batch, len(prompts))
         cond = editor.condition(prompts[lo:hi])
-        x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas, sde_steps,
-                         args.noise_level, gen)
+        x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas,
+                         sde_steps if args.algo == "grpo" else set(), args.noise_level, gen)  # NFT: the plain ODE
         finals.append(x)
-        batches.append((lo, hi, cond, traj))
+        batches.append((lo, hi, cond, traj, x))
     return editor.decode(torch.cat(finals)), batches
 
 def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
     """One optimizer step on this rank's samples, accumulating micro-batches x SDE steps (the loss is their mean); on
     policy, so the ratios are 1. Returns the log's statistics (ratios of the samples that carry a gradient)."""
-    params, ratios, clipped, kls, n = [q for _, q in named], [], [], [], sum(hi - lo for lo, hi, _, _ in batches)
+    ratios, clipped, kls, n = [], [], [], sum(hi - lo for lo, hi, *_ in batches)
     opt.zero_grad(set_to_none=False)
-    for (lo, hi, cond, traj), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
+    for (lo, hi, cond, *_), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
         step = dict(sigma=sigmas[j], sigma_next=sigmas[j + 1], noise_level=args.noise_level, prev_sample=x_next)
         _, lp, mean, std = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)
         kl = None
         if args.beta > 0:
-            ref_mean = sde_step(x_t, reference_velocity(editor, x_t, sigmas[j], cond, named, ref), **step)[2]
+            with torch.no_grad(), swapped_in(editor, named, ref):
+                ref_mean = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)[2]
             kl = gaussian_kl(mean, ref_mean, std)
             kls.append(kl.detach().mean())
         loss, ratio, clip = grpo_loss(lp, old_lp, adv[lo:hi], args.clip_range, kl, args.beta)
         (loss * (hi - lo) / n / len(sde_steps)).backward()
         ratios.append(ratio[adv[lo:hi] != 0])
         clipped.append(clip[adv[lo:hi] != 0].float())
-    if not args.fsdp:  # FSDP reduces the gradients itself
-        allreduce_grads(params)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-    opt.step()
+    grad_norm = optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)
     ratio = torch.cat(ratios) if sum(map(len, ratios)) else torch.ones(1)  # every group dropped
     return {"kl": float(torch.stack(kls).mean()) if kls else 0.0, "clip": float(torch.cat(clipped).mean().nan_to_num()),
             "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "grad_norm": float(grad_norm)}
+            "grad_norm": grad_norm}
+
+def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
+    """DiffusionNFT's step (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): each clean edit x0, fresh-noised to a random
+    K = --sde_window (0: N - 1) of the rollout's N sigmas, in nft_loss; the (ODE) rollouts are the soft-following old
+    policy's, CFG-free. Simplified: no KL (the authors' weight 1e-4), no EMA copy of the weights for eval."""
+    n, K, dev = sum(hi - lo for lo, hi, *_ in batches), args.sde_window or args.num_steps - 1, gen.device
+    opt.zero_grad(set_to_none=False)
+    for lo, hi, cond, _, x0 in batches:
+        idx = torch.stack([torch.randperm(args.num_steps, generator=gen, device=dev)[:K] for _ in range(hi - lo)])
+        r = 0.5 + 0.5 * (adv[lo:hi] / 5).clamp(-1, 1)  # the optimality probability, clipped at A = +-5 as theirs
+        for t in sigmas.to(dev)[idx].T:  # (B,): each sample's next sigma
+            noise = torch.randn(x0.shape, generator=gen, device=dev)
+            x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+            with torch.no_grad(), swapped_in(editor, named, old):
+                v_old = editor.velocity(x_t, t, cond)
+            loss = nft_loss(editor.velocity(x_t, t, cond), v_old, noise - x0, t, r, args.nft_beta)
+            (loss * (hi - lo) / n / K).backward()
+    return {"kl": 0.0, "grad_norm": optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)}
+
+def optimizer_step(opt, params, grad_clip, reduce=True):
+    """Average the gradients over ranks (not under FSDP: it reduces them itself), clip their norm, step -> the norm."""
+    if reduce:
+        allreduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return float(grad_norm)
 
 # ----------------------------------------------------------------------------- flags and the loop
 # the toy recipe: a noisy warm-up (65% wrong targets) leaves an imperfect, stochastic editor; a group shares its
@@ -641,16 +682,19 @@ def parse_args(argv=None):
     p.add_argument("--num_steps", type=int, default=8, help="sampling steps of a rollout")
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
-    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N consecutive steps; 0 = all but last")
-    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window, as Flow-GRPO's "
-                   "sde_window_range: keeps it on the early, noisy steps that decide the layout; -1 = any")
-    # --- GRPO
+    p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N steps, 0: all but last (nft: N sigmas)")
+    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window (Flow-GRPO's "
+                   "sde_window_range: the early, noisy steps decide the layout); -1 = any")
+    # --- GRPO and DiffusionNFT
+    p.add_argument("--algo", default="grpo", choices=["grpo", "nft"], help="Flow-GRPO or DiffusionNFT (nft_loss)")
+    p.add_argument("--nft_beta", type=float, default=1.0, help="nft: beta of the implicit policies' mixing")
+    p.add_argument("--nft_decay", type=float, default=0.5, help="nft: cap c of the old policy's decay min(step/1e3, c)")
     p.add_argument("--steps", type=int, default=100, help="RL steps (rollout + update rounds)")
     p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (global)")
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt, spread over ranks")
-    p.add_argument("--same_noise_per_group", action="store_true", help="a group shares its initial noise (DanceGRPO)")
+    p.add_argument("--same_noise_per_group", action="store_true", help="grpo: a group shares its initial noise")
     p.add_argument("--clip_range", type=float, default=1e-4, help="PPO ratio clip c")
-    p.add_argument("--beta", type=float, default=0.0, help="KL weight to the starting policy (Flow-GRPO's scale)")
+    p.add_argument("--beta", type=float, default=0.0, help="grpo: KL weight to the starting policy (Flow-GRPO's scale)")
     p.add_argument("--micro_batch", type=int, default=8, help="samples per forward and per decode on each rank")
     # --- trained weights and optimizer
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank; 0 = no adapter")
@@ -690,13 +734,14 @@ def main(args):
     ckpt, start, history, opt_state = os.path.join(args.out_dir, "ckpt"), 0, None, None
     warmup(editor, args, ddp)
     named, ref = setup_trainable(editor, args)
+    old = {n: q.detach().clone() for n, q in named} if args.algo == "nft" else {}  # NFT's old policy starts as theta
     if args.resume and os.path.isdir(ckpt):  # weights go in before FSDP shards them
-        start, history, opt_state = load_checkpoint(ckpt, named)
+        start, history, opt_state = load_checkpoint(ckpt, named, old)
         print0(f"resumed from {ckpt} at step {start}")
     if args.grad_checkpointing:
         editor.tr.enable_gradient_checkpointing()
     if args.fsdp:
-        named, ref = shard_transformer(editor.tr, ref)
+        named, ref, old = shard_transformer(editor.tr, ref, old)
     opt = torch.optim.AdamW([q for _, q in named], lr=args.lr, weight_decay=0.0)
     if opt_state is not None:  # keyed by parameter name: under FSDP each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -709,11 +754,12 @@ def main(args):
         # plan: the same prompts and slots on every rank, each rank its slice; SDE noise differs per rank
         t0 = time.time()
         mine, groups, noise_keys = rollout_plan(args.seed, step, len(train), args.prompts_per_step, args.group_size,
-                                                ddp.rank, ddp.world, args.same_noise_per_group)
+                                                ddp.rank, ddp.world, args.same_noise_per_group and args.algo == "grpo")
         prompts = [train[groups[g]] for g, _ in mine]
         sde_steps = sde_window(args.seed, step, args.num_steps, args.sde_window, args.window_max_start)
         gen = torch.Generator(ddp.device).manual_seed(seed_of(args.seed, SDE_NOISE, step, ddp.rank))
-        edits, batches = rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen)
+        with swapped_in(editor, named, old) if old else contextlib.nullcontext():  # NFT samples with the old policy
+            edits, batches = rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen)
         t_rollout, t0 = time.time() - t0, time.time()
         # reward, then advantages normalised within each group over every rank's samples (slot order)
         rewards = gather(reward_fn(prompts, edits).to(ddp.device))
@@ -722,23 +768,27 @@ def main(args):
         zero_std = float(torch.stack([(adv[gids == g] == 0).all() for g in gids.unique()]).double().mean())
         adv = adv[ddp.rank * len(mine) : (ddp.rank + 1) * len(mine)]
         t_reward, t0 = time.time() - t0, time.time()
-        stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args)
+        stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args) if args.algo == "grpo" else \
+            nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen)
+        decay = min(0.001 * (step + 1), args.nft_decay)  # NFT's soft update (its decay_type 1), after the step
+        for n, q in named if old else []:
+            old[n].mul_(decay).add_(q.detach(), alpha=1 - decay)
         # log: one line per step, rank 0's view of the update, every rank's rewards
         scored = rewards[~torch.isnan(rewards)]
         rec = {"step": step + 1, "reward": float(scored.mean()), "reward_std": float(scored.std()),
                "unscored": len(rewards) - len(scored), "zero_std": zero_std, **stats,
                "rollout_s": t_rollout, "reward_s": t_reward, "train_s": time.time() - t0}
         history["train"].append(rec)
+        ppo = f" | clip {rec['clip']:.3f} | ratio {rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, " \
+            f"{rec['ratio_max']:.5f}]" if "clip" in rec else ""
         print0(f"step {step + 1}/{args.steps} | reward {rec['reward']:.4f} ± {rec['reward_std']:.4f} | zero-std "
-               f"{zero_std:.2f} | unscored {rec['unscored']} | kl {rec['kl']:.2e} | clip {rec['clip']:.3f} | ratio "
-               f"{rec['ratio_mean']:.5f} [{rec['ratio_min']:.5f}, {rec['ratio_max']:.5f}] | gnorm "
+               f"{zero_std:.2f} | unscored {rec['unscored']} | kl {rec['kl']:.2e}{ppo} | gnorm "
                f"{rec['grad_norm']:.2e} | rollout {t_rollout:.1f}s reward {t_reward:.1f}s train {rec['train_s']:.1f}s")
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, step + 1))
-            save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp)
+            save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp, old)
     if ddp.master:
-        with open(os.path.join(args.out_dir, "history.json"), "w") as f:
-            json.dump(history, f)
+        atomic_write(os.path.join(args.out_dir, "history.json"), lambda f: json.dump(history, f))
         ev = history["eval"]
         print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
                f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")

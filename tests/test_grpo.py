@@ -1,7 +1,8 @@
-"""grpo.py: the SDE step, advantages, KL and loss against hand-computed values; the editors' conditioning (Qwen's
-M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute, micro-batched decoding,
-Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by diffusers. Everything
-runs on the tiny editors, offline. Diagnostics come from what a run saves (history.json, checkpoints)."""
+"""grpo.py: the SDE step, advantages, KL, the GRPO and DiffusionNFT losses against hand-computed values; the editors'
+conditioning (Qwen's M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute,
+micro-batched decoding, Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by
+diffusers (each of the last three under --algo grpo and nft). Everything runs on the tiny editors, offline.
+Diagnostics come from what a run saves (history.json, checkpoints)."""
 import dataclasses
 import json
 import math
@@ -120,6 +121,36 @@ def test_grpo_loss_by_hand():
     kl = torch.tensor([0.5, 1.0, 0.0, 0.5])
     loss_kl, _, _ = grpo.grpo_loss(new, old, adv, c, kl=kl, beta=0.04)
     torch.testing.assert_close(loss_kl, loss + 0.04 * 0.5)
+
+
+def test_nft_loss_by_hand_at_r_one_is_the_positive_policys_flow_matching():
+    v = torch.tensor([[[1.0, 3.0]], [[0.0, -2.0]]], requires_grad=True)  # (B=2, tokens=1, D=2)
+    target, t, ones = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]), torch.tensor([0.5, 1.0]), torch.ones(2)
+    # x0+ - x0 = t (v - target): [0.5, 1] and [-1, -2]; mean square / mean |.| = 0.625 / 0.75 and 2.5 / 1.5
+    loss = grpo.nft_loss(v, v.detach(), target, t, ones)
+    torch.testing.assert_close(loss, torch.tensor(5 * (0.625 / 0.75 + 2.5 / 1.5) / 2))
+    loss.backward()
+    for g, d in zip(v.grad, (v - target).detach()):  # each sample's gradient is its flow-matching one, scaled up
+        assert float((g * d).sum()) > 0 and torch.allclose(g / g.norm(), d / d.norm())
+    # beta 0.5: v+ = (v + v_old) / 2 is what is pulled to the target, scaled by 1 / beta
+    v_old = torch.tensor([[[3.0, 1.0]], [[2.0, 0.0]]])
+    v_plus = 0.5 * v.detach() + 0.5 * v_old
+    by_hand = grpo.nft_loss(v_plus, v_plus, target, t, ones) / 0.5
+    torch.testing.assert_close(grpo.nft_loss(v.detach(), v_old, target, t, ones, beta=0.5), by_hand)
+
+
+def test_nft_loss_gradient_flips_between_r_one_and_r_zero():
+    torch.manual_seed(0)
+    v_old, target, t = torch.randn(3, 4, 5), torch.randn(3, 4, 5), torch.rand(3)
+    grads = []
+    for r in (1.0, 0.0, 0.5):
+        v = v_old.clone().requires_grad_(True)
+        grpo.nft_loss(v, v_old, target, t, torch.full((3,), r)).backward()
+        grads.append(v.grad)
+    # at v = v_old the negative policy's error is the positive one's, reflected: gradient (2r - 1) x that at r = 1
+    assert grads[0].norm() > 0
+    torch.testing.assert_close(grads[1], -grads[0])
+    torch.testing.assert_close(grads[2], torch.zeros_like(grads[2]))
 
 
 def test_rollout_plan_spreads_groups_over_ranks_with_distinct_noise():
@@ -318,8 +349,10 @@ def restored(out, args):
     return editor
 
 
-def test_torchrun_two_ranks_end_with_the_saved_weights(toy, tmp_path):
-    out, flags = str(tmp_path / "ddp"), FAST + paths(toy) + ["--steps", "2", "--sft_steps", "2", "--group_size", "3"]
+@pytest.mark.parametrize("algo,editor", [("grpo", "tiny"), ("nft", "tiny"), ("nft", "tiny-qwen")])
+def test_torchrun_two_ranks_end_with_the_saved_weights(toy, tmp_path, algo, editor):
+    out, flags = str(tmp_path / "ddp"), FAST + paths(toy) + ["--steps", "2", "--sft_steps", "2", "--group_size", "3",
+                                                             "--algo", algo, "--editor", editor]
     res = run(flags, out, torchrun=True, check=False)
     assert res.returncode == 0 and "step 2/2" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     # the last eval ran half its prompts on each rank: the saved weights reproduce it, so both ranks held them
@@ -346,11 +379,12 @@ def test_fsdp_uneven_eval_and_kl_of_fully_trained_modules(toy, tmp_path):
     assert len(ha["eval"]) == 2 and ha["eval"][-1]["reward"] == pytest.approx(hb["eval"][-1]["reward"], abs=1e-6)
 
 
-def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path):
-    """--fsdp shards the transformer and its optimizer state over the ranks; a checkpoint gathers the whole state
-    and --resume shards it again, so 2 steps + resume to 4 equal 4 straight steps (without the optimizer state
-    the weights differ by ~0.03)."""
-    args = FAST + paths(toy) + ["--sft_steps", "2", "--fsdp", "--eval_every", "1"]
+@pytest.mark.parametrize("algo", ["grpo", "nft"])
+def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path, algo):
+    """--fsdp shards the transformer and its optimizer state (and NFT's old policy) over the ranks; a checkpoint
+    gathers the whole state and --resume shards it again, so 2 steps + resume to 4 equal 4 straight steps (without
+    the optimizer state the weights differ by ~0.03)."""
+    args = FAST + paths(toy) + ["--sft_steps", "2", "--fsdp", "--eval_every", "1", "--algo", algo]
     a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
     for extra, out in ((["--steps", "4"], a), (["--steps", "2"], b), (["--steps", "4", "--resume"], b)):
         res = run(args + extra, out, torchrun=True, check=False)
@@ -360,16 +394,19 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.fixture(scope="module")
-def straight(toy, tmp_path_factory):
+@pytest.fixture(scope="module", params=["grpo", "nft"])
+def straight(toy, tmp_path_factory, request):
+    """4 steps, a checkpoint after each, under each --algo -> (out_dir, flags)."""
     out = str(tmp_path_factory.mktemp("straight"))
-    run(FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"], out)
-    return out
+    args = FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2", "--algo", request.param]
+    run(args, out)
+    return out, args
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(toy, straight, tmp_path):
-    out = str(tmp_path / "killed")
-    args = FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"]
+    """Under nft the old policy lags theta (decay 0.001 x step): unless the checkpoint restores it, the weights
+    differ."""
+    (straight, args), out = straight, str(tmp_path / "killed")
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py")] + args + ["--out_dir", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = os.path.join(out, "ckpt", "state.json")
@@ -384,13 +421,14 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(toy, straight, tmp_pat
     a, b = trained(straight), trained(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [t["reward"] for t in history(straight)["train"]] == [t["reward"] for t in history(out)["train"]]
+    assert os.path.exists(os.path.join(out, "ckpt", "old_policy.safetensors")) == ("nft" in args)
 
 
 def test_saved_lora_loads_back_into_the_pipeline_at_full_strength(toy, straight):
     """alpha 16 != rank 8: without the adapter's metadata load_lora_weights would take alpha = r, half the edit."""
     from safetensors.torch import load_file
 
-    args = grpo.parse_args(FAST + paths(toy))
+    straight, args = straight[0], grpo.parse_args(straight[1])
     prompts = load_prompts(args.train_prompts)[:2]
     base = grpo.load_editor(args, CPU)
     base.tr.load_state_dict(load_file(os.path.join(straight, "sft", "transformer.safetensors")))
