@@ -71,11 +71,9 @@ def test_bt_loss_and_fusion():
     assert R.bt_loss(*t(1.0, 0.0)).item() == pytest.approx(math.log(1 + math.exp(-1)))
     mu = torch.tensor([[1.0, 3.0], [2.0, -1.0]])
     log_sigma = torch.log(torch.tensor([[3.0, 4.0], [1.0, 2.0]]))
-    m, s = R.fuse_gaussians(mu, log_sigma, "mean")
+    m, s = R.fuse_gaussians(mu, log_sigma)
     assert torch.allclose(m, torch.tensor([2.0, 0.5]))
     assert torch.allclose(s.exp(), torch.tensor([2.5, math.sqrt(5) / 2]))
-    m, s = R.fuse_gaussians(mu, log_sigma, "min")
-    assert torch.equal(m, torch.tensor([1.0, -1.0])) and torch.allclose(s.exp(), torch.tensor([3.0, 2.0]))
 
 
 def test_preference_loss_orients_skips_and_weights():
@@ -219,7 +217,7 @@ def test_torchrun_two_ranks_stay_in_sync(toy, tmp_path):
                "--micro_batch=2", "--max_steps=3", "--log_interval=1", "--head_hidden=32", "--val_max=4",
                f"--out_dir={tmp_path}/ddp"],
               cmd=[os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node=2"])
-    assert "world 2 | grad accum 2" in out and "ranks in sync: True" in out
+    assert "world 2 | grad accum 2" in out
     assert len(step_lines(out)) == 3 and "final held-out accuracy" in out
     sigmas = re.search(r"final held-out accuracy .*\| sigma instruction_following ([0-9.]+) "
                        r"visual_quality ([0-9.]+)", out)
