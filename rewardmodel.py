@@ -75,7 +75,7 @@ arg("--kl_beta", type=float, default=0.0, help="KL weight to the SFT model (the 
 arg("--eval_samples", type=int, default=4, help="K of Avg@K in --stage eval")
 arg("--max_new_tokens", type=int, default=128, help="longest generated answer")
 # --- data
-arg("--train", default="data/toy/pairs_train.jsonl", help="training pairs (verifier: CoT traces for sft, pairs for gcpo)")
+arg("--train", default="data/toy/pairs_train.jsonl", help="training pairs (verifier: traces for sft, pairs for gcpo)")
 arg("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy (--toy: its folder)")
 arg("--split", default=None, help="split name for hub datasets")
 arg("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all)")
@@ -97,16 +97,14 @@ arg("--eval_interval", type=int, default=250, help="steps between checkpoints (g
 arg("--seed", type=int, default=0, help="random seed (data order, init, dropout, GCPO sampling)")
 arg("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 arg("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
-POSITIVE = ("batch_size", "micro_batch", "max_steps", "log_interval", "eval_interval", "num_traces", "ppo_epochs",
-            "eval_samples", "max_new_tokens")
+POSITIVE = "batch_size micro_batch max_steps log_interval eval_interval num_traces ppo_epochs eval_samples".split()
 
 # Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
 # The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
 TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full", vision="train", lr=1e-3,
            head_lr=1e-3, head_hidden=256, batch_size=16, micro_batch=16, max_steps=1200, eval_interval=300,
            log_interval=100, out_dir="out/rm_toy")
-# No LoRA dropout: sampling and training must see one policy for the PPO ratio. Adapters on lm_head too, so that
-# the next-token distribution itself can sharpen.
+# No LoRA dropout: sampling and training see one policy (the PPO ratio). lm_head adapted: the answer can sharpen.
 VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, max_steps=100, warmup_steps=10,
                 lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, beta2=0.99, val_max=64,
                 log_interval=10, eval_interval=100)
@@ -237,10 +235,9 @@ def _fields(text, hi):
     return {k: v for k, v in vals.items() if v is not None and 0.0 <= v <= hi}
 
 def parse_verifier_output(text, hi=SCORE_MAX):
-    """Verifier text -> {"score": s, "principles": {name: x}} with every number in [0, hi], or None. The last object
-    that yields a score wins. A non-numeric or out-of-range value is dropped, never clipped (85 on a 0-10 scale is a
-    misunderstanding, not a 10); a missing "score" is the mean of the principles' (their summary); with no object,
-    only "... score: x" in free text counts."""
+    """Verifier text -> {"score": s, "principles": {name: x}}, numbers in [0, hi], from the last object with a score,
+    or None. A bad value is dropped, never clipped (85 on a 0-10 scale is a misunderstanding, not a 10); a missing
+    "score" is the principles' mean; with no object, only "... score: x" in free text counts."""
     for span in _objects(text) if isinstance(text, str) else []:
         vals = _fields(span, hi)
         final = vals.pop("score", None)
@@ -261,10 +258,9 @@ def parse_editscore_output(text, n=2, hi=EDITSCORE_MAX):
     return None
 
 def editscore_aggregate(sc, pq):
-    """EditScore's (VIEScore-style) scores, Avg@K. sc: (B, K, 2) raw 0..25 [edit success, over-editing]; pq: (B, K, 2)
-    [naturalness, artifacts]; NaN = an unparsed pass. Per pass PF = success / 2.5, C = over-editing / 2.5, PQ =
-    min(naturalness, artifacts) / 2.5 and overall = sqrt(min(PF, C) * PQ), each averaged over its parsed passes.
-    -> dict of (B,) tensors + "unparsed" (B,): passes where either prompt failed."""
+    """EditScore's Avg@K. sc (B, K, 2): raw 0..25 [edit success, over-editing]; pq (B, K, 2): [naturalness, artifacts];
+    NaN: unparsed. Per pass PF, C = sc / 2.5, PQ = min(pq) / 2.5, overall = sqrt(min(PF, C) * PQ), each averaged over
+    its parsed passes -> dict of (B,) tensors + "unparsed" (passes where either prompt failed)."""
     sc, pq = sc * (SCORE_MAX / EDITSCORE_MAX), pq * (SCORE_MAX / EDITSCORE_MAX)
     pf, c, q = sc[..., 0], sc[..., 1], pq.min(-1).values                      # (B, K) each
     overall = (torch.minimum(pf, c) * q).sqrt()                                # NaN where a prompt failed
@@ -273,9 +269,8 @@ def editscore_aggregate(sc, pq):
 
 # --- GCPO math --------------------------------------------------------------------------
 def gcpo_rewards(scores_w, scores_l):
-    """GCPO trace rewards from the scores (N,) of the preferred edit's traces and (M,) of the rejected one's:
-    r_w[j] = mean_k 1[t_w[j] > t_l[k]],  r_l[j] = mean_k 1[t_l[j] < t_w[k]]; a tie counts 1/2 (Mann-Whitney).
-    An unparseable trace (NaN) gets 0 and a parsed one beats it: that credit cancels in the group normalisation."""
+    """GCPO rewards of the preferred edit's (N,) and the rejected one's (M,) trace scores: r_w[j] = mean_k
+    1[t_w[j] > t_l[k]], r_l[j] = mean_k 1[t_l[j] < t_w[k]], a tie 1/2. A NaN (unparsed) trace gets 0, beaten by all."""
     def credit(own, other, sign):  # (N,), (M,) -> (N, M) credit of own[j] against other[k]
         d = sign * (own[:, None] - other[None, :])                             # > 0: the preferred order
         c = (d > 0).float() + 0.5 * (d == 0).float()
@@ -298,8 +293,7 @@ def gcpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, beta=0.0, 
     """GCPO's token-level PPO-clipped loss. logp, old_logp, ref_logp, mask: (T, R) per response token; adv: (T,).
       ratio = exp(logp - old_logp);  l = max(-A ratio, -A clip(ratio, 1-eps, 1+eps)) + beta * k3_kl(ref, logp)
     A mean over tokens (num_tokens: the global count), so long traces are not down-weighted."""
-    ratio = (logp - old_logp).exp()
-    a = adv[:, None]
+    ratio, a = (logp - old_logp).exp(), adv[:, None]
     per_tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
     if beta:
         per_tok = per_tok + beta * k3_kl(ref_logp, logp)
@@ -322,8 +316,7 @@ def unwrap(model):  # the HF model under a peft wrapper
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 def answer_logits(model, logits):
-    """(..., V) logits without the vision placeholder tokens: a sampled <|image_pad|> would break the next
-    forward, and sampling and training must share one policy."""
+    """(..., V) logits without the vision placeholders (a sampled <|image_pad|> breaks the next forward)."""
     cfg = unwrap(model).config
     banned = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
     return logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
@@ -363,8 +356,7 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
 def collate(encs, responses, pad_id):
     """Prompts (encode_prompt outputs) left-padded to end at column P, responses (lists of ids) right-padded after
     them, so every row's response sits in columns P..P+R-1. -> model inputs, responses (B, R), mask (B, R)."""
-    B, P = len(encs), max(e["input_ids"].shape[1] for e in encs)
-    R = max(len(r) for r in responses)
+    B, P, R = len(encs), max(e["input_ids"].shape[1] for e in encs), max(len(r) for r in responses)
     ids = torch.full((B, P + R), pad_id, dtype=torch.long)
     attn, mm = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.int)
     resp, rmask = torch.full((B, R), pad_id, dtype=torch.long), torch.zeros(B, R)
@@ -388,8 +380,7 @@ def response_logprobs(model, inputs, resp, temperature=1.0):
     return logits.log_softmax(-1).gather(2, resp.to(dev)[..., None])[..., 0]
 
 # --- backbone: hub / local VLMs and offline tiny random ones through the same code path ---------------------------
-# The tiny tokenizer gives each of these words (the prompts' and the toy world's) one token, as a real tokenizer does
-# for frequent words: byte by byte, the tiny model would spend most of its sequence on letters.
+# The tiny tokenizer gives each of these words one token, as a real one does frequent words (bytes would be too long)
 TINY_WORDS = ("Instruction Source Edited Rate the edit instruction following visual quality Verify each principle then "
               "JSON scores score follow keep user assistant make remove add a at move to change background "
               + " ".join([*SHAPE_COLORS, *BG_COLORS, *SHAPES, *CELLS, *EDIT_KINDS]))
@@ -401,19 +392,17 @@ TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['c
                  "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY_MODELS = {"tiny": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}  # --model names of the tiny random backbones
 
-def image_only_processor(model_type, image_processor, tokenizer, chat_template=None):
+def image_only_processor(model_type, image_processor, tokenizer):
     """A Qwen-VL family's processor without the video processor, which needs torchvision (absent on CPU installs)."""
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     class ImageOnlyProcessor(getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                              chat_template=chat_template or tokenizer.chat_template)
+    return ImageOnlyProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
 def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained (by the `tokenizers` library) until each of TINY_WORDS is one token, at
-    the start of a text and after a space; any other text still round-trips through the bytes. + Qwen specials."""
+    """A byte-level BPE (the `tokenizers` library) with each of TINY_WORDS one token, + Qwen's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
     bpe = Tokenizer(models.BPE())
@@ -430,8 +419,7 @@ def tiny_tokenizer():
     return tok
 
 def build_tiny_vlm(name="tiny", init_std=0.1):
-    """A random tiny Qwen2.5-VL ("tiny") or Qwen3-VL ("tiny-qwen3-vl") and its processor, built offline: hidden 64,
-    2 layers, vision depth 2, ~0.25M parameters, weights from a fixed seed (the same model in every process).
+    """A random tiny Qwen2.5-VL or Qwen3-VL (~0.25M parameters, seeded: the same in every process) and its processor.
     init_std: HF's 0.02 suits 4096-wide models; at width 64 it leaves the last hidden state nearly input-blind."""
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -440,8 +428,8 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
     # mrope splits the rotary half-dim (16/2 = 8) over (time, height, width)
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=ids("<|endoftext|>"),
-                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3]),
-                initializer_range=init_std)
+                initializer_range=init_std, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                                 mrope_section=[2, 3, 3]))
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                   initializer_range=init_std)
     if family == "qwen2_5_vl":  # 14 px patches, windowed attention but in the last block
@@ -450,8 +438,7 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
         vision.update(window_size=56, fullatt_block_indexes=[1])
     else:  # 16 px patches, interleaved mrope, deepstack features from vision block 1 into the first text layer
         cls, config, patch = transformers.Qwen3VLForConditionalGeneration, transformers.Qwen3VLConfig, 16
-        text.update(head_dim=16)
-        text["rope_parameters"].update(mrope_interleaved=True)
+        text.update(head_dim=16), text["rope_parameters"].update(mrope_interleaved=True)
         vision.update(num_position_embeddings=64, deepstack_visual_indexes=[1])
     config = config(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
                     video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
@@ -463,9 +450,8 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
     return model, image_only_processor(family, Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2), tok)
 
 def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, weights=None):
-    """(model, processor) for a hub name, a local folder or a TINY_MODELS name, image area within min/max_pixels.
-    weights: a save_pretrained folder that replaces the base weights (full fine-tunes). Left padding, so that
-    generation (verifier) and pooling share one batch layout."""
+    """(model, processor) of a hub name, a folder or a TINY_MODELS name, images within min/max_pixels, left padding.
+    weights: a save_pretrained folder that replaces the base weights (full fine-tunes)."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     if name in TINY_MODELS:
         model, processor = build_tiny_vlm(name)
@@ -482,8 +468,8 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
     return model.to(dtype), processor
 
 def setup_lora(model, rank, alpha, dropout, targets, vision="frozen"):
-    """peft LoRA adapters on the named linear layers of the language model (and of the vision tower when vision is
-    "lora"; "train" trains the tower in full, saved with the adapter). A top-level lm_head matches its bare name."""
+    """peft LoRA on the named linear layers of the language model (and the vision tower's with vision="lora";
+    "train" trains the tower in full, saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
     names = "|".join(t.strip() for t in targets.split(",") if t.strip())
     scope = "" if vision == "lora" else r"(?!.*visual)"  # a regex so the tower's same-named layers are skipped
@@ -588,8 +574,7 @@ class RewardModel(nn.Module):
         return next(self.parameters()).device
 
     def prompts(self, sources, instructions, edited, dim=None):
-        """Processor batch (CPU) for B items: the instruction, source image(s), the edited image and what to rate
-        (every dimension, or only `dim`), ending in the reward token."""
+        """Processor batch (CPU) of B prompts: instruction, source(s), edit, what to rate (all dims or `dim`), token."""
         what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
         texts, images = [], []
         for src, instr, ed in zip(sources, instructions, edited):
@@ -615,13 +600,11 @@ class RewardModel(nn.Module):
             with self.autocast():
                 hidden = unwrap(self.backbone).model(**batch).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
-        if len(cols) == 1:
-            return cols[0]
-        return tuple(torch.stack([c[i][:, d] for d, c in enumerate(cols)], -1) for i in (0, 1))
+        return cols[0] if len(cols) == 1 else tuple(torch.stack([c[i][:, d] for d, c in enumerate(cols)], -1)
+                                                    for i in (0, 1))
 
     def answers(self, images, text, num_samples, seed):
-        """Avg@K: num_samples answers to one prompt, sampled from one shared prefill (pass i seeded seed + i, as
-        EditScore does) -> their texts."""
+        """Avg@K: num_samples answers to one prompt from one shared prefill, pass i seeded seed + i (as EditScore)."""
         tok = self.processor.tokenizer
         with self.autocast():
             toks, _, mask = sample_shared_prefill(
@@ -630,20 +613,21 @@ class RewardModel(nn.Module):
         return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
 
     def verifier_scores(self, sources, instructions, edited, num_samples, seed):
-        """Avg@K of the verifier's or the EditScore rubric's answers -> score()'s dict."""
-        rows, shape = [], (len(edited), num_samples, -1)
+        """Avg@K of the verifier's answers, or of the EditScore rubric's two prompts (the edit with its source(s); the
+        edit alone) -> score()'s dict."""
+        rows, rubric = [], self.flags["rubric"] == "editscore"
         for src, ins, ed in zip(sources, instructions, edited):
-            src, ed = [load_image(x) for x in as_list(src)], load_image(ed)
-            if self.flags["rubric"] == "editscore":  # two prompts: the edit with its source(s); the edit alone
-                rows += [[*(parse_editscore_output(a) or [math.nan] * 2), *(parse_editscore_output(b) or [math.nan] * 2)]
-                         for a, b in zip(self.answers(src + [ed], EDITSCORE_PROMPTS["SC"].replace("{instruction}", ins), num_samples, seed),
-                                         self.answers([ed], EDITSCORE_PROMPTS["PQ"], num_samples, seed))]
-                continue
-            for a in self.answers(src + [ed], VERIFIER_PROMPT.replace("{instruction}", ins), num_samples, seed):
-                r = parse_verifier_output(a) or {"score": math.nan, "principles": {}}
+            images = [load_image(x) for x in as_list(src)] + [load_image(ed)]
+            ask = lambda t: t.replace("{instruction}", ins)  # noqa: E731 (str.replace: the rubric holds JSON braces)
+            if rubric:
+                rows += [(parse_editscore_output(a) or [math.nan] * 2) + (parse_editscore_output(b) or [math.nan] * 2)
+                         for a, b in zip(self.answers(images, ask(EDITSCORE_PROMPTS["SC"]), num_samples, seed),
+                                         self.answers(images[-1:], EDITSCORE_PROMPTS["PQ"], num_samples, seed))]
+            for r in [] if rubric else self.answers(images, ask(VERIFIER_PROMPT), num_samples, seed):
+                r = parse_verifier_output(r) or {"score": math.nan, "principles": {}}
                 rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in self.dims])
-        s = torch.tensor(rows, dtype=torch.float32).reshape(shape)  # (B, K, 4) or (B, K, 1 + P)
-        if self.flags["rubric"] == "editscore":
+        s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, -1)  # (B, K, 4 or 1 + P)
+        if rubric:
             return editscore_aggregate(s[..., :2], s[..., 2:])
         mean = s.nanmean(1)  # over the passes that gave a number; NaN if none did
         return {"overall": mean[:, 0], **{p: mean[:, 1 + j] for j, p in enumerate(self.dims)},

@@ -8,7 +8,8 @@ README = open(os.path.join(ROOT, "README.md")).read()
 
 
 def defined_flags(script):
-    return set(re.findall(r'add_argument\(\s*"(--\w+)"', open(os.path.join(ROOT, script)).read()))
+    """The flags a script defines: argparse add_argument calls, or rewardmodel.py's short alias arg()."""
+    return set(re.findall(r'(?:add_argument|\barg)\(\s*"(--\w+)"', open(os.path.join(ROOT, script)).read()))
 
 
 def readme_commands():
