@@ -64,20 +64,18 @@ arg("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input"
 arg("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="adapted layers")
 arg("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower: frozen, LoRA, trained")
 # --- verifier: stages, GCPO, scoring
-arg("--stage", default="sft", choices=["sft", "gcpo", "eval"], help="SFT cold start, GCPO, or held-out evaluation")
-arg("--init", default=None, help="gcpo: the SFT checkpoint to start from; eval: the checkpoint to evaluate")
+arg("--stage", default="sft", choices=["sft", "gcpo"], help="SFT cold start or GCPO (evaluation: bench.py --k K)")
+arg("--init", default=None, help="gcpo: the SFT checkpoint to start from")
 arg("--rubric", default="verifier", choices=["verifier", "editscore"], help="scoring prompt (EditScore's rubric)")
 arg("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
 arg("--temperature", type=float, default=1.0, help="GCPO sampling temperature (policy = sampler)")
 arg("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
 arg("--ppo_epochs", type=int, default=2, help="optimizer steps per GCPO rollout batch")
 arg("--kl_beta", type=float, default=0.0, help="KL weight to the SFT model (the adapter disabled)")
-arg("--eval_samples", type=int, default=4, help="K of Avg@K in --stage eval")
 arg("--max_new_tokens", type=int, default=128, help="longest generated answer")
 # --- data
 arg("--train", default="data/toy/pairs_train.jsonl", help="training pairs (verifier: traces for sft, pairs for gcpo)")
 arg("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy (--toy: its folder)")
-arg("--split", default=None, help="split name for hub datasets")
 arg("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all)")
 # --- optimisation (batch flags are global totals over ranks and accumulation)
 arg("--batch_size", type=int, default=32, help="per optimizer step, all ranks: pairs (gaussian, gcpo), traces (sft)")
@@ -97,7 +95,7 @@ arg("--eval_interval", type=int, default=250, help="steps between checkpoints (g
 arg("--seed", type=int, default=0, help="random seed (data order, init, dropout, GCPO sampling)")
 arg("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 arg("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
-POSITIVE = "batch_size micro_batch max_steps log_interval eval_interval num_traces ppo_epochs eval_samples".split()
+POSITIVE = "batch_size micro_batch max_steps log_interval eval_interval num_traces ppo_epochs max_new_tokens".split()
 
 # Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
 # The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
@@ -114,6 +112,7 @@ VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pi
 # run_toy's stages: GCPO keeps the vision tower that SFT trained fixed.
 TOY_STAGES = {"sft": dict(max_steps=1500, lr=1e-3), "gcpo": dict(max_steps=120, lr=5e-4, vision="frozen")}
 TOY_THREADS = 1  # --toy pins torch's intra-op threads: its figures then do not depend on the machine's cores
+TOY_AVG_K = 4  # the toy verifier's held-out evaluation averages 4 passes (EditScore's Avg@4)
 RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
 
 def preset(mode, toy):
@@ -829,19 +828,11 @@ def train_step(model, rm, optimizer, micro_batches, args):
     total = all_sum(total)
     return (total[0] / total[1].clamp(min=1)).item()
 
-def gaussian_step(model, rm, args, pairs, ids, step, optimizer):
-    """train_loop's step_fn: this rank's pairs in micro-batches -> (log fields, metrics)."""
-    mbs = [pairs[j:j + args.micro_batch] for j in range(0, len(pairs), args.micro_batch)]
-    return f"loss {train_step(model, rm, optimizer, mbs, args):.6f}", {}
-
 def train_gaussian(args, d):
     """Train the Gaussian reward model on the pairs of --train, evaluating on --val; returns it."""
-    per_rank = args.batch_size // d.world
-    if args.batch_size % d.world or per_rank % args.micro_batch:
-        raise SystemExit(f"--batch_size {args.batch_size} must split into {d.world} ranks x whole "
-                         f"--micro_batch {args.micro_batch}")
-    train_pairs, val_pairs = load_pairs(args.train, split=args.split), load_pairs(args.val, split=args.split)
-    val_pairs = val_pairs[:args.val_max] if args.val_max else val_pairs
+    if args.batch_size % d.world or args.batch_size // d.world % args.micro_batch:
+        raise SystemExit(f"--batch_size {args.batch_size} must split into {d.world} ranks x whole --micro_batch")
+    train_pairs, val_pairs = load_pairs(args.train), load_pairs(args.val)[:args.val_max or None]
     dims = [x for x in args.dims.split(",") if x]  # a dimension no pair ranks would train a head column on nothing
     ranked = (pair_prefs(train_pairs, dims) != 0).sum(0).tolist()  # strict preferences per dimension, overall
     if unranked := [x for x, n in zip(dims, ranked) if n == 0]:
@@ -852,7 +843,9 @@ def train_gaussian(args, d):
            f"ranked) | {len(val_pairs)} val pairs")
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None).train()
     model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
-    res = train_loop(args, d, rm, train_pairs, functools.partial(gaussian_step, model, rm, args), "pairs", val_pairs)
+    mbs = lambda pairs: [pairs[j:j + args.micro_batch] for j in range(0, len(pairs), args.micro_batch)]  # noqa: E731
+    step_fn = lambda pairs, ids, step, opt: (f"loss {train_step(model, rm, opt, mbs(pairs), args):.6f}", {})  # noqa
+    res = train_loop(args, d, rm, train_pairs, step_fn, "pairs", val_pairs)
     acc = res.get("val") or evaluate(rm, val_pairs, 2 * args.micro_batch, d.rank, d.world)
     print0("final held-out accuracy | " + held_out_line(acc, " | ") + f" | train time {res['time']:.0f}s")
     return rm
@@ -914,27 +907,26 @@ def gcpo_rollout(rm, pairs, pair_ids, step, args):
 def gcpo_update(rm, rows, optimizer, args):
     """--ppo_epochs passes over the rollout rows in micro-batches, one optimizer step per pass.
     -> (loss, clip fraction, kl, grad norm) of the last pass."""
-    model = rm.backbone
-    rm.train()
+    model = rm.train().backbone
     ntok = all_sum(torch.tensor(float(sum(len(r[1]) for r in rows))))
     for _ in range(args.ppo_epochs):
         tot = torch.zeros(3)  # loss, clipped tokens, kl * tokens
         for i in range(0, len(rows), args.micro_batch):
             mb = rows[i:i + args.micro_batch]
             inputs, resp, rmask = collate([r[0] for r in mb], [r[1] for r in mb], rm.processor.tokenizer.pad_token_id)
-            old = torch.stack([F.pad(r[2], (0, rmask.shape[1] - len(r[2]))) for r in mb])
             with rm.autocast():
                 logp = response_logprobs(model, inputs, resp, args.temperature)
+                with torch.no_grad(), model.disable_adapter():  # the KL's reference: the SFT policy
+                    ref = response_logprobs(model, inputs, resp, args.temperature) if args.kl_beta else None
             dev = logp.device
-            old, rmask, adv = old.to(dev), rmask.to(dev), torch.stack([r[3] for r in mb]).to(dev)
-            with torch.no_grad(), model.disable_adapter(), rm.autocast():  # the KL's reference: the SFT policy
-                ref = response_logprobs(model, inputs, resp, args.temperature) if args.kl_beta else None
+            old = torch.stack([F.pad(r[2], (0, rmask.shape[1] - len(r[2]))) for r in mb]).to(dev)
+            rmask, adv = rmask.to(dev), torch.stack([r[3] for r in mb]).to(dev)
             loss = gcpo_loss(logp, old, adv, rmask, args.clip_eps, ref, args.kl_beta, ntok.to(dev))
             loss.backward()
-            with torch.no_grad():
-                clipped = (((logp - old).exp() - 1).abs() > args.clip_eps).float()
-                kl = (k3_kl(ref, logp) * rmask).sum().item() if ref is not None else 0.0
-                tot += torch.tensor([loss.item(), (clipped * rmask).sum().item(), kl])
+            with torch.no_grad():  # diagnostics: tokens outside the clip, and the KL (both per token in the log)
+                clipped = ((((logp - old).exp() - 1).abs() > args.clip_eps).float() * rmask).sum().item()
+                kl = (k3_kl(ref, logp) * rmask).sum().item() if args.kl_beta else 0.0
+                tot += torch.tensor([loss.item(), clipped, kl])
         norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
     tot = all_sum(tot)
     return tot[0].item(), tot[1].item() / ntok.item(), tot[2].item() / ntok.item(), norm
@@ -954,50 +946,39 @@ def verifier_step(rm, args, items, ids, step, optimizer):
             f"| grad {norm:.2f} | rollout {t1 - t0:.1f}s update {time.perf_counter() - t1:.1f}s"), res
 
 def train_verifier(args, d):
-    """--stage sft | gcpo | eval of the verifier mode -> a metrics dict (run_toy prints it)."""
-    if args.stage == "eval":  # a checkpoint (--init), or a plain instruct VLM (--model) scoring zero-shot
-        rm = RewardModel.from_pretrained(args.init, d.device, max_new_tokens=args.max_new_tokens) if args.init else \
-            RewardModel(vars(args), d.device).eval()
-        pairs = [p for p in load_pairs(args.val, split=args.split, disentangle=False) if not p.tie]  # overall only
-        pairs = pairs[:args.val_max] if args.val_max else pairs
-        res = evaluate(rm, pairs, 2 * args.micro_batch, d.rank, d.world, args.eval_samples)
-        res.update(pairs=len(pairs), ties_half=res["overall"] + res["tied"] / 2)  # ties count 1/2: chance is 0.5
-        print0(f"eval {args.init or args.model} | Avg@{args.eval_samples} | pair acc {res['overall']:.3f} "
-               f"(ties 1/2: {res['ties_half']:.3f}) on {len(pairs)} | parse rate {res['parse']:.3f}")
-        return res
+    """--stage sft | gcpo of the verifier mode -> train_loop's metrics."""
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
     if args.stage == "sft":
-        items = load_traces(args.train or "data/toy/cot_train.jsonl", split=args.split)
+        items = load_traces(args.train or "data/toy/cot_train.jsonl")
         if not rm.dims:  # the principles the traces teach become the score keys
             parsed = [parse_verifier_output(t.response) for t in items[:200]]
             rm.dims = list(dict.fromkeys(k for r in parsed if r for k in r["principles"]))
             rm.flags["dims"] = ",".join(rm.dims)
     else:  # a tied pair says nothing about which trace is right
-        items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", split=args.split, disentangle=False)
-                 if not p.tie]
+        items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", disentangle=False) if not p.tie]
     unit = "traces" if args.stage == "sft" else "pairs"
     return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit)
 
 def run_toy(args, d):
-    """The verifier's CPU demo: SFT -> eval -> GCPO from the SFT model -> eval (same pairs, same seeds)."""
+    """The verifier's CPU demo: SFT, then GCPO from the SFT model, each evaluated on the same held-out pairs with
+    Avg@TOY_AVG_K (strict accuracy, and with ties counted 1/2: chance is 0.5)."""
     if d.ddp:
-        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run its --stage sft/gcpo/eval")
+        raise SystemExit("--mode verifier --toy runs in one process; under torchrun run its --stage sft / gcpo")
     data, out = os.path.dirname(args.val), args.out_dir
-    stage = lambda **kw: train_verifier(argparse.Namespace(**vars(args) | kw), d)
-    sft = stage(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", init=None, **TOY_STAGES["sft"])
-    ev_sft = stage(stage="eval", init=f"{out}/sft")
-    gcpo = stage(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo", init=f"{out}/sft",
-                 **TOY_STAGES["gcpo"])
-    ev_gcpo = stage(stage="eval", init=f"{out}/gcpo")
-    for name, tr, ev in (("SFT", sft, ev_sft), ("SFT+GCPO", gcpo, ev_gcpo)):
+    pairs = [p for p in load_pairs(args.val, disentangle=False) if not p.tie]  # the overall preference only
+    for name, kw in (("SFT", dict(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", init=None)),
+                     ("SFT+GCPO", dict(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo",
+                                       init=f"{out}/sft"))):
+        tr = train_verifier(argparse.Namespace(**vars(args) | kw | TOY_STAGES[kw["stage"]]), d)
+        ev = evaluate(RewardModel.from_pretrained(kw["out_dir"], d.device), pairs, 2 * args.micro_batch,
+                      num_samples=TOY_AVG_K)
         print(f"toy {name}: trained {tr['time']:.0f}s | held-out parse {ev['parse']:.3f} | pair acc "
-              f"{ev['overall']:.3f} strict, {ev['ties_half']:.3f} ties 1/2 ({ev['pairs']} pairs, "
-              f"Avg@{args.eval_samples})")
+              f"{ev['overall']:.3f} strict, {ev['overall'] + ev['tied'] / 2:.3f} ties 1/2 ({len(pairs)} pairs, "
+              f"Avg@{TOY_AVG_K})")
 
 # --- run -----------------------------------------------------------------------------------------------------------
-
 def main(args):
     d = setup_distributed(args.device)
     from transformers.utils import logging as hf_logging
@@ -1006,21 +987,15 @@ def main(args):
         torch.set_num_threads(TOY_THREADS)
         if d.master and not os.path.exists(args.val):
             make_toy(os.path.dirname(args.val))
-    if d.ddp:
-        dist.barrier()
+    dist.barrier() if d.ddp else None
     torch.manual_seed(args.seed)
-    if args.mode == "verifier":
-        run_toy(args, d) if args.toy else train_verifier(args, d)
-    else:
-        train_gaussian(args, d)
-    if d.ddp:
-        leave_distributed()
+    (run_toy if args.toy else train_verifier)(args, d) if args.mode == "verifier" else train_gaussian(args, d)
+    leave_distributed() if d.ddp else None
 
 if __name__ == "__main__":
     args, _ = parser.parse_known_args()
     parser.set_defaults(**preset(args.mode, args.toy))
     args = parser.parse_args()
-    for name in POSITIVE:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if bad := [n for n in POSITIVE if getattr(args, n) < 1]:
+        parser.error(f"--{bad[0]} must be >= 1, got {getattr(args, bad[0])}")
     main(args)

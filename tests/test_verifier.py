@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from data import load_traces
-from rewardmodel import (KL_CAP, RewardModel, collate, editscore_aggregate, filter_logits, gcpo_loss, gcpo_rewards,
-                         k3_kl, group_advantages, load_backbone, parse_editscore_output, parse_verifier_output, parser,
-                         preset, response_logprobs, sample_shared_prefill, sft_step, verifier_prompt)
+from data import load_pairs, load_traces
+from rewardmodel import (KL_CAP, RewardModel, collate, editscore_aggregate, evaluate, filter_logits, gcpo_loss,
+                         gcpo_rewards, group_advantages, k3_kl, load_backbone, parse_editscore_output,
+                         parse_verifier_output, parser, preset, response_logprobs, sample_shared_prefill, sft_step,
+                         verifier_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "rewardmodel.py")
@@ -290,10 +291,14 @@ def test_sft_smoke(sft_dir):
     assert ((out["unparsed"] == 2) == out["overall"].isnan()).all()  # NaN exactly where no pass parsed
 
 
-def test_eval_stage_smoke(toy_files, sft_dir):
-    log = _run(["--stage", "eval", "--init", str(sft_dir), "--val", str(toy_files / "pairs.jsonl"), "--val_max", "2",
-                "--eval_samples", "2", "--max_new_tokens", "8"])
-    assert "pair acc" in log and "on 2 |" in log and "Avg@2" in log
+def test_held_out_evaluation_counts_ties_and_parses(toy_files, sft_dir):
+    """evaluate() on a verifier (as the toy run reports it): strict accuracy, the share of pairs scored equal or
+    unparsed, and the parse rate over all Avg@K passes, each a fraction."""
+    rm = RewardModel.from_pretrained(str(sft_dir), max_new_tokens=8)
+    pairs = [p for p in load_pairs(str(toy_files / "pairs.jsonl"), disentangle=False) if not p.tie][:2]
+    res = evaluate(rm, pairs, 4, num_samples=2)
+    assert set(res) == {"overall", "tied", "parse"} and all(0.0 <= v <= 1.0 for v in res.values())
+    assert res["overall"] + res["tied"] <= 1.0  # a pair is right, wrong or tied
 
 
 def test_editscore_rubric_counts_unparsed():
