@@ -73,11 +73,10 @@ arg("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
 arg("--ppo_epochs", type=int, default=2, help="optimizer steps per GCPO rollout batch")
 arg("--kl_beta", type=float, default=0.0, help="KL weight to the SFT model (the adapter disabled)")
 arg("--max_new_tokens", type=int, default=128, help="longest generated answer")
-# --- data
+# --- data, optimisation (batch flags are global totals over ranks and accumulation), run
 arg("--train", default="data/toy/pairs_train.jsonl", help="training pairs (verifier: traces for sft, pairs for gcpo)")
 arg("--val", default="data/toy/pairs_val.jsonl", help="held-out pairs for accuracy (--toy: its folder)")
 arg("--val_max", type=int, default=0, help="at most this many held-out pairs (0 = all)")
-# --- optimisation (batch flags are global totals over ranks and accumulation)
 arg("--batch_size", type=int, default=32, help="per optimizer step, all ranks: pairs (gaussian, gcpo), traces (sft)")
 arg("--micro_batch", type=int, default=8, help="pairs or traces per forward (8: a 7B model on 80 GB, README)")
 arg("--max_steps", type=int, default=1000, help="optimizer steps to run")
@@ -87,7 +86,6 @@ arg("--head_lr", type=float, default=1e-3, help="peak lr of the head and the rew
 arg("--warmup_steps", type=int, default=50, help="linear warmup steps")
 arg("--beta2", type=float, default=0.95, help="AdamW beta2")
 arg("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
-# --- run
 arg("--out_dir", default="out/rm", help="checkpoint folder")
 arg("--resume", action="store_true", help="continue exactly from out_dir (same flags)")
 arg("--log_interval", type=int, default=25, help="steps between log lines")
@@ -104,11 +102,11 @@ TOY = dict(model="tiny", min_pixels=56 * 56, max_pixels=56 * 56, finetune="full"
            log_interval=100, out_dir="out/rm_toy")
 # No LoRA dropout: sampling and training see one policy (the PPO ratio). lm_head adapted: the answer can sharpen.
 VERIFIER = dict(dims="", train=None, out_dir="out/verifier", lora_dropout=0.0, max_steps=100, warmup_steps=10,
-                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, beta2=0.99, val_max=64,
+                lora_targets=parser.get_default("lora_targets") + ",lm_head", batch_size=16, beta2=0.99,
                 log_interval=10, eval_interval=100)
 # The toy verifier sees 112 px images (16 visual tokens each) through full-rank adapters (64 = the tiny width).
 VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pixels=112 * 112, lora_rank=64,
-                    lora_alpha=128, temperature=0.7, kl_beta=0.04, val_max=0, out_dir="out/verifier_toy")
+                    lora_alpha=128, temperature=0.7, kl_beta=0.04, out_dir="out/verifier_toy")
 # run_toy's stages: GCPO keeps the vision tower that SFT trained fixed.
 TOY_STAGES = {"sft": dict(max_steps=1500, lr=1e-3), "gcpo": dict(max_steps=120, lr=5e-4, vision="frozen")}
 TOY_THREADS = 1  # --toy pins torch's intra-op threads: its figures then do not depend on the machine's cores
