@@ -39,13 +39,11 @@ from safetensors.torch import load_file, save_file
 from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, leave_distributed, load_image,
                   load_pairs, load_traces, make_toy, print0, setup_distributed)
 
-MODES = ("gaussian", "verifier")
-
 # --- flags --------------------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
 arg = parser.add_argument
 # --- model
-arg("--mode", default="gaussian", choices=MODES, help="gaussian: MLP head on a reward token | verifier: CoT judge")
+arg("--mode", default="gaussian", choices=["gaussian", "verifier"], help="Gaussian head, or CoT judge")
 arg("--model", default="tiny", help="hub name, local folder, or 'tiny' / 'tiny-qwen3-vl' (random tiny models)")
 arg("--dims", default=",".join(DIMS), help="reward dimensions (verifier: principles; '' = those of the traces)")
 arg("--min_pixels", type=int, default=56 * 56, help="smallest image area given to the vision tower")
@@ -152,8 +150,7 @@ def preference_loss(mu_a, ls_a, mu_b, ls_b, prefs, weights, kind="gaussian"):
 def pairwise_accuracy(score_a, score_b, prefs):
     """Right when sign(score_a - score_b) == prefs (B,) (a score tie is wrong; a human tie, 0, is not counted)."""
     keep = prefs != 0
-    right = torch.sign(score_a - score_b)[keep] == prefs[keep]
-    return int(right.sum()), int(keep.sum())
+    return int((torch.sign(score_a - score_b)[keep] == prefs[keep]).sum()), int(keep.sum())
 
 def pool_hidden(hidden, input_ids, attention_mask, token_id=None):
     """(N, T, H) -> (N, H) at the last token_id (else the last attended position), under any padding side."""
@@ -245,8 +242,8 @@ def parse_verifier_output(text, hi=SCORE_MAX):
     return {"score": found[-1], "principles": {}} if found else None
 
 def parse_editscore_output(text, n=2, hi=EDITSCORE_MAX):
-    """EditScore rubric answer -> the n raw scores in [0, hi] of the last object's "score" list, or None. All n must
-    be valid: a pair with one bad entry is not half a score."""
+    """EditScore rubric answer -> the n raw scores in [0, hi] of the last object's "score" list, or None (all n must
+    be valid: a pair with one bad entry is not half a score)."""
     for span in _objects(text) if isinstance(text, str) else []:
         raw = {k.strip().lower(): v for k, v in _KV.findall(span)}.get("score", "")
         vals = [_number(v, hi) for v in re.findall(r"[^,\[\]\s]+", raw)] if raw.startswith("[") else []
@@ -264,14 +261,13 @@ def editscore_aggregate(sc, pq):
     return {"prompt_following": pf.nanmean(-1), "consistency": c.nanmean(-1), "perceptual_quality": q.nanmean(-1),
             "overall": overall.nanmean(-1), "unparsed": overall.isnan().sum(-1).float()}
 
-# --- GCPO math --------------------------------------------------------------------------
+# --- GCPO math --------------------------------------------------------------------------------------------------
 def gcpo_rewards(scores_w, scores_l):
     """GCPO rewards of the preferred edit's (N,) and the rejected one's (M,) trace scores: r_w[j] = mean_k
     1[t_w[j] > t_l[k]], r_l[j] = mean_k 1[t_l[j] < t_w[k]], a tie 1/2. A NaN (unparsed) trace gets 0, beaten by all."""
     def credit(own, other, sign):  # (N,), (M,) -> (N, M) credit of own[j] against other[k]
         d = sign * (own[:, None] - other[None, :])                             # > 0: the preferred order
-        c = (d > 0).float() + 0.5 * (d == 0).float()
-        c = torch.where(other.isnan()[None, :], 1.0, c)
+        c = torch.where(other.isnan()[None, :], 1.0, (d > 0).float() + 0.5 * (d == 0).float())
         return torch.where(own.isnan()[:, None], 0.0, c)
     return credit(scores_w, scores_l, 1.0).mean(1), credit(scores_l, scores_w, -1.0).mean(1)
 
@@ -292,8 +288,7 @@ def gcpo_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, beta=0.0, 
     A mean over tokens (num_tokens: the global count), so long traces are not down-weighted."""
     ratio, a = (logp - old_logp).exp(), adv[:, None]
     per_tok = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_eps, 1 + clip_eps))
-    if beta:
-        per_tok = per_tok + beta * k3_kl(ref_logp, logp)
+    per_tok = per_tok + beta * k3_kl(ref_logp, logp) if beta else per_tok
     return (per_tok * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
 
 # --- sampling with one shared prefill, and teacher-forced log-probs -----------------------------------------------
@@ -304,8 +299,7 @@ def filter_logits(logits, temperature, top_k=0, top_p=1.0):
         logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
     if top_p < 1.0:
         sorted_l, idx = logits.sort(-1, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > top_p                              # mass before this token > p
+        drop = sorted_l.softmax(-1).cumsum(-1) - sorted_l.softmax(-1) > top_p     # mass before this token > p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     return logits
 
@@ -337,9 +331,8 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
     for t in range(max_new_tokens):
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
         nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(k)])
-        lp = (logits / temperature).log_softmax(-1)
         toks.append(nxt)
-        logps.append(lp.gather(1, nxt[:, None])[:, 0])
+        logps.append((logits / temperature).log_softmax(-1).gather(1, nxt[:, None])[:, 0])
         masks.append(alive)
         alive = alive & (nxt != eos_id)
         if not alive.any():
@@ -363,10 +356,8 @@ def collate(encs, responses, pad_id):
         ids[b, P:P + len(r)], resp[b, :len(r)] = torch.tensor(r), torch.tensor(r)
         attn[b, P - lp:P + len(r)], rmask[b, :len(r)] = 1, 1
     inputs = {"input_ids": ids, "attention_mask": attn, "mm_token_type_ids": mm}
-    with_img = [e for e in encs if "pixel_values" in e]
-    if with_img:
-        inputs.update(pixel_values=torch.cat([e["pixel_values"] for e in with_img]),
-                      image_grid_thw=torch.cat([e["image_grid_thw"] for e in with_img]))
+    if with_img := [e for e in encs if "pixel_values" in e]:
+        inputs.update({k: torch.cat([e[k] for e in with_img]) for k in ("pixel_values", "image_grid_thw")})
     return inputs, resp, rmask
 
 def response_logprobs(model, inputs, resp, temperature=1.0):
@@ -483,6 +474,8 @@ def resolve_dtype(name, device):
 # --- the reward model ---------------------------------------------------------------------------------------------
 HEAD_DROPOUT = 0.05  # EditReward's head: Linear-ReLU-Dropout(0.05)-Linear
 SIGMA_FLOOR = 0.05   # sigma = SIGMA_FLOOR + softplus(raw): a floor, never a hard clamp that stops gradients
+REWARD_TOKEN = "<|reward|>"  # the token whose last hidden state the head reads
+RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
 
 class GaussianHead(nn.Module):
     """hidden (N, H) -> mu, log_sigma (N, D), in fp32 whatever the backbone dtype."""
@@ -494,19 +487,16 @@ class GaussianHead(nn.Module):
         mu, raw = self.net(h.float()).chunk(2, dim=-1)
         return mu, torch.log(SIGMA_FLOOR + F.softplus(raw))
 
-REWARD_TOKEN = "<|reward|>"  # the token whose last hidden state the head reads
-
 class RewardModel(nn.Module):
     """A VLM backbone (+ LoRA) that scores (source(s), instruction, edited image), in either mode. Build with
     RewardModel(flags) from a flags dict (the JSON saved beside every checkpoint), or with from_pretrained()."""
 
     def __init__(self, flags, device="cpu", weights=None):
         super().__init__()
-        self.flags, self.mode = dict(flags), flags["mode"]
-        device, full, verifier = torch.device(device), flags["finetune"] == "full", self.mode == "verifier"
-        if self.mode not in MODES or verifier and full:
-            raise ValueError(f"--mode {self.mode} --finetune {flags['finetune']}: modes are {MODES}, and the verifier "
-                             "trains LoRA (GCPO's KL reference is the model with its adapter off)")
+        self.flags, self.mode, device = dict(flags), flags["mode"], torch.device(device)
+        full, verifier = flags["finetune"] == "full", self.mode == "verifier"
+        if verifier and full:
+            raise ValueError("--mode verifier trains LoRA: GCPO's KL reference is the model with its adapter off")
         if verifier and flags["init"]:
             # GCPO: a fresh adapter over the SFT model with the SFT adapter merged in, so that disabling the new
             # adapter gives the SFT policy (the KL reference). The base, pixel bounds and principles come with it.
@@ -532,8 +522,7 @@ class RewardModel(nn.Module):
                 backbone.requires_grad_(True)
                 out_emb = backbone.get_output_embeddings()  # unused by the head; DDP rejects trainable unused weights
                 out_emb.requires_grad_(out_emb.weight is backbone.get_input_embeddings().weight)
-                if flags["vision"] != "train":
-                    backbone.model.visual.requires_grad_(False)
+                backbone.model.visual.requires_grad_(flags["vision"] == "train")
             elif not verifier or weights or flags["stage"] != "eval":  # a zero-shot verifier needs no adapter
                 backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
                                       flags["lora_targets"], flags["vision"])
@@ -570,24 +559,24 @@ class RewardModel(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
-    def prompts(self, sources, instructions, edited, dim=None):
-        """Processor batch (CPU) of B prompts: instruction, source(s), edit, what to rate (all dims or `dim`), token."""
-        what = ", ".join(d.replace("_", " ") for d in ([dim] if dim else self.dims))
-        texts, images = [], []
-        for src, instr, ed in zip(sources, instructions, edited):
-            src = [load_image(s) for s in as_list(src)] + [load_image(ed)]
-            # the instruction comes first so that, in a causal model, the image tokens can already look for it
-            content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}]
-                       + [{"type": "image"}] * (len(src) - 1) + [{"type": "text", "text": " Edited:"},
-                          {"type": "image"}, {"type": "text", "text": f"\nRate the edit's {what}."}])
-            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                            add_generation_prompt=True) + REWARD_TOKEN)
-            images += src
-        return dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
-
     def encode(self, sources, instructions, edited, per_dim=False):
-        """One batch per prompt: [all dims] by default, [dim 0, dim 1, ...] with per_dim (EditReward layout)."""
-        return [self.prompts(sources, instructions, edited, d) for d in (self.dims if per_dim else [None])]
+        """Processor batches (CPU) of B prompts: the instruction, the source image(s), the edit and what to rate,
+        ending in the reward token; one batch for all dimensions, or with per_dim one per dimension (EditReward)."""
+        batches = []
+        for what in self.dims if per_dim else [", ".join(self.dims)]:
+            texts, images = [], []
+            for src, instr, ed in zip(sources, instructions, edited):
+                src = [load_image(s) for s in as_list(src)] + [load_image(ed)]
+                # the instruction comes first so that, in a causal model, the image tokens can already look for it
+                content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * (
+                    len(src) - 1) + [{"type": "text", "text": " Edited:"}, {"type": "image"},
+                                     {"type": "text", "text": f"\nRate the edit's {what.replace('_', ' ')}."}])
+                chat = [{"role": "user", "content": content}]
+                texts.append(self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+                             + REWARD_TOKEN)
+                images += src
+            batches.append(dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt")))
+        return batches
 
     def forward(self, batches):
         """batches from encode() -> mu, log_sigma (B, D); with one batch per dimension, column d comes from batch d."""
@@ -597,8 +586,9 @@ class RewardModel(nn.Module):
             with self.autocast():
                 hidden = unwrap(self.backbone).model(**batch).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
-        return cols[0] if len(cols) == 1 else tuple(torch.stack([c[i][:, d] for d, c in enumerate(cols)], -1)
-                                                    for i in (0, 1))
+        if len(cols) == 1:
+            return cols[0]
+        return tuple(torch.stack([c[i][:, d] for d, c in enumerate(cols)], -1) for i in (0, 1))
 
     def answers(self, images, text, num_samples, seed):
         """Avg@K: num_samples answers to one prompt from one shared prefill, pass i seeded seed + i (as EditScore)."""
@@ -611,16 +601,16 @@ class RewardModel(nn.Module):
 
     def verifier_scores(self, sources, instructions, edited, num_samples, seed):
         """Avg@K of the verifier's answers, or of the EditScore rubric's two prompts (the edit with its source(s); the
-        edit alone) -> score()'s dict."""
-        rows, rubric = [], self.flags["rubric"] == "editscore"
+        edit alone) -> score()'s dict; principles outside self.dims are dropped, so every call has the same keys."""
+        rows, rubric, nan2 = [], self.flags["rubric"] == "editscore", [math.nan] * 2
         for src, ins, ed in zip(sources, instructions, edited):
             images = [load_image(x) for x in as_list(src)] + [load_image(ed)]
-            ask = lambda t: t.replace("{instruction}", ins)  # noqa: E731 (str.replace: the rubric holds JSON braces)
-            if rubric:
-                rows += [(parse_editscore_output(a) or [math.nan] * 2) + (parse_editscore_output(b) or [math.nan] * 2)
-                         for a, b in zip(self.answers(images, ask(EDITSCORE_PROMPTS["SC"]), num_samples, seed),
-                                         self.answers(images[-1:], EDITSCORE_PROMPTS["PQ"], num_samples, seed))]
-            for r in [] if rubric else self.answers(images, ask(VERIFIER_PROMPT), num_samples, seed):
+            if rubric:  # str.replace, not format: the rubric holds JSON braces
+                rows += [(parse_editscore_output(a) or nan2) + (parse_editscore_output(b) or nan2) for a, b in zip(
+                    self.answers(images, EDITSCORE_PROMPTS["SC"].replace("{instruction}", ins), num_samples, seed),
+                    self.answers(images[-1:], EDITSCORE_PROMPTS["PQ"], num_samples, seed))]
+            for r in [] if rubric else self.answers(images, VERIFIER_PROMPT.replace("{instruction}", ins),
+                                                    num_samples, seed):
                 r = parse_verifier_output(r) or {"score": math.nan, "principles": {}}
                 rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in self.dims])
         s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, -1)  # (B, K, 4 or 1 + P)
@@ -637,17 +627,16 @@ class RewardModel(nn.Module):
         the num_samples passes that parsed (Avg@K), and "unparsed" (passes that did not); batch_size is unused."""
         was_training = self.training
         self.eval()
-        if self.mode == "verifier":  # principles outside self.dims are dropped: every call has the same keys
+        if self.mode == "verifier":
             out = self.verifier_scores(sources, instructions, edited, num_samples, SCORE_SEED if seed is None else seed)
         else:
-            cols = []
+            names, cols = self.dims + ["overall"] + [f"sigma_{d}" for d in self.dims + ["overall"]], []
             for i in range(0, len(edited), batch_size):
                 sl = slice(i, i + batch_size)
                 mu, ls = self(self.encode(sources[sl], instructions[sl], edited[sl], self.flags["per_dim_prompts"]))
                 mu_o, ls_o = fuse_gaussians(mu, ls)
                 cols.append(torch.cat([mu, mu_o[:, None], ls.exp(), ls_o.exp()[:, None]], -1).float().cpu())
-            table = torch.cat(cols) if cols else torch.zeros(0, 2 * len(self.dims) + 2)
-            names = self.dims + ["overall"] + [f"sigma_{d}" for d in self.dims + ["overall"]]
+            table = torch.cat(cols) if cols else torch.zeros(0, len(names))
             out = {n: table[:, j] for j, n in enumerate(names)}
         self.train(was_training)
         return out
@@ -664,8 +653,7 @@ class RewardModel(nn.Module):
         if self.flags["finetune"] == "lora":
             from peft import set_peft_model_state_dict
             adapter = load_file(os.path.join(path, "backbone", "adapter_model.safetensors"), device=str(self.device))
-            bad = set_peft_model_state_dict(self.backbone, adapter).unexpected_keys
-            if bad:
+            if bad := set_peft_model_state_dict(self.backbone, adapter).unexpected_keys:
                 raise ValueError(f"{path}: adapter weights that fit no module of {self.flags['model']}: {bad[:3]}")
         if self.head is not None:
             extra = load_file(os.path.join(path, "head.safetensors"), device=str(self.device))
@@ -692,6 +680,10 @@ class RewardModel(nn.Module):
 def as_list(src):
     return list(src) if isinstance(src, (list, tuple)) else [src]
 
+# --- training, both modes -----------------------------------------------------------------------------------------
+MIN_LR = 0.1  # the cosine schedule ends at this fraction of the peak lr
+STEP_SEED_STRIDE = 1000  # torch seed of a step: seed + STEP_SEED_STRIDE * step + rank (dropout and MC noise)
+
 def save_checkpoint(out_dir, rm, optimizer, step):
     """Weights, flags as JSON and the optimizer state, written atomically: a killed save leaves the last one."""
     def write(tmp):
@@ -700,10 +692,6 @@ def save_checkpoint(out_dir, rm, optimizer, step):
             json.dump(rm.flags, f, indent=1)
         torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
     atomic_dir(out_dir, write)
-
-# --- training, both modes -----------------------------------------------------------------------------------------
-MIN_LR = 0.1  # the cosine schedule ends at this fraction of the peak lr
-STEP_SEED_STRIDE = 1000  # torch seed of a step: seed + STEP_SEED_STRIDE * step + rank (dropout and MC noise)
 
 @functools.lru_cache(maxsize=4)
 def epoch_order(n, seed, epoch):
@@ -718,7 +706,7 @@ def step_indices(step, n, batch_size, rank, world_size, seed):
 
 def make_optimizer(rm, args):
     """AdamW: the backbone's trainable weights at --lr, the head and reward-token row at --head_lr."""
-    is_head = lambda n: n.startswith(("head.", "reward_row"))
+    is_head = lambda n: n.startswith(("head.", "reward_row"))  # noqa: E731
     groups = [([p for n, p in rm.named_parameters() if p.requires_grad and is_head(n) == h], lr)
               for h, lr in ((False, args.lr), (True, args.head_lr))]
     return torch.optim.AdamW([{"params": ps, "lr": lr, "peak": lr} for ps, lr in groups if ps],
@@ -763,8 +751,7 @@ def train_loop(args, d, rm, items, step_fn, unit, val=None):
                 line += " | val " + held_out_line(res["val"])
             if d.master:
                 save_checkpoint(args.out_dir, rm, optimizer, step)
-            if d.ddp:
-                dist.barrier()  # nobody reads a half-written checkpoint
+            dist.barrier() if d.ddp else None  # nobody reads a half-written checkpoint
         if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps:
             print0(line)
     return res | {"time": train_time}
@@ -782,11 +769,10 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     scored equal or unparsed (an image-blind model ties them all: both sides share seeds), and "parse"."""
     mine, verifier = pairs[rank::world_size], rm.mode == "verifier"
     scores = rm.score([p.sources for p in mine] * 2, [p.instruction for p in mine] * 2,
-                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples=num_samples,
-                      batch_size=batch_size)
+                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples, batch_size)
     names = ([] if verifier else rm.dims) + ["overall"]
     prefs = pair_prefs(mine, names[:-1])
-    a_b = lambda s: s.chunk(2) if mine else (s, s)
+    a_b = lambda s: s.chunk(2) if mine else (s, s)  # noqa: E731
     counts = [pairwise_accuracy(*a_b(scores[d]), prefs[:, j]) for j, d in enumerate(names)]
     if verifier:
         (a, b), passes = a_b(scores["overall"]), 2 * len(mine) * num_samples
@@ -852,12 +838,10 @@ def train_gaussian(args, d):
 def sft_step(rm, items, micro_batch):
     """One SFT step on CoT traces in micro-batches, loss on response tokens only (prompt and padding masked out);
     the response ends in <|im_end|> so the model learns to stop. -> (loss, global response tokens)."""
-    tok = rm.processor.tokenizer
+    tok = rm.train().processor.tokenizer
     resps = [tok(t.response).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")] for t in items]
-    mine = sum(map(len, resps))
-    ntok = all_sum(torch.tensor(float(mine)))
-    rm.train()
-    total = 0.0  # the loss is the mean over every rank's response tokens
+    mine, total = sum(map(len, resps)), 0.0
+    ntok = all_sum(torch.tensor(float(mine)))  # the loss is the mean over every rank's response tokens
     for i in range(0, len(items), micro_batch):
         encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
                                 load_image(t.edited, t.origin)) for t in items[i:i + micro_batch]]
@@ -884,8 +868,7 @@ def gcpo_rollout(rm, pairs, pair_ids, step, args):
     rm.eval()  # sampling with a KV cache, which gradient checkpointing (train mode) would switch off
     rows, stats = [], torch.zeros(3)
     for gid, p in zip(pair_ids, pairs):
-        srcs = [load_image(s, p.origin) for s in p.sources]
-        scores, sampled = [], []
+        srcs, scores, sampled = [load_image(s, p.origin) for s in p.sources], [], []
         for side, img in enumerate((p.preferred, p.rejected)):
             enc = verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin))
             with rm.autocast():
