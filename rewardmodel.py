@@ -109,7 +109,6 @@ VERIFIER_TOY = dict(micro_batch=16, vision="train", min_pixels=112 * 112, max_pi
 TOY_STAGES = {"sft": dict(max_steps=1500, lr=1e-3), "gcpo": dict(max_steps=120, lr=5e-4, vision="frozen")}
 TOY_THREADS = 1  # --toy pins torch's intra-op threads: its figures then do not depend on the machine's cores
 TOY_AVG_K = 4  # the toy verifier's held-out evaluation averages 4 passes (EditScore's Avg@4)
-RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
 
 def preset(mode, toy):
     return {**VERIFIER, **(VERIFIER_TOY if toy else {})} if mode == "verifier" else TOY if toy else {}
