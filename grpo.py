@@ -607,13 +607,12 @@ def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
     opt.zero_grad(set_to_none=False)
     for (lo, hi, cond, *_), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
         step = dict(sigma=sigmas[j], sigma_next=sigmas[j + 1], noise_level=args.noise_level, prev_sample=x_next)
-        _, lp, mean, std = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)
-        kl = None
-        if args.beta > 0:
+        if args.beta > 0:  # before the policy's forward: the swap writes into weights its backward would need
             with torch.no_grad(), swapped_in(editor, named, ref):
                 ref_mean = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)[2]
-            kl = gaussian_kl(mean, ref_mean, std)
-            kls.append(kl.detach().mean())
+        _, lp, mean, std = sde_step(x_t, editor.velocity(x_t, sigmas[j], cond), **step)
+        kl = gaussian_kl(mean, ref_mean, std) if args.beta > 0 else None
+        kls += [kl.detach().mean()] if kl is not None else []
         loss, ratio, clip = grpo_loss(lp, old_lp, adv[lo:hi], args.clip_range, kl, args.beta)
         (loss * (hi - lo) / n / len(sde_steps)).backward()
         ratios.append(ratio[adv[lo:hi] != 0])
