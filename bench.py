@@ -18,8 +18,7 @@ dimension the scorer has no output for is ranked by its "overall".
   python bench.py --bench data/toy/bench.jsonl --model tiny --limit 20 --worst 8       # CPU, seconds
   python bench.py --bench data/toy/pairs_val.jsonl --model out/rm_toy --by outcomes    # toy held-out accuracy
   python bench.py --bench EditScore/EditReward-Bench --model out/verifier --k 4        # one GPU: a verifier, Avg@4
-  python bench.py --bench EditScore/EditReward-Bench --model Qwen/Qwen2.5-VL-7B-Instruct --rubric editscore \\
-      --k 4 --max_new_tokens 512                                                       # EditScore-style, zero-shot
+  python bench.py --bench EditScore/EditReward-Bench --model EditScore/EditScore-7B --k 4 --prompt_file es.json
   torchrun --standalone --nproc_per_node=8 bench.py --bench TIGER-Lab/EditReward-Bench --config 4pair \\
       --model out/rm --by category                                                     # 8 GPUs, NCCL
 """
@@ -47,8 +46,7 @@ def pairwise_accuracy(human, model_diff, include_ties=True):
     """Fraction of pairs where sign(score_A - score_B) equals the human label (1: A, -1: B, 0: tie). Tied pairs
     count right only if the model's scores are equal ("with ties", eps = 0), or are dropped with
     include_ties=False ("without ties"). A zero model difference on an untied pair is wrong. Empty -> nan."""
-    h = np.asarray(human, dtype=np.int64)
-    d = np.asarray(model_diff, dtype=np.float64)
+    h, d = np.asarray(human, dtype=np.int64), np.asarray(model_diff, dtype=np.float64)
     if not include_ties:
         h, d = h[h != 0], d[h != 0]
     return float(np.mean(np.sign(d) == h)) if len(h) else float("nan")
@@ -333,6 +331,7 @@ def parse_args(argv=None):
     p.add_argument("--rubric", default=None, choices=("verifier", "editscore"), help="score generatively (verifier "
                    "mode) with this prompt, e.g. EditScore's rubric zero-shot on any VLM; default: the checkpoint's")
     p.add_argument("--max_new_tokens", type=int, default=0, help="verifier mode: longest answer; 0 = the checkpoint's")
+    p.add_argument("--prompt_file", default=None, help="JSON of the scorer's prompt templates (rewardmodel.py)")
     p.add_argument("--k", type=int, default=1, help="Avg@K self-ensemble: sampled passes averaged per image")
     p.add_argument("--seed", type=int, default=42, help="sampling seed: Avg@K pass i uses seed + i (as EditScore)")
     p.add_argument("--batch_size", type=int, default=8, help="edited images per scoring step, all ranks together")
@@ -381,7 +380,8 @@ def main(argv=None):
         raise SystemExit(f"{args.bench}: bench.py evaluates preference pairs and candidate groups, not edit prompts")
     skipped, items = len(items.skipped), (items[:args.limit] if args.limit else list(items))
     # the flags that change a generative scorer's answers are part of its name in the cache key
-    flags = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens)) if v}
+    flags = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens),
+                               ("prompt_file", args.prompt_file)) if v}
     units, comps, groups = plan(items, scorer_id(args.model) + (json.dumps(flags) if flags else ""), args.k,
                                 args.seed, args.by)
     if args.by and not any(c.by for c in comps):

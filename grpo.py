@@ -403,16 +403,16 @@ def initial_noise(editor, keys, device):
     shape = ((editor.side // 2) ** 2, 4 * editor.C)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(k)) for k in keys]).to(device)
 
-def make_reward(spec, device):
+def make_reward(spec, device, prompt_file=None):
     """'oracle' (the toy world's) | 'rm:PATH' | 'rm:PATH@dim' -> fn(prompts, edits) -> (B,) float64 on the CPU.
-    A reward model loads in-process on every rank (on the editor's device)."""
+    A reward model (any RewardModel.from_pretrained loads, with prompt_file) loads in-process on every rank."""
     if spec == "oracle":
         return lambda ps, ims: torch.tensor([oracle_score(p, im) for p, im in zip(ps, ims)], dtype=torch.float64)
     if not spec.startswith("rm:"):
         raise ValueError(f"--reward {spec!r}: use 'oracle', 'rm:PATH' or 'rm:PATH@dim'")
     from rewardmodel import RewardModel
     path, _, dim = spec[3:].partition("@")
-    rm = RewardModel.from_pretrained(path, device=device)
+    rm = RewardModel.from_pretrained(path, device=device, **({"prompt_file": prompt_file} if prompt_file else {}))
     return lambda ps, ims: rm.score([load_sources(p) for p in ps], [p.instruction for p in ps], ims)[dim or "overall"] \
         .double().cpu()
 
@@ -704,6 +704,7 @@ def parse_args(argv=None):
     p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
     # --- reward, logging and checkpoints
     p.add_argument("--reward", default="oracle", help="'oracle' (toy world) or 'rm:PATH' / 'rm:PATH@dim'")
+    p.add_argument("--reward_prompts", default=None, help="rm: the reward model's --prompt_file (published models)")
     p.add_argument("--out_dir", default="out/grpo", help="logs, sheets, checkpoints")
     p.add_argument("--eval_every", type=int, default=10, help="ODE eval + checkpoint every N steps (0: at the end)")
     p.add_argument("--eval_prompts", type=int, default=32, help="held-out prompts in the eval")
@@ -728,8 +729,8 @@ def main(args):
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
     editor = load_editor(args, ddp.device)
     torch.manual_seed(args.seed)  # the same on every rank: the LoRA starts identical everywhere, as under DDP
-    reward_fn, sigmas, eval_sigmas = make_reward(args.reward, ddp.device), editor.sigmas(args.num_steps), \
-        editor.sigmas(args.eval_num_steps)
+    reward_fn = make_reward(args.reward, ddp.device, args.reward_prompts)
+    sigmas, eval_sigmas = editor.sigmas(args.num_steps), editor.sigmas(args.eval_num_steps)
     ckpt, start, history, opt_state = os.path.join(args.out_dir, "ckpt"), 0, None, None
     warmup(editor, args, ddp)
     named, ref = setup_trainable(editor, args)

@@ -18,7 +18,8 @@ Simplified: one prompt template per mode; the verifier samples one prompt at a t
   python rewardmodel.py --model Qwen/Qwen2.5-VL-7B-Instruct --train <pairs> --val <pairs>   # 1 GPU; torchrun: 8
   python rewardmodel.py --mode verifier --toy          # SFT -> eval -> GCPO -> eval on CPU
   torchrun --standalone --nproc_per_node=2 rewardmodel.py --mode verifier --stage gcpo --init out/verifier_toy/sft
-From other scripts: RewardModel.from_pretrained("out/rm").score(sources, instructions, edited, num_samples=K)
+From other scripts: RewardModel.from_pretrained("out/rm").score(sources, instructions, edited, num_samples=K); it
+also loads EditScore's LoRA adapters and EditReward's checkpoints, scored with their own prompts (--prompt_file).
 """
 import argparse
 import functools
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, leave_distributed, load_image,
@@ -52,6 +54,7 @@ arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="au
 arg("--grad_checkpointing", default="auto", choices=["auto", "on", "off"], help="recompute activations in backward")
 # --- gaussian: head and loss
 arg("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
+arg("--reward_token", default="<|reward|>", help="the special token whose hidden state the head reads")
 arg("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
 arg("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed form | Monte-Carlo | Bradley-Terry")
 # --- fine-tuning
@@ -65,6 +68,7 @@ arg("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vis
 arg("--stage", default="sft", choices=["sft", "gcpo"], help="SFT cold start or GCPO (evaluation: bench.py --k K)")
 arg("--init", default=None, help="gcpo: the SFT checkpoint to start from")
 arg("--rubric", default="verifier", choices=["verifier", "editscore"], help="scoring prompt (EditScore's rubric)")
+arg("--prompt_file", default=None, help="JSON of templates with {instruction}: one per dim (gaussian) or SC, PQ")
 arg("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
 arg("--temperature", type=float, default=1.0, help="GCPO sampling temperature (policy = sampler)")
 arg("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
@@ -445,8 +449,11 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
         model = AutoModelForImageTextToText.from_pretrained(weights) if weights else model
     else:
         model = AutoModelForImageTextToText.from_pretrained(weights or name, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(name)
-        if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor gives a bare tokenizer
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+        except ImportError:  # the video processor needs torchvision (absent on CPU installs)
+            processor = None
+        if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor may give a bare tokenizer
             processor = image_only_processor(model.config.model_type, AutoImageProcessor.from_pretrained(name),
                                              AutoTokenizer.from_pretrained(name))
     processor.image_processor.size = dict(processor.image_processor.size) | {
@@ -473,7 +480,6 @@ def resolve_dtype(name, device):
 # --- the reward model ---------------------------------------------------------------------------------------------
 HEAD_DROPOUT = 0.05  # EditReward's head: Linear-ReLU-Dropout(0.05)-Linear
 SIGMA_FLOOR = 0.05   # sigma = SIGMA_FLOOR + softplus(raw): a floor, never a hard clamp that stops gradients
-REWARD_TOKEN = "<|reward|>"  # the token whose last hidden state the head reads
 RESERVED = ("overall", "unparsed")  # score() keys that cannot be dimension names
 
 class GaussianHead(nn.Module):
@@ -509,22 +515,24 @@ class RewardModel(nn.Module):
                 os.path.join(weights, "backbone") if weights and full else None)
         self.dims = list(RUBRIC_DIMS) if verifier and flags["rubric"] == "editscore" else [
             d for d in self.flags["dims"].split(",") if d]
-        if set(self.dims) & set(RESERVED) or len(set(self.dims)) < len(self.dims) or any(  # score() adds sigma_<dim>
-                d.startswith("sigma_") for d in self.dims):
-            raise ValueError(f"--dims must be distinct, not {RESERVED} and not sigma_*: {self.dims}")
-        self.reward_id = None
+        if len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims):
+            raise ValueError(f"--dims must be distinct, not {RESERVED} and not sigma_* (score()'s keys): {self.dims}")
+        self.prompts = json.load(open(flags["prompt_file"], encoding="utf-8")) if flags["prompt_file"] else None
+        if self.prompts and (missing := [k for k in ["SC", "PQ"] * verifier or self.dims if k not in self.prompts]):
+            raise ValueError(f"{flags['prompt_file']}: no template for {missing} (it has {list(self.prompts)})")
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])
-            if not verifier:
-                self._add_reward_token(backbone)
+            self.reward_id = None if verifier else self._add_reward_token(backbone)
             if full:
                 backbone.requires_grad_(True)
                 out_emb = backbone.get_output_embeddings()  # unused by the head; DDP rejects trainable unused weights
                 out_emb.requires_grad_(out_emb.weight is backbone.get_input_embeddings().weight)
                 backbone.model.visual.requires_grad_(flags["vision"] == "train")
-            elif not verifier or weights or flags["stage"] != "eval":  # a zero-shot verifier needs no adapter
+            elif weights or flags["stage"] != "eval":  # scoring a base or published model needs no new adapter
                 backbone = setup_lora(backbone, flags["lora_rank"], flags["lora_alpha"], flags["lora_dropout"],
                                       flags["lora_targets"], flags["vision"])
+            else:  # nothing trains: the weights stay in their dtype (below, trainable ones become fp32)
+                backbone.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(flags["seed"])
             width = backbone.config.get_text_config().hidden_size
@@ -541,12 +549,14 @@ class RewardModel(nn.Module):
     def _add_reward_token(self, backbone):
         """The reward token joins the vocabulary; its embedding row (the only trained one) is put in place by a hook."""
         tok = self.processor.tokenizer
-        tok.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]}, replace_extra_special_tokens=False)
-        self.reward_id = tok.convert_tokens_to_ids(REWARD_TOKEN)
+        tok.add_special_tokens({"additional_special_tokens": [self.flags["reward_token"]]},
+                               replace_extra_special_tokens=False)
+        self.reward_id = tok.convert_tokens_to_ids(self.flags["reward_token"])
         if self.reward_id >= backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(tok), mean_resizing=False)
         self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[self.reward_id].detach().float().clone())
         backbone.get_input_embeddings().register_forward_hook(self._insert_reward_row)
+        return self.reward_id
 
     def _insert_reward_row(self, module, inputs, output):
         return torch.where((inputs[0] == self.reward_id).unsqueeze(-1), self.reward_row.to(output.dtype), output)
@@ -560,19 +570,23 @@ class RewardModel(nn.Module):
 
     def encode(self, sources, instructions, edited, per_dim=False):
         """Processor batches (CPU) of B prompts: the instruction, the source image(s), the edit and what to rate,
-        ending in the reward token; one batch for all dimensions, or with per_dim one per dimension (EditReward)."""
+        ending in the reward token; one batch for all dimensions, or with per_dim (or a --prompt_file, whose templates
+        replace this text) one per dimension (EditReward)."""
         batches = []
-        for what in self.dims if per_dim else [", ".join(self.dims)]:
+        for what in self.dims if per_dim or self.prompts else [", ".join(self.dims)]:
             texts, images = [], []
             for src, instr, ed in zip(sources, instructions, edited):
                 src = [load_image(s) for s in as_list(src)] + [load_image(ed)]
-                # the instruction comes first so that, in a causal model, the image tokens can already look for it
-                content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * (
-                    len(src) - 1) + [{"type": "text", "text": " Edited:"}, {"type": "image"},
-                                     {"type": "text", "text": f"\nRate the edit's {what.replace('_', ' ')}."}])
-                chat = [{"role": "user", "content": content}]
-                texts.append(self.processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-                             + REWARD_TOKEN)
+                if self.prompts:  # a --prompt_file template (as EditReward's): the images, then its text
+                    content = [{"type": "image"}] * len(src) + [
+                        {"type": "text", "text": self.prompts[what].replace("{instruction}", instr)}]
+                else:  # the instruction first, so that in a causal model the image tokens can already look for it
+                    content = ([{"type": "text", "text": f"Instruction: {instr}\nSource:"}] + [{"type": "image"}] * (
+                        len(src) - 1) + [{"type": "text", "text": " Edited:"}, {"type": "image"},
+                                         {"type": "text", "text": f"\nRate the edit's {what.replace('_', ' ')}."}])
+                chat = self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                          add_generation_prompt=True)  # the token ends it unless placed
+                texts.append(chat if self.flags["reward_token"] in chat else chat + self.flags["reward_token"])
                 images += src
             batches.append(dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt")))
         return batches
@@ -589,27 +603,26 @@ class RewardModel(nn.Module):
             return cols[0]
         return tuple(torch.stack([c[i][:, d] for d, c in enumerate(cols)], -1) for i in (0, 1))
 
-    def answers(self, images, text, num_samples, seed):
-        """Avg@K: num_samples answers to one prompt from one shared prefill, pass i seeded seed + i (as EditScore)."""
-        tok = self.processor.tokenizer
-        with self.autocast():
-            toks, _, mask = sample_shared_prefill(
-                self.backbone, encode_prompt(self.processor, images, text), [seed + i for i in range(num_samples)],
-                tok.convert_tokens_to_ids("<|im_end|>"), self.flags["max_new_tokens"], SCORE_TEMPERATURE, TOP_K, TOP_P)
-        return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
-
     def verifier_scores(self, sources, instructions, edited, num_samples, seed):
-        """Avg@K of the verifier's answers, or of the EditScore rubric's two prompts (the edit with its source(s); the
-        edit alone) -> score()'s dict; principles outside self.dims are dropped, so every call has the same keys."""
-        rows, rubric, nan2 = [], self.flags["rubric"] == "editscore", [math.nan] * 2
+        """Avg@K: num_samples answers per prompt from one shared prefill, pass i seeded seed + i (as EditScore), to the
+        verifier's prompt or to the EditScore rubric's two (the edit with its source(s); the edit alone) -> score()'s
+        dict; principles outside self.dims are dropped, so every call has the same keys."""
+        tok, rubric, rows = self.processor.tokenizer, self.flags["rubric"] == "editscore", []
+        prompts = self.prompts or EDITSCORE_PROMPTS
+        def answers(images, text):
+            seeds, eos = [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>")
+            with self.autocast():
+                prompt = encode_prompt(self.processor, images, text)
+                toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
+                                                      SCORE_TEMPERATURE, TOP_K, TOP_P)
+            return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
         for src, ins, ed in zip(sources, instructions, edited):
             images = [load_image(x) for x in as_list(src)] + [load_image(ed)]
             if rubric:  # str.replace, not format: the rubric holds JSON braces
-                rows += [(parse_editscore_output(a) or nan2) + (parse_editscore_output(b) or nan2) for a, b in zip(
-                    self.answers(images, EDITSCORE_PROMPTS["SC"].replace("{instruction}", ins), num_samples, seed),
-                    self.answers(images[-1:], EDITSCORE_PROMPTS["PQ"], num_samples, seed))]
-            for r in [] if rubric else self.answers(images, VERIFIER_PROMPT.replace("{instruction}", ins),
-                                                    num_samples, seed):
+                sc = answers(images, prompts["SC"].replace("{instruction}", ins))
+                rows += [(parse_editscore_output(a) or [math.nan] * 2) + (parse_editscore_output(b) or [math.nan] * 2)
+                         for a, b in zip(sc, answers(images[-1:], prompts["PQ"]))]
+            for r in [] if rubric else answers(images, VERIFIER_PROMPT.replace("{instruction}", ins)):
                 r = parse_verifier_output(r) or {"score": math.nan, "principles": {}}
                 rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in self.dims])
         s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, -1)  # (B, K, 4 or 1 + P)
@@ -662,22 +675,114 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", **overrides):
         """The one place that recognises what `path` holds: a checkpoint folder of this script (its args.json says
-        which mode); "tiny" (a random tiny Gaussian model); or, with mode="verifier", any base VLM (hub name,
-        folder, "tiny"), which then scores zero-shot. overrides replace flags, e.g. max_new_tokens=512."""
+        which mode); a published EditScore adapter or EditReward checkpoint (a folder or hub repo); "tiny" (a random
+        tiny Gaussian model); or, with mode="verifier", any base VLM (hub name, folder, "tiny"), which then scores
+        zero-shot. overrides replace flags, e.g. max_new_tokens=512, prompt_file="prompts.json", model=<base VLM>."""
         defaults = vars(parser.parse_args([]))
         if os.path.exists(os.path.join(path, "args.json")):
             flags = json.load(open(os.path.join(path, "args.json")))
             if overrides.get("mode", flags["mode"]) != flags["mode"]:
                 raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
             return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
+        if published := published_layout(path):
+            kind, where = published
+            return (load_editscore if kind == "editscore" else load_editreward)(cls, where, defaults, overrides, device)
         mode = overrides.get("mode", "gaussian")
         if mode == "gaussian" and path not in TINY_MODELS:
-            raise FileNotFoundError(f"{path}: no args.json; a Gaussian reward model needs its trained head")
+            raise FileNotFoundError(f"{path}: not a reward model: no args.json (this script's checkpoints), no "
+                                    "adapter_config.json (an EditScore adapter), no model.pth or model.safetensors "
+                                    "with rm_heads.* (EditReward); with mode='verifier' any VLM scores zero-shot")
         flags = {**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}
         return cls(flags, device).eval()
 
 def as_list(src):
     return list(src) if isinstance(src, (list, tuple)) else [src]
+
+# --- the published reward models: EditScore's LoRA adapters and EditReward's checkpoints -------------------------
+EDITREWARD_TOKEN, EDITREWARD_BASE = "<|Reward|>", "Qwen/Qwen2.5-VL-7B-Instruct"  # its token; its 7B model's base
+
+def published_layout(path):
+    """("editscore" | "editreward", local file or folder) if path, a folder or hub repo, holds a peft adapter
+    (adapter_config.json) or a state dict with EditReward's heads (model.pth, or model.safetensors with rm_heads.*)."""
+    if path in TINY_MODELS:
+        return None
+    if not os.path.isdir(path):  # a hub repo: fetch the files that tell (and, for these two, are the weights)
+        from huggingface_hub import snapshot_download
+        try:
+            path = snapshot_download(path, allow_patterns=["adapter_*", "README.md", "model.pth", "model.safetensors"])
+        except Exception:  # offline, or not a repo: not a published reward model; the caller says what is wrong
+            return None
+    if os.path.exists(os.path.join(path, "adapter_config.json")):
+        return "editscore", path
+    pth, st = os.path.join(path, "model.pth"), os.path.join(path, "model.safetensors")
+    if os.path.exists(pth) or os.path.exists(st) and any(k.startswith("rm_heads.") for k in safe_open(st, "pt").keys()):
+        return "editreward", pth if os.path.exists(pth) else st
+    return None
+
+def current_key(key):
+    """A key saved before transformers 4.52 (language model at model.*, vision tower at visual.*) in today's layout
+    (model.language_model.*, model.visual.*); peft's base_model.model. prefix stays, today's keys pass unchanged."""
+    peft, key = re.fullmatch(r"(base_model\.model\.)?(.*)", key).groups()
+    key = re.sub(r"^visual\.", "model.visual.", key)
+    return (peft or "") + re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key)
+
+def load_editscore(cls, folder, defaults, overrides, device):
+    """EditScore (VectorSpaceLab/EditScore): a peft LoRA over a Qwen-VL, merged into it (as the authors' loader does)
+    and scored with the EditScore rubric (0-25 per answer; the 512-token answers of their scripts). The base is
+    flags["model"] if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    card = os.path.join(folder, "README.md")  # a hub model card names its base_model
+    card = re.search(r"^base_model:[ \t]*(?:\n[ \t]*-[ \t]*)?(\S+)", open(card).read(), re.M) \
+        if os.path.exists(card) else None
+    config = PeftConfig.from_pretrained(folder)
+    base = overrides.get("model") or (card[1] if card else config.base_model_name_or_path)
+    rm = cls({**defaults, **preset("verifier", False), "max_new_tokens": 512, "stage": "eval", **overrides,
+              "model": base, "mode": "verifier", "rubric": "editscore"}, device)
+    lora = get_peft_model(rm.backbone, config)
+    adapter = {current_key(k): v for k, v in load_file(os.path.join(folder, "adapter_model.safetensors")).items()}
+    if bad := set_peft_model_state_dict(lora, adapter).unexpected_keys:
+        raise ValueError(f"{folder}: adapter weights that fit no module of {base}: {bad[:3]}")
+    rm.backbone = lora.merge_and_unload()
+    return rm.eval()
+
+class EditRewardHead(nn.Module):
+    """EditReward's heads (TIGER-AI-Lab/EditReward, its Qwen-VL reward model class): rm_heads.head_<d>, one MLP
+    Linear-ReLU-Dropout-Linear-ReLU-Linear per dimension (widths read from the checkpoint) -> (mu, log sigma).
+    hidden (N, H) -> mu, log_sigma (N, D) in fp32, like GaussianHead."""
+    def __init__(self, state):
+        super().__init__()
+        dims = sorted({int(k.split(".")[1].removeprefix("head_")) for k in state if k.startswith("rm_heads.")})
+        linear = lambda d, i: nn.Linear(*state[f"rm_heads.head_{d}.{i}.weight"].shape[::-1])  # noqa: E731
+        self.rm_heads = nn.ModuleDict({f"head_{d}": nn.Sequential(
+            linear(d, 0), nn.ReLU(), nn.Dropout(HEAD_DROPOUT), linear(d, 3), nn.ReLU(), linear(d, 5)) for d in dims})
+        self.load_state_dict({k: v.float() for k, v in state.items() if k.startswith("rm_heads.")})
+    def forward(self, h):
+        out = torch.stack([head(h.float()) for head in self.rm_heads.values()], 1)  # (N, D, 2)
+        return out[..., 0], out[..., 1]
+
+def load_editreward(cls, file, defaults, overrides, device):
+    """EditReward: a full state dict (the VLM and its heads, model.pth or model.safetensors) read with one prompt
+    per dimension, head d on prompt d (--per_dim_prompts; --prompt_file keys in head order), ending in <|Reward|>;
+    a dimension's score is its head's mu, the overall their mean, as in the authors' inferencer. The base is
+    flags["model"], else the folder itself if it has a config.json, else EDITREWARD_BASE."""
+    state = torch.load(file, map_location="cpu", weights_only=True) if file.endswith(".pth") else load_file(file)
+    state, folder = state.get("model", state), os.path.dirname(file)
+    head = EditRewardHead(state)
+    prompts = json.load(open(overrides["prompt_file"], encoding="utf-8")) if overrides.get("prompt_file") else DIMS
+    base = overrides.get("model") or (folder if os.path.exists(f"{folder}/config.json") else EDITREWARD_BASE)
+    rm = cls({**defaults, "stage": "eval", **overrides, "model": base, "mode": "gaussian", "per_dim_prompts": True,
+              "dims": ",".join(list(prompts)[:len(head.rm_heads)]), "reward_token": EDITREWARD_TOKEN}, device)
+    vlm = {current_key(k): v for k, v in state.items() if not k.startswith("rm_heads.")}
+    rows = next(v.shape[0] for k, v in vlm.items() if k.endswith("embed_tokens.weight"))
+    if rows != rm.backbone.get_input_embeddings().num_embeddings:  # the authors resized to their tokenizer
+        rm.backbone.resize_token_embeddings(rows, mean_resizing=False)
+    try:
+        rm.backbone.load_state_dict(vlm)
+    except RuntimeError as e:
+        raise ValueError(f"{file}: its weights do not fit {base}: {str(e)[:400]}") from None
+    rm.head = head.to(rm.device)
+    rm.reward_row.data.copy_(rm.backbone.get_input_embeddings().weight[rm.reward_id].float())
+    return rm.eval()
 
 # --- training, both modes -----------------------------------------------------------------------------------------
 MIN_LR = 0.1  # the cosine schedule ends at this fraction of the peak lr
@@ -692,9 +797,7 @@ def save_checkpoint(out_dir, rm, optimizer, step):
         torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
     atomic_dir(out_dir, write)
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n)
+epoch_order = functools.lru_cache(maxsize=4)(lambda n, seed, epoch: np.random.default_rng([seed, epoch]).permutation(n))
 
 def step_indices(step, n, batch_size, rank, world_size, seed):
     """This rank's item indices at `step`, a pure function of it (a seeded permutation per epoch): resuming needs no

@@ -1,0 +1,176 @@
+"""The published reward models through RewardModel.from_pretrained, offline: tiny checkpoints written in the layouts
+of EditScore's LoRA adapters (peft's adapter_config.json + adapter_model.safetensors, keys saved before transformers
+4.52) and of EditReward's checkpoints (one state dict of the VLM and rm_heads.head_<d>, model.pth), read from the
+authors' loaders (VectorSpaceLab/EditScore editscore/mllm_tools, TIGER-AI-Lab/EditReward inference_edit.py)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import rewardmodel as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def old_key(key):
+    """Today's Qwen-VL key in the layout of transformers < 4.52, as the authors' checkpoints were saved."""
+    return key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random Qwen2.5-VL saved as a hub-style folder (weights, config, tokenizer, image processor)."""
+    folder = str(tmp_path_factory.mktemp("base"))
+    model, processor = R.build_tiny_vlm("tiny")
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)
+    processor.image_processor.save_pretrained(folder)
+    return folder
+
+
+def images(n):
+    return [Image.new("RGB", (56, 56), (40 * i, 90, 200 - 30 * i)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def editscore(base, tmp_path_factory):
+    """An EditScore-layout adapter: LoRA r=4 alpha=8 on the attention projections, random nonzero B, old keys, and
+    a model card naming the base; adapter_config.json names a base path that does not exist here (as the authors')."""
+    from peft import LoraConfig, get_peft_model
+    folder = str(tmp_path_factory.mktemp("editscore"))
+    model, _ = R.build_tiny_vlm("tiny")
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for n, p in lora.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    lora.save_pretrained(folder)
+    adapter = load_file(f"{folder}/adapter_model.safetensors")
+    save_file({old_key(k): v for k, v in adapter.items()}, f"{folder}/adapter_model.safetensors")
+    config = json.load(open(f"{folder}/adapter_config.json"))
+    json.dump({**config, "base_model_name_or_path": "/share/project/Qwen2.5-VL-7B-Instruct/snapshots/x"},
+              open(f"{folder}/adapter_config.json", "w"))
+    open(f"{folder}/README.md", "w").write(f"---\nlibrary_name: peft\nbase_model:\n- {base}\n---\n# EditScore\n")
+    return folder, {k: v for k, v in adapter.items()}
+
+
+def test_editscore_adapter_loads_merged_and_runs_avg_k(base, editscore):
+    folder, adapter = editscore
+    rm = R.RewardModel.from_pretrained(folder)
+    assert rm.mode == "verifier" and rm.flags["rubric"] == "editscore" and rm.flags["model"] == base
+    plain, _ = R.build_tiny_vlm("tiny")
+    # the merged weight is W + (alpha / r) B A for a layer the adapter names in the old key layout
+    a = adapter["base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_A.weight"]
+    b = adapter["base_model.model.model.language_model.layers.1.self_attn.q_proj.lora_B.weight"]
+    w = dict(plain.named_parameters())["model.language_model.layers.1.self_attn.q_proj.weight"]
+    merged = dict(rm.backbone.named_parameters())["model.language_model.layers.1.self_attn.q_proj.weight"]
+    assert torch.allclose(merged, w + 2.0 * b @ a, atol=1e-5) and not torch.allclose(merged, w, atol=1e-3)
+    out = rm.score([images(1)[0]] * 2, ["make the circle red"] * 2, images(2), num_samples=3)
+    assert set(out) == {"prompt_following", "consistency", "perceptual_quality", "overall", "unparsed"}
+    assert out["unparsed"].tolist() == [3.0, 3.0]  # a random tiny model never answers the rubric: counted, not guessed
+
+
+def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
+    folder, _ = editscore
+    prompts = {"SC": "Instruction: {instruction}\nScore 0-25 as JSON.", "PQ": "Score the image 0-25 as JSON."}
+    json.dump(prompts, open(tmp_path / "es.json", "w"))
+    rm = R.RewardModel.from_pretrained(folder, prompt_file=str(tmp_path / "es.json"), max_new_tokens=4)
+    assert rm.prompts == prompts and rm.flags["max_new_tokens"] == 4
+    pairs = tmp_path / "pairs.jsonl"
+    src, a, b = images(3)
+    for i, im in enumerate((src, a, b)):
+        im.save(tmp_path / f"{i}.png")
+    row = {"instruction": "make it red", "source": "0.png", "preferred": "1.png", "rejected": "2.png"}
+    pairs.write_text(json.dumps(row) + "\n")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--bench", str(pairs), "--model", folder,
+                          "--k", "2", "--max_new_tokens", "4", "--prompt_file", str(tmp_path / "es.json"),
+                          "--out_dir", str(tmp_path / "bench")], env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.load(open(tmp_path / "bench" / "report.json"))
+    assert report["k"] == 2 and report["images"] == 2
+
+
+@pytest.fixture(scope="module")
+def editreward(base, tmp_path_factory):
+    """An EditReward-layout checkpoint: the VLM with <|Reward|> added and its embeddings resized to the tokenizer,
+    plus rm_heads.head_0 / head_1 (1024 -> 16 -> 2 here 32 -> 8 -> 2) whose last layers are set by hand, in model.pth
+    with old keys; no config.json beside it (the authors' inferencer builds the base from its hub name)."""
+    folder = str(tmp_path_factory.mktemp("editreward"))
+    model, processor = R.build_tiny_vlm("tiny")
+    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
+    model.resize_token_embeddings(len(processor.tokenizer))
+    state = {old_key(k): v for k, v in model.state_dict().items()}
+    for d, (mu, log_sigma) in enumerate([(1.5, -1.0), (-0.5, 0.25)]):
+        torch.manual_seed(d)
+        for i, (fan_in, fan_out) in zip((0, 3, 5), ((64, 32), (32, 8), (8, 2))):
+            state[f"rm_heads.head_{d}.{i}.weight"] = torch.randn(fan_out, fan_in) * (i != 5)
+            state[f"rm_heads.head_{d}.{i}.bias"] = torch.tensor([mu, log_sigma]) if i == 5 else torch.randn(fan_out)
+    torch.save(state, f"{folder}/model.pth")
+    return folder, model
+
+
+def test_editreward_checkpoint_maps_heads_onto_dimensions(base, editreward):
+    folder, model = editreward
+    rm = R.RewardModel.from_pretrained(folder, model=base)
+    assert rm.flags["per_dim_prompts"] and rm.dims == ["instruction_following", "visual_quality"]
+    assert rm.processor.tokenizer.convert_tokens_to_ids("<|Reward|>") == rm.reward_id == len(rm.processor.tokenizer) - 1
+    loaded = rm.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # every VLM weight, old keys mapped
+    out = rm.score([images(1)[0]] * 2, ["add a square"] * 2, images(2))
+    # head d's last layer is zero but for its bias (mu_d, log sigma_d): the score is that, whatever the image
+    assert torch.allclose(out["instruction_following"], torch.tensor([1.5, 1.5]))
+    assert torch.allclose(out["visual_quality"], torch.tensor([-0.5, -0.5]))
+    assert torch.allclose(out["overall"], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(out["sigma_visual_quality"], torch.tensor(0.25).exp().repeat(2))
+    batch = rm.encode([images(1)[0]], ["add a square"], images(1), per_dim=True)
+    assert len(batch) == 2 and all((b["input_ids"] == rm.reward_id).sum() == 1 for b in batch)
+
+
+def test_editreward_prompt_file_places_the_token_inside_the_user_turn(base, editreward, tmp_path):
+    folder, _ = editreward
+    tail = "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n"
+    prompts = {"instruction_following": "Follows {instruction}?" + tail, "visual_quality": "Quality?" + tail}
+    json.dump(prompts, open(tmp_path / "er.json", "w"))
+    rm = R.RewardModel.from_pretrained(folder, model=base, prompt_file=str(tmp_path / "er.json"))
+    batch = rm.encode([images(1)[0]], ["add a square"], images(1))
+    text = rm.processor.tokenizer.decode(batch[0]["input_ids"][0])
+    assert text.count("<|Reward|>") == 1 and "Follows add a square?" in text
+    assert re.search(r"<\|vision_end\|>.*<\|vision_end\|>Follows", text, re.S)  # the images, then the template
+    assert text.index("<|Reward|>") < text.index("<|im_start|>assistant")
+    assert (batch[0]["input_ids"] == rm.reward_id).sum() == 1
+
+
+def test_not_a_reward_model_names_what_is_missing(base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="args.json.*adapter_config.json.*model.pth"):
+        R.RewardModel.from_pretrained(base)  # a plain VLM folder: weights but no head, no adapter
+    save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="rm_heads"):
+        R.RewardModel.from_pretrained(str(tmp_path))  # a state dict without EditReward's heads
+    (tmp_path / "p.json").write_text('{"SC": "x"}')
+    with pytest.raises(ValueError, match=r"no template for \['PQ'\]"):
+        R.RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", prompt_file=str(tmp_path / "p.json"))
+
+
+def test_zero_shot_scoring_keeps_the_weights_in_their_dtype():
+    rm = R.RewardModel.from_pretrained("tiny", mode="verifier", dtype="bfloat16")
+    assert not any(p.requires_grad for p in rm.parameters())
+    assert {p.dtype for p in rm.backbone.parameters()} == {torch.bfloat16}
+
+
+def test_grpo_reward_from_a_published_checkpoint_with_its_prompts(base, editreward, tmp_path, monkeypatch):
+    import grpo
+    from data import EditPrompt
+    folder, _ = editreward
+    monkeypatch.setattr(R, "EDITREWARD_BASE", base)  # the default base of an EditReward checkpoint, here offline
+    json.dump({"instruction_following": "{instruction}? <|Reward|>", "visual_quality": "Quality? <|Reward|>"},
+              open(tmp_path / "er.json", "w"))
+    reward = grpo.make_reward(f"rm:{folder}@visual_quality", "cpu", str(tmp_path / "er.json"))
+    prompts = [EditPrompt(id=str(i), sources=images(1), instruction="add a square") for i in range(2)]
+    assert torch.equal(reward(prompts, images(2)), torch.tensor([-0.5, -0.5], dtype=torch.float64))
