@@ -547,16 +547,16 @@ class RewardModel(nn.Module):
         self.load_weights(weights) if weights else None
 
     def _add_reward_token(self, backbone):
-        """The reward token joins the vocabulary; its embedding row (the only trained one) is put in place by a hook."""
-        tok = self.processor.tokenizer
-        tok.add_special_tokens({"additional_special_tokens": [self.flags["reward_token"]]},
-                               replace_extra_special_tokens=False)
-        self.reward_id = tok.convert_tokens_to_ids(self.flags["reward_token"])
-        if self.reward_id >= backbone.get_input_embeddings().num_embeddings:
+        """The reward token joins the vocabulary (-> its id); its embedding row, the only trained one, is put in place
+        by a hook."""
+        tok, token = self.processor.tokenizer, self.flags["reward_token"]
+        tok.add_special_tokens({"additional_special_tokens": [token]}, replace_extra_special_tokens=False)
+        reward_id = tok.convert_tokens_to_ids(token)
+        if reward_id >= backbone.get_input_embeddings().num_embeddings:
             backbone.resize_token_embeddings(len(tok), mean_resizing=False)
-        self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[self.reward_id].detach().float().clone())
+        self.reward_row = nn.Parameter(backbone.get_input_embeddings().weight[reward_id].detach().float().clone())
         backbone.get_input_embeddings().register_forward_hook(self._insert_reward_row)
-        return self.reward_id
+        return reward_id
 
     def _insert_reward_row(self, module, inputs, output):
         return torch.where((inputs[0] == self.reward_id).unsqueeze(-1), self.reward_row.to(output.dtype), output)
@@ -663,10 +663,7 @@ class RewardModel(nn.Module):
     def load_weights(self, path):
         """Adapter (LoRA runs), head and reward row from a checkpoint; full backbones load in __init__."""
         if self.flags["finetune"] == "lora":
-            from peft import set_peft_model_state_dict
-            adapter = load_file(os.path.join(path, "backbone", "adapter_model.safetensors"), device=str(self.device))
-            if bad := set_peft_model_state_dict(self.backbone, adapter).unexpected_keys:
-                raise ValueError(f"{path}: adapter weights that fit no module of {self.flags['model']}: {bad[:3]}")
+            load_adapter(self.backbone, f"{path}/backbone/adapter_model.safetensors", self.flags["model"])
         if self.head is not None:
             extra = load_file(os.path.join(path, "head.safetensors"), device=str(self.device))
             self.head.load_state_dict({k.removeprefix("head."): v for k, v in extra.items() if k.startswith("head.")})
@@ -726,11 +723,18 @@ def current_key(key):
     key = re.sub(r"^visual\.", "model.visual.", key)
     return (peft or "") + re.sub(r"^model\.(?!language_model\.|visual\.)", "model.language_model.", key)
 
+def load_adapter(model, file, base):
+    """peft adapter weights (keys of any transformers layout) into a peft model; a key that fits nothing is an error."""
+    from peft import set_peft_model_state_dict
+    adapter = {current_key(k): v for k, v in load_file(file, device=str(next(model.parameters()).device)).items()}
+    if bad := set_peft_model_state_dict(model, adapter).unexpected_keys:
+        raise ValueError(f"{file}: adapter weights that fit no module of {base}: {bad[:3]}")
+
 def load_editscore(cls, folder, defaults, overrides, device):
     """EditScore (VectorSpaceLab/EditScore): a peft LoRA over a Qwen-VL, merged into it (as the authors' loader does)
     and scored with the EditScore rubric (0-25 per answer; the 512-token answers of their scripts). The base is
     flags["model"] if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft import PeftConfig, get_peft_model
     card = os.path.join(folder, "README.md")  # a hub model card names its base_model
     card = re.search(r"^base_model:[ \t]*(?:\n[ \t]*-[ \t]*)?(\S+)", open(card).read(), re.M) \
         if os.path.exists(card) else None
@@ -739,9 +743,7 @@ def load_editscore(cls, folder, defaults, overrides, device):
     rm = cls({**defaults, **preset("verifier", False), "max_new_tokens": 512, "stage": "eval", **overrides,
               "model": base, "mode": "verifier", "rubric": "editscore"}, device)
     lora = get_peft_model(rm.backbone, config)
-    adapter = {current_key(k): v for k, v in load_file(os.path.join(folder, "adapter_model.safetensors")).items()}
-    if bad := set_peft_model_state_dict(lora, adapter).unexpected_keys:
-        raise ValueError(f"{folder}: adapter weights that fit no module of {base}: {bad[:3]}")
+    load_adapter(lora, os.path.join(folder, "adapter_model.safetensors"), base)
     rm.backbone = lora.merge_and_unload()
     return rm.eval()
 
