@@ -697,6 +697,7 @@ def as_list(src):
 
 # --- the published reward models: EditScore's LoRA adapters and EditReward's checkpoints -------------------------
 EDITREWARD_TOKEN, EDITREWARD_BASE = "<|Reward|>", "Qwen/Qwen2.5-VL-7B-Instruct"  # its token; its 7B model's base
+EDITREWARD_PIXELS = 256 * 28 * 28  # its inferencer gives every image exactly this area (min = max pixels)
 
 def published_layout(path):
     """("editscore" | "editreward", local file or folder) if path, a folder or hub repo, holds a peft adapter
@@ -772,8 +773,9 @@ def load_editreward(cls, file, defaults, overrides, device):
     head = EditRewardHead(state)
     prompts = json.load(open(overrides["prompt_file"], encoding="utf-8")) if overrides.get("prompt_file") else DIMS
     base = overrides.get("model") or (folder if os.path.exists(f"{folder}/config.json") else EDITREWARD_BASE)
-    rm = cls({**defaults, "stage": "eval", **overrides, "model": base, "mode": "gaussian", "per_dim_prompts": True,
-              "dims": ",".join(list(prompts)[:len(head.rm_heads)]), "reward_token": EDITREWARD_TOKEN}, device)
+    rm = cls({**defaults, "stage": "eval", "min_pixels": EDITREWARD_PIXELS, "max_pixels": EDITREWARD_PIXELS,
+              **overrides, "model": base, "mode": "gaussian", "per_dim_prompts": True, "reward_token": EDITREWARD_TOKEN,
+              "dims": ",".join(list(prompts)[:len(head.rm_heads)])}, device)
     vlm = {current_key(k): v for k, v in state.items() if not k.startswith("rm_heads.")}
     rows = next(v.shape[0] for k, v in vlm.items() if k.endswith("embed_tokens.weight"))
     if rows != rm.backbone.get_input_embeddings().num_embeddings:  # the authors resized to their tokenizer

@@ -120,6 +120,7 @@ def test_editreward_checkpoint_maps_heads_onto_dimensions(base, editreward):
     folder, model = editreward
     rm = R.RewardModel.from_pretrained(folder, model=base)
     assert rm.flags["per_dim_prompts"] and rm.dims == ["instruction_following", "visual_quality"]
+    assert rm.flags["min_pixels"] == rm.flags["max_pixels"] == 256 * 28 * 28  # the authors' inferencer's image area
     assert rm.processor.tokenizer.convert_tokens_to_ids("<|Reward|>") == rm.reward_id == len(rm.processor.tokenizer) - 1
     loaded = rm.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())  # every VLM weight, old keys mapped
