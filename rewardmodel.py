@@ -733,8 +733,8 @@ def load_adapter(model, file, base):
 
 def load_editscore(cls, folder, defaults, overrides, device):
     """EditScore (VectorSpaceLab/EditScore): a peft LoRA over a Qwen-VL, merged into it (as the authors' loader does)
-    and scored with the EditScore rubric (0-25 per answer; the 512-token answers of their scripts). The base is
-    flags["model"] if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
+    and scored with the EditScore rubric (0-25 per answer; the 512-token answers of their scripts). The base VLM is
+    model= if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
     from peft import PeftConfig, get_peft_model
     card = os.path.join(folder, "README.md")  # a hub model card names its base_model
     card = re.search(r"^base_model:[ \t]*(?:\n[ \t]*-[ \t]*)?(\S+)", open(card).read(), re.M) \
@@ -766,16 +766,16 @@ class EditRewardHead(nn.Module):
 def load_editreward(cls, file, defaults, overrides, device):
     """EditReward: a full state dict (the VLM and its heads, model.pth or model.safetensors) read with one prompt
     per dimension, head d on prompt d (--per_dim_prompts; --prompt_file keys in head order), ending in <|Reward|>;
-    a dimension's score is its head's mu, the overall their mean, as in the authors' inferencer. The base is
-    flags["model"], else the folder itself if it has a config.json, else EDITREWARD_BASE."""
+    a dimension's score is its head's mu, the overall their mean, as in the authors' inferencer. The base VLM is
+    model= if given, else the folder itself if it has a config.json, else EDITREWARD_BASE."""
     state = torch.load(file, map_location="cpu", weights_only=True) if file.endswith(".pth") else load_file(file)
     state, folder = state.get("model", state), os.path.dirname(file)
     head = EditRewardHead(state)
-    prompts = json.load(open(overrides["prompt_file"], encoding="utf-8")) if overrides.get("prompt_file") else DIMS
+    names = json.load(open(overrides["prompt_file"], encoding="utf-8")) if overrides.get("prompt_file") else DIMS
     base = overrides.get("model") or (folder if os.path.exists(f"{folder}/config.json") else EDITREWARD_BASE)
     rm = cls({**defaults, "stage": "eval", "min_pixels": EDITREWARD_PIXELS, "max_pixels": EDITREWARD_PIXELS,
               **overrides, "model": base, "mode": "gaussian", "per_dim_prompts": True, "reward_token": EDITREWARD_TOKEN,
-              "dims": ",".join(list(prompts)[:len(head.rm_heads)])}, device)
+              "dims": ",".join(list(names)[:len(head.rm_heads)])}, device)
     vlm = {current_key(k): v for k, v in state.items() if not k.startswith("rm_heads.")}
     rows = next(v.shape[0] for k, v in vlm.items() if k.endswith("embed_tokens.weight"))
     if rows != rm.backbone.get_input_embeddings().num_embeddings:  # the authors resized to their tokenizer
