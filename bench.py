@@ -379,11 +379,11 @@ def main(argv=None):
     if any(not isinstance(it, (PreferencePair, CandidateGroup)) for it in items):
         raise SystemExit(f"{args.bench}: bench.py evaluates preference pairs and candidate groups, not edit prompts")
     skipped, items = len(items.skipped), (items[:args.limit] if args.limit else list(items))
-    # the flags that change a generative scorer's answers are part of its name in the cache key
+    # the flags that change the scores and the templates' text (an edited file: new scores) key the score cache
     flags = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens),
                                ("prompt_file", args.prompt_file)) if v}
-    units, comps, groups = plan(items, scorer_id(args.model) + (json.dumps(flags) if flags else ""), args.k,
-                                args.seed, args.by)
+    units, comps, groups = plan(items, scorer_id(args.model) + (json.dumps(flags) if flags else "") + (
+        Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else ""), args.k, args.seed, args.by)
     if args.by and not any(c.by for c in comps):
         raise SystemExit(f"--by {args.by}: no item of {args.bench} has a value in that column")
     scores, scored_now = score_all(args, dist, units, {**flags, "mode": "verifier"} if args.rubric else flags)

@@ -89,12 +89,17 @@ def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
         im.save(tmp_path / f"{i}.png")
     row = {"instruction": "make it red", "source": "0.png", "preferred": "1.png", "rejected": "2.png"}
     pairs.write_text(json.dumps(row) + "\n")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--bench", str(pairs), "--model", folder,
-                          "--k", "2", "--max_new_tokens", "4", "--prompt_file", str(tmp_path / "es.json"),
-                          "--out_dir", str(tmp_path / "bench")], env=ENV, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.load(open(tmp_path / "bench" / "report.json"))
-    assert report["k"] == 2 and report["images"] == 2
+    def bench():
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--bench", str(pairs), "--model", folder,
+                              "--k", "2", "--max_new_tokens", "4", "--prompt_file", str(tmp_path / "es.json"),
+                              "--out_dir", str(tmp_path / "bench")], env=ENV, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.load(open(tmp_path / "bench" / "report.json"))
+    report = bench()
+    assert report["k"] == 2 and report["images"] == 2 and report["scored_now"] == 2
+    assert bench()["scored_now"] == 0  # cached
+    json.dump({**prompts, "PQ": "Rate the image 0-25 as JSON."}, open(tmp_path / "es.json", "w"))
+    assert bench()["scored_now"] == 2  # the same file name with other templates: scored anew
 
 
 @pytest.fixture(scope="module")
