@@ -412,7 +412,7 @@ def make_reward(spec, device, prompt_file=None):
         raise ValueError(f"--reward {spec!r}: use 'oracle', 'rm:PATH' or 'rm:PATH@dim'")
     from rewardmodel import RewardModel
     path, _, dim = spec[3:].partition("@")
-    rm = RewardModel.from_pretrained(path, device=device, **({"prompt_file": prompt_file} if prompt_file else {}))
+    rm = RewardModel.from_pretrained(path, device=device, prompt_file=prompt_file)
     return lambda ps, ims: rm.score([load_sources(p) for p in ps], [p.instruction for p in ps], ims)[dim or "overall"] \
         .double().cpu()
 

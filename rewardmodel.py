@@ -674,8 +674,9 @@ class RewardModel(nn.Module):
         """The one place that recognises what `path` holds: a checkpoint folder of this script (its args.json says
         which mode); a published EditScore adapter or EditReward checkpoint (a folder or hub repo); "tiny" (a random
         tiny Gaussian model); or, with mode="verifier", any base VLM (hub name, folder, "tiny"), which then scores
-        zero-shot. overrides replace flags, e.g. max_new_tokens=512, prompt_file="prompts.json", model=<base VLM>."""
-        defaults = vars(parser.parse_args([]))
+        zero-shot. overrides replace flags, e.g. max_new_tokens=512, prompt_file="prompts.json", model=<base VLM>;
+        a None override is no override (callers can pass their optional flags through)."""
+        defaults, overrides = vars(parser.parse_args([])), {k: v for k, v in overrides.items() if v is not None}
         if os.path.exists(os.path.join(path, "args.json")):
             flags = json.load(open(os.path.join(path, "args.json")))
             if overrides.get("mode", flags["mode"]) != flags["mode"]:
