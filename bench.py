@@ -5,8 +5,8 @@ Benchmark a reward model the way the papers' tables do: score every distinct edi
   per task x {prompt_following, consistency, overall}, per task group, and Overall = the mean over the tasks.
 - TIGER-Lab/EditReward-Bench 2/3/4-pair, GenAI-Bench image_edition, EditReward-Data, the toy bench and the
   project's JSONL (EditReward, arXiv 2509.26346): tie-calibrated pairwise accuracy (Deutsch et al., arXiv
-  2305.14324), accuracy with ties (eps = 0) and without ties (= rewardmodel.py's held-out accuracy), and group
-  accuracy on K-candidate groups. Avg@K self-ensemble (EditScore) is `--k`: K sampled passes per image.
+  2305.14324), accuracy with ties (eps = 0) and without ties (= rewardmodel.py's held-out accuracy), and per group
+  size K the strict ranking (group) accuracy. Avg@K self-ensemble (EditScore) is `--k`: K sampled passes per image.
 - `--by COLUMN`: accuracy without ties per value of an item column, e.g. `category`, or the toy's per-candidate
   `outcomes` read as "winner > loser" ("correct > wrong": which mistakes a scorer cannot see).
 - Scores are cached per image in <out_dir>/cache, flushed per batch: a killed run resumes where it stopped.
@@ -75,9 +75,9 @@ def tie_calibrated_accuracy(human, model_diff):
 
 
 def group_accuracy(ranks, scores, eps=0.0):
-    """Fraction of candidate groups whose every pairwise comparison is right (EditReward-Bench K=3,4). ranks:
-    per group, human ranks (0 = best, equal = tie); scores: per group, model scores. A pair is right when the
-    human ties it and |diff| <= eps, or orders it and the model agrees by more than eps. Empty -> nan."""
+    """EditReward-Bench's strict ranking accuracy (TIGER-AI-Lab/EditReward evaluate/eval_bench.py): the fraction of
+    groups whose every pair is right. ranks: per group, human ranks (0 = best, equal = tie); scores: per group, model
+    scores. A pair humans order is right if the model orders it alike, a tie (only K=2 in the paper) if |d| <= eps."""
     if len(ranks) == 0:
         return float("nan")
     hits = 0
@@ -85,7 +85,7 @@ def group_accuracy(ranks, scores, eps=0.0):
         r, s = np.asarray(r), np.asarray(s, dtype=np.float64)
         i, j = np.triu_indices(len(r), k=1)                   # all pairs i < j
         h, d = np.sign(r[j] - r[i]), s[i] - s[j]              # h = 1: i ranked better
-        ok = np.where(h == 0, np.abs(d) <= eps, (np.abs(d) > eps) & (np.sign(d) == h))
+        ok = np.where(h == 0, np.abs(d) <= eps, np.sign(d) == h)
         hits += bool(ok.all())
     return hits / len(ranks)
 
@@ -267,11 +267,11 @@ def evaluate(comps, groups, scores, editscore):
         by = {lab: m & (labels == lab) for lab in sorted(set(labels[m]) - {""})}
         if by:
             report["pairwise"][dim]["by"] = {lab: pairwise_metrics(human[mb], diff[mb]) for lab, mb in by.items()}
-    if groups:
-        eps = report["pairwise"]["overall"]["epsilon"]  # the tie threshold calibrated on the same pairs
-        ranks, keys = zip(*groups)  # every scorer has an "overall"
-        report["groups"] = {"groups": len(groups), "sizes": sorted({len(r) for r in ranks}), "epsilon": eps,
-                            "accuracy": group_accuracy(ranks, [[scores[k]["overall"] for k in ks] for ks in keys], eps)}
+    if groups:  # per group size K, as the paper reports 2-, 3- and 4-pair; eps is calibrated on the same pairs
+        report["groups"] = {"epsilon": (eps := report["pairwise"]["overall"]["epsilon"]), "sizes": {}}
+        for k in sorted({len(r) for r, _ in groups}):  # every scorer has an "overall"
+            ranks, sc = zip(*[(r, [scores[x]["overall"] for x in ks]) for r, ks in groups if len(r) == k])
+            report["groups"]["sizes"][k] = {"groups": len(ranks), "accuracy": group_accuracy(ranks, sc, eps)}
     if editscore:
         report["editscore"] = editscore_bench_table([c.task for c in comps], list(dims), diff)
     unparsed = [s.get("unparsed", 0) for s in scores.values()]
@@ -307,8 +307,8 @@ def markdown(report, by=""):
                         fmt(v["without_ties"]), fmt(v["with_ties"])] for d, v in rows])
     if "groups" in report:
         g = report["groups"]
-        lines += [""] + table(["groups", "K", "group accuracy", "epsilon"], [
-            [str(g["groups"]), "/".join(map(str, g["sizes"])), fmt(g["accuracy"]), f"{g['epsilon']:.4g}"]])
+        lines += [""] + table(["K", "groups", "group accuracy", "epsilon"], [
+            [str(k), str(v["groups"]), fmt(v["accuracy"]), f"{g['epsilon']:.4g}"] for k, v in g["sizes"].items()])
     u = report["unparsed"]
     lines += ["", f"unparseable passes: {u['passes']} (on {u['images']} images)"]
     return "\n".join(lines)

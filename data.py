@@ -148,9 +148,10 @@ def _rows(path, split=None, config=None):
         elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
             ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
-        else:  # GenAI-Bench's image-editing benchmark is its split test_v1 (TIGER-AI-Lab/GenAI-Bench README)
+        else:  # GenAI-Bench: image_edition, split test_v1 (its README); TIGER-Lab/EditReward-Bench: 2pair.. are folders
             hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
-            ds = datasets.load_dataset(path, config or hub[0], split=split or hub[1])
+            sub = config and (path == "TIGER-Lab/EditReward-Bench" or os.path.isdir(os.path.join(path, config)))
+            ds = datasets.load_dataset(path, **{"data_dir" if sub else "name": config or hub[0]}, split=split or hub[1])
         for name, feat in ds.features.items():  # images left as bytes, decoded lazily where an error names the row
             if isinstance(feat, datasets.Image):
                 ds = ds.cast_column(name, datasets.Image(decode=False))
@@ -219,12 +220,13 @@ def _parse_editreward_data(c):
     # dimension, overall their sum; the higher overall is preferred, equal is a tie), key / unique_key the row's id
     s = [{d: c.num(f"{side}_{col}_score") for d, col in (("instruction_following", "instruction_following"),
          ("visual_quality", "quality_aesthetic"), ("overall", "overall"))} for side in ("left", "right")]
-    imgs = [c.image("left_output_image"), c.image("right_output_image")]
+    two = [(c.image(f"{x}_output_image"), c.get(f"{x}_model")) for x in ("left", "right")]  # (image, model) a side
     if s[1]["overall"] > s[0]["overall"]:
-        imgs, s = imgs[::-1], s[::-1]
-    prefs = {d: int(np.sign(x - s[1][d])) for d, x in s[0].items()}
+        two, s = two[::-1], s[::-1]
+    prefs, (imgs, models) = {d: int(np.sign(x - s[1][d])) for d, x in s[0].items()}, zip(*two)
     return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], *imgs, prefs,
-                          prefs["overall"] == 0, "", _sides(*s), c.origin, {"vote_type": c.get("vote_type")})
+                          prefs["overall"] == 0, "", _sides(*s), c.origin,
+                          {"vote_type": c.get("vote_type"), "models": _sides(*models)})
 
 
 def _parse_editscore_bench(c):
@@ -254,7 +256,7 @@ def _parse_tiger_bench(c):
     # TIGER-AI-Lab/EditReward evaluate/inference_{2,3,4}pair_hf.py and evaluate/README.md: a row compares candidate_1
     # (left) with candidate_2 (right); comparison_type (AvsB, AvsC, ... CvsD) names their positions in the group,
     # ranking ("A>C", "C>A", "A=C") the human verdict; score_1/2, model_1/2 belong to the two. The group is the id up
-    # to its first "_" (else its first 10 characters), as those scripts group them.
+    # to its first "_" (else its first 10 characters), as those scripts group them, within its `dataset` (2pair...).
     m = re.fullmatch(r"([A-Z])vs([A-Z])", str(c.req("comparison_type")))
     r = re.fullmatch(r"([A-Z])([<>=])([A-Z])", str(c.req("ranking")).replace(" ", "").upper())
     if not m or m[1] >= m[2]:
@@ -263,12 +265,12 @@ def _parse_tiger_bench(c):
         c.fail(f"column 'ranking' {c.get('ranking')!r} is no verdict on {m[0]}")
     two = [(ord(m[k]) - 65, c.image(f"candidate_{k}"), c.num(f"score_{k}", True), c.get(f"model_{k}")) for k in (1, 2)]
     right_won = r[2] != "=" and (r[2] == ">") == (r[1] == m[2])
-    (pos, imgs, scores, models), id = zip(*(two[::-1] if right_won else two)), str(c.req("id"))
+    (pos, imgs, scores, models), id, size = zip(*(two[::-1] if right_won else two)), str(c.req("id")), c.get("dataset")
+    group = f"{size}/" * bool(size) + (id.split("_")[0] if "_" in id else id[:10])
     return PreferencePair(id, c.text("instruction"), [c.image("source_image")], *imgs, {"overall": int(r[2] != "=")},
-                          r[2] == "=", str(c.get("dataset") or ""),
+                          r[2] == "=", str(size or ""),
                           None if None in scores else _sides(*({"overall": x} for x in scores)), c.origin,
-                          {"group": id.split("_")[0] if "_" in id else id[:10], "positions": list(pos),
-                           "comparison_type": m[0], "models": _sides(*models)})
+                          {"group": group, "positions": list(pos), "comparison_type": m[0], "models": _sides(*models)})
 
 
 def _parse_prompts(c):
@@ -544,10 +546,9 @@ SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 2
 BG_COLORS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 PALETTE_NAMES = list(SHAPE_COLORS) + list(BG_COLORS)
 PALETTE = np.array([SHAPE_COLORS.get(n) or BG_COLORS[n] for n in PALETTE_NAMES], dtype=np.float32)
-SHAPES = ("circle", "square", "triangle")
 CELLS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1), "center": (1, 1),
          "right": (2, 1), "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2)}
-EDIT_KINDS = ("recolor", "remove", "add", "move", "background")
+SHAPES, EDIT_KINDS = ("circle", "square", "triangle"), ("recolor", "remove", "add", "move", "background")
 NOISE_LEVELS = (0.0, 0.05, 0.095, 0.135)  # Gaussian noise std (0..1 scale) of the four degradation levels
 OUTCOMES = ("correct", "partial", "overedit", "wrong", "unchanged")  # what a candidate edit does
 _INSTR = [("recolor", r"make the (\w+) (\w+) (\w+)"), ("remove", r"remove the (\w+) (\w+)"),
@@ -717,8 +718,7 @@ def _toy_pairs(groups):
 
 def _toy_prompt(rng, pid, size, out, editor_wrong=None):
     """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit."""
-    scene = _random_scene(rng)
-    instruction = _random_instruction(rng, scene)
+    instruction = _random_instruction(rng, scene := _random_scene(rng))
     row = {"id": pid, "instruction": instruction, "source": _save(out, pid + "_src", render_scene(scene, size)),
            "category": parse_toy_instruction(instruction)[0]}
     if editor_wrong is not None:

@@ -9,9 +9,8 @@ The loop at the bottom reads: plan -> rollout -> reward -> advantages -> update 
 
 The sampler is our own, over the pipeline's components (prompt encoding, condition latents, transformer, shifted
 sigmas, VAE). Simplified: square images; Kontext and Qwen-Image-Edit see the first source image, Plus sees all.
-The tiny editors work in pixel space (their "VAE" is a space-to-depth). `--sft_steps` is the toy's stand-in for an
-editor's own training: flow matching on (source, instruction, target) triples leaves an imperfect, stochastic editor.
-As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1.
+The tiny editors work in pixel space (their "VAE" is a space-to-depth). As Flow-GRPO's code (yifan123/flow_grpo):
+the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1. `--sft_steps`: the toy's editor warm-up.
 `--algo nft`: DiffusionNFT (arXiv 2509.16117 section 3; UniWorld-V2 arXiv 2510.16888 on editors): see nft_update.
 
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
@@ -69,8 +68,7 @@ def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=N
     if prev_sample is None:
         prev_sample = (mean + std * torch.randn(x.shape, generator=generator, device=x.device)).to(x.dtype)
     # a zero std would give 0/0; score with std 1 there and zero the result (no NaN reaches the gradients)
-    live = std > 0
-    safe = torch.where(live, std, torch.ones_like(std))
+    safe = torch.where(live := std > 0, std, torch.ones_like(std))
     elem = -((prev_sample.float() - mean) ** 2) / (2 * safe**2) - torch.log(safe) - 0.5 * math.log(2 * math.pi)
     log_prob = torch.where(live.reshape(B), elem.mean(dim=dims), torch.zeros(B, device=x.device))
     return prev_sample, log_prob, mean, std_dev_t.reshape(B)
@@ -205,8 +203,7 @@ class Editor:
         self.qwen, self.plus = "QwenImage" in type(pipe).__name__, "Plus" in type(pipe).__name__
         self.dtype = DTYPES[args.dtype]  # the compute dtype: autocast follows it, not the trained weights' fp32
         # one knob, as in Flow-GRPO: Kontext's distilled guidance (default 2.5), Qwen's true CFG (4; 1 = off: NFT's)
-        self.guidance = args.guidance if args.guidance is not None else 2.5 if not self.qwen else 4.0 if args.algo == \
-            "grpo" else 1.0
+        self.guidance = args.guidance or ((4.0 if args.algo == "grpo" else 1.0) if self.qwen else 2.5)
         self.patch, self.down = pixel_patch, pixel_patch or pipe.vae_scale_factor  # patch > 0: space-to-depth "VAE"
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
@@ -300,7 +297,8 @@ class Editor:
             self.cache.move_to_end(k)
         while len(self.cache) > max(self.args.prompts_per_step + self.args.eval_prompts, len(set(keys))):
             self.cache.popitem(last=False)
-        if len({len(e["shapes"]) for e in es}) > 1:  # Plus prompts with different numbers of sources
+        # a forward per prompt if Plus prompts' source counts differ; under --fsdp always (ranks run as many forwards)
+        if len({len(e["shapes"]) for e in es}) > 1 or self.plus and self.args.fsdp and len(es) > 1:
             return {"parts": [self.condition([p]) for p in prompts]}
         dev, B, h = self.device, len(prompts), self.side // 2
         cond, passes = {"image": torch.stack([e["image"] for e in es]).to(dev), "passes": []}, ["text", "neg"]
@@ -460,9 +458,11 @@ def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
     if ddp.ddp:
         dist.all_gather_object(parts, rows)
     r, o = np.array([row for part in parts for row in part]).T
-    out = {"step": step, "reward": float(r.mean()), "oracle": float(o.mean()),
-           "rm_oracle_corr": float(np.corrcoef(r, o)[0, 1]) if oracle and len(r) > 1 else math.nan}
-    print0(f"eval {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in list(out.items())[1:]) + f" | {len(prompts)} "
+    ok = ~np.isnan(r)  # an edit the reward left unscored (a verifier that never answered) is counted, not averaged
+    out = {"step": step, "reward": float(r[ok].mean()) if ok.any() else math.nan, "oracle": float(o.mean()),
+           "rm_oracle_corr": float(np.corrcoef(r[ok], o[ok])[0, 1]) if oracle and ok.sum() > 1 else math.nan,
+           "unscored": int(len(r) - ok.sum())}
+    print0(f"eval {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in list(out.items())[1:]) + f" | {len(prompts)} "
            f"held-out prompts, {len(sigmas) - 1} ODE steps")
     if ddp.master:
         image_sheet([(q.instruction, [(load_sources(q)[0], "source"), (im, f"{v:.3f}")]) for q, im, v in firsts],
@@ -591,6 +591,7 @@ def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
     """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory, final x)])."""
     editor.tr.eval()  # no dropout: the rollout's log-probs must be reproducible by the training forward
     finals, batches = [], []
+    editor.condition(prompts)  # every new prompt encoded at once: --offload moves the text encoders once a step
     for lo in range(0, len(prompts), args.micro_batch):
         hi = min(lo + args.micro_batch, len(prompts))
         cond = editor.condition(prompts[lo:hi])
@@ -650,10 +651,9 @@ def optimizer_step(opt, params, grad_clip, reduce=True):
     return float(grad_norm)
 
 # ----------------------------------------------------------------------------- flags and the loop
-# the toy recipe: a noisy warm-up (65% wrong targets) leaves an imperfect, stochastic editor; a group shares its
-# initial noise so that rewards differ only through the SDE steps, which sit at the start where the layout is decided;
-# RL trains the text-conditioning embeddings in full (their gradient agrees across prompts, the blocks' does not);
-# one intra-op thread, so that the figures depend neither on the cores nor on OMP_NUM_THREADS
+# the toy recipe: a noisy warm-up (65% wrong targets) leaves an imperfect, stochastic editor; a group shares its noise,
+# so rewards differ only by the SDE steps, at the start where the layout is decided; RL trains the text-conditioning
+# embeddings in full (their gradient agrees across prompts, the blocks' does not); 1 thread: figures whatever the cores
 TOY = dict(editor="tiny", sft_steps=1000, steps=60, same_noise_per_group=True, num_steps=8, sde_window=3,
            window_max_start=0, noise_level=0.7, prompts_per_step=8, group_size=8, micro_batch=16, lora_rank=0,
            train_modules="context_embedder,time_text_embed.text_embedder", lr=1e-3, max_sequence_length=48,

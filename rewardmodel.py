@@ -564,9 +564,7 @@ class RewardModel(nn.Module):
     def autocast(self):
         return torch.autocast(self.device.type, torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16)
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
+    device = property(lambda self: next(self.parameters()).device)
 
     def encode(self, sources, instructions, edited, per_dim=False):
         """Processor batches (CPU) of B prompts: the instruction, the source image(s), the edit and what to rate,
@@ -617,7 +615,8 @@ class RewardModel(nn.Module):
                                                       SCORE_TEMPERATURE, TOP_K, TOP_P)
             return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
         for src, ins, ed in zip(sources, instructions, edited):
-            images = [load_image(x) for x in as_list(src)] + [load_image(ed)]
+            images = [load_image(x) for x in as_list(src)]  # EditScore's evaluation.py sizes the edit as the source
+            images.append(load_image(ed).resize(images[0].size) if rubric else load_image(ed))
             if rubric:  # str.replace, not format: the rubric holds JSON braces
                 sc = answers(images, prompts["SC"].replace("{instruction}", ins))
                 rows += [(parse_editscore_output(a) or [math.nan] * 2) + (parse_editscore_output(b) or [math.nan] * 2)

@@ -87,6 +87,7 @@ def test_group_accuracy():
     assert group_accuracy(ranks, scores) == 0.5                   # group 2 misorders, group 3 misses a tie
     assert group_accuracy(ranks, scores, eps=0.1) == 0.75         # the 0.05 gap now reads as a tie
     assert group_accuracy([[0, 0]], [[1.0, 1.0]]) == 1.0
+    assert group_accuracy([[0, 1, 2]], [[1.0, 0.95, 0.0]], eps=0.1) == 1.0  # ordered pairs: the order, not eps
     assert math.isnan(group_accuracy([], []))
 
 
@@ -120,7 +121,7 @@ def test_evaluate_by_label():
     assert (o["by"]["x"]["tie_calibrated"], o["by"]["x"]["without_ties"]) == (1.0, 1.0)
     y = o["by"]["y"]                                  # eps = 1 calls the tie right; b-d is wrong at every eps
     assert (y["pairs"], y["human_ties"], y["without_ties"], y["tie_calibrated"], y["epsilon"]) == (2, 1, 0.0, 0.5, 1.0)
-    assert r["groups"] == {"groups": 1, "sizes": [2], "epsilon": 0.0, "accuracy": 1.0}
+    assert r["groups"] == {"epsilon": 0.0, "sizes": {2: {"groups": 1, "accuracy": 1.0}}}
     assert r["unparsed"] == {"passes": 0, "images": 0}
 
 
@@ -290,7 +291,8 @@ def test_smoke_every_format(tmp_path, capsys):
     assert sum(misses) == 5 and r["scored_now"] == 0
 
     r = run_bench(tmp_path, project_groups(tmp_path), "--by", "outcomes")
-    assert r["groups"]["groups"] == 4 and r["groups"]["sizes"] == [3] and r["pairwise"]["overall"]["pairs"] == 12
+    assert list(r["groups"]["sizes"]) == ["3"] and r["groups"]["sizes"]["3"]["groups"] == 4
+    assert r["pairwise"]["overall"]["pairs"] == 12
     assert r["pairwise"]["overall"]["human_ties"] == 3                 # groups 0, 1 and 3 hold one tie each
     assert r["pairwise"]["visual_quality"]["human_ties"] == 4          # per-dimension labels from the scores
     # by outcome: the human-preferred candidate's first, from the groups' follow levels by hand; ties left out
@@ -308,7 +310,7 @@ def test_smoke_every_format(tmp_path, capsys):
     assert "| Object |" in capsys.readouterr().out
 
     r = run_bench(tmp_path, tiger_bench(tmp_path), "--by", "category")   # TIGER's category: the source dataset
-    assert r["groups"]["groups"] == 2 and r["pairwise"]["overall"]["human_ties"] == 1
+    assert r["groups"]["sizes"]["3"]["groups"] == 2 and r["pairwise"]["overall"]["human_ties"] == 1
     by = r["pairwise"]["overall"]["by"]                                 # "A>B>C" in x; "B>A=C" in y, one tie
     assert {c: (v["pairs"], v["human_ties"]) for c, v in by.items()} == {"x": (3, 0), "y": (3, 1)}
 

@@ -121,11 +121,13 @@ def test_editreward_data_parquet_with_embedded_images(tmp_path):
             "left_instruction_following_score": [2, 3], "left_quality_aesthetic_score": [2, 3],
             "left_overall_score": [4, 6], "right_instruction_following_score": [4, 3],
             "right_quality_aesthetic_score": [3, 3], "right_overall_score": [7, 6],
-            "vote_type": ["rightvote", "tie"], "unique_key": ["u0", "u1"]}
+            "vote_type": ["rightvote", "tie"], "unique_key": ["u0", "u1"], "left_model": ["a", "a"],
+            "right_model": ["b", "b"]}
     path = to_parquet(tmp_path / "d.parquet", cols, images=("source_img", "left_output_image", "right_output_image"))
     pairs = data.load_pairs(path)
     assert len(pairs) == 2
-    assert rgb(pairs[0].preferred) == (0, 0, 255)  # right scored higher, so it is the preferred image
+    assert rgb(pairs[0].preferred) == (0, 0, 255)  # right scored higher, so it is the preferred image, with its model
+    assert pairs[0].meta["models"] == {"preferred": "b", "rejected": "a"} and pairs[1].meta["models"]["preferred"] == "a"
     assert pairs[0].prefs == {"instruction_following": 1, "visual_quality": 1, "overall": 1}
     assert pairs[1].tie and pairs[1].prefs == {"instruction_following": 0, "visual_quality": 0, "overall": 0}
     assert pairs[0].origin.endswith(":0") and pairs[1].origin.endswith(":1")
@@ -194,12 +196,27 @@ def test_tiger_bench_pairs_and_rebuilt_groups(tmp_path):
     assert len(pairs) == 3 + 6 + 1 and [p.tie for p in pairs[:3]] == [False, True, False]
     p = pairs[0]  # B>A: the right image first, with its score and model
     assert rgb(p.preferred) == (20, 0, 0) and p.scores == {"preferred": {"overall": 8.0}, "rejected": {"overall": 5.0}}
-    assert p.meta["models"] == {"preferred": "m1", "rejected": "m0"} and p.meta["group"] == "g3"
+    assert p.meta["models"] == {"preferred": "m1", "rejected": "m0"} and p.meta["group"] == "3pair/g3"
     groups = data.load_groups(path)
-    assert [(g.id, g.ranks) for g in groups] == [("g3", [1, 0, 1]), ("g4", [0, 2, 1, 2]), ("g2", [0, 0])]
+    assert [(g.id, g.ranks) for g in groups] == [("3pair/g3", [1, 0, 1]), ("4pair/g4", [0, 2, 1, 2]),
+                                                      ("2pair/g2", [0, 0])]
     assert [rgb(c)[0] for c in groups[1].candidates] == [1, 2, 3, 4] and groups[1].meta["models"][2] == "m2"
     assert [s["overall"] for s in groups[0].scores] == [5.0, 8.0, 5.0]
     assert len(groups[1].to_pairs()) == 6 and sum(q.tie for q in groups[1].to_pairs()) == 1
+
+
+def test_tiger_bench_sizes_are_folders_and_stay_apart(tmp_path):
+    """TIGER-Lab/EditReward-Bench declares no configs: 2pair/, 3pair/, 4pair/ are folders of parquet shards, and the
+    authors' scripts load everything and filter on `dataset`. A group id prefix may recur across sizes."""
+    for size, shades, ranking in (("2pair", (7, 8), {"AvsB": "B>A"}), ("3pair", (1, 2, 3),
+                                  {"AvsB": "A>B", "AvsC": "A>C", "BvsC": "B>C"})):
+        (tmp_path / "bench" / size).mkdir(parents=True)
+        to_parquet(tmp_path / "bench" / size / "train-00000-of-00001.parquet",
+                   tiger_rows([("s1", shades, (1.0,) * len(shades), ranking)]), images=TIGER_IMAGES)
+    (g,) = data.load_groups(str(tmp_path / "bench"), config="2pair")  # --config reads the folder
+    assert g.id == "2pair/s1" and g.ranks == [1, 0] and g.category == "2pair"
+    groups = data.load_groups(str(tmp_path / "bench"))  # everything: the same prefix "s1" in both sizes stays apart
+    assert sorted((g.id, len(g.candidates)) for g in groups) == [("2pair/s1", 2), ("3pair/s1", 3)]
 
 
 def test_tiger_bench_contradictions_name_the_group(tmp_path):
@@ -207,12 +224,12 @@ def test_tiger_bench_contradictions_name_the_group(tmp_path):
     ok = ("g8", (1, 2, 3), (3.0, 2.0, 1.0), {"AvsB": "A>B", "AvsC": "A>C", "BvsC": "B>C"})
     path = to_parquet(tmp_path / "c.parquet", tiger_rows([cyc, ok]), images=TIGER_IMAGES)
     assert len(data.load_pairs(path)) == 6  # each comparison alone is fine
-    with pytest.raises(DataError, match="group 'g7'.*cycle"):
+    with pytest.raises(DataError, match="group '3pair/g7'.*cycle"):
         data.load_groups(path)
     (g,) = data.load_groups(path, skip_bad=True)
-    assert g.id == "g8" and g.ranks == [0, 1, 2]
+    assert g.id == "3pair/g8" and g.ranks == [0, 1, 2]
     tie = ("g9", (1, 2, 3), (1.0, 1.0, 1.0), {"AvsB": "A=B", "AvsC": "A>C", "BvsC": "B=C"})  # ties are transitive
-    with pytest.raises(DataError, match="group 'g9'.*contradicts"):
+    with pytest.raises(DataError, match="group '3pair/g9'.*contradicts"):
         data.load_groups(to_parquet(tmp_path / "t.parquet", tiger_rows([tie]), images=TIGER_IMAGES))
     bad = tiger_rows([ok])
     bad["ranking"][0] = "A>C"  # a verdict on another pair than comparison_type's
@@ -265,8 +282,10 @@ def test_genai_bench_votes(tmp_path, monkeypatch):
         {k: v[:1] for k, v in cols.items()}))
     data.load_items("TIGER-Lab/GenAI-Bench", check_images=False)
     data.load_items("TIGER-Lab/GenAI-Bench", split="test", check_images=False)
-    assert seen == [(("TIGER-Lab/GenAI-Bench", "image_edition"), {"split": "test_v1"}),
-                    (("TIGER-Lab/GenAI-Bench", "image_edition"), {"split": "test"})]
+    data.load_items("TIGER-Lab/EditReward-Bench", config="4pair", check_images=False)  # no configs: 4pair/ a folder
+    assert seen == [(("TIGER-Lab/GenAI-Bench",), {"name": "image_edition", "split": "test_v1"}),
+                    (("TIGER-Lab/GenAI-Bench",), {"name": "image_edition", "split": "test"}),
+                    (("TIGER-Lab/EditReward-Bench",), {"data_dir": "4pair", "split": "train"})]
 
 
 def test_rl_prompt_sets(tmp_path):

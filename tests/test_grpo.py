@@ -191,6 +191,14 @@ def editor_for(toy, *extra):
     return grpo.load_editor(args, CPU), args
 
 
+def test_eval_leaves_unscored_edits_out_and_counts_them(toy, tmp_path):
+    editor, args = editor_for(toy, "--out_dir", str(tmp_path))
+    blank_first = lambda ps, ims: torch.tensor([math.nan] + [2.0] * (len(ps) - 1), dtype=torch.float64)
+    ev = grpo.evaluate(editor, load_prompts(args.test_prompts)[:4], blank_first, editor.sigmas(2), Dist(device=CPU),
+                       args, 0)
+    assert (ev["reward"], ev["unscored"]) == (2.0, 4 // args.micro_batch) and math.isfinite(ev["oracle"])
+
+
 def test_ratio_is_exactly_one_at_the_first_update(toy):
     editor, _ = editor_for(toy)
     cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:3])
@@ -254,6 +262,19 @@ def test_qwen_edit_plus_conditions_on_every_source(toy):
         v2 = editor.velocity(grpo.initial_noise(editor, [2], CPU), 0.5, cond)
     assert v.shape == (2, n, 4 * editor.C)
     torch.testing.assert_close(v[1:], v2)
+    assert "parts" not in editor.condition([two, two])  # one batched forward
+    editor.args.fsdp = True  # under FSDP every Plus batch takes a forward per prompt: all ranks run as many forwards
+    assert len(editor.condition([two, two])["parts"]) == 2 and len(editor.condition([one, two])["parts"]) == 2
+
+
+def test_rollout_encodes_its_new_prompts_at_once(toy):
+    """--offload: the text encoders come to the device and go back once a rollout, not once a micro-batch."""
+    editor, args = editor_for(toy, "--offload", "--micro_batch", "1")
+    moves, to = [], editor.pipe.text_encoder.to
+    editor.pipe.text_encoder.to = lambda *a, **k: moves.append(a) or to(*a, **k)
+    prompts = load_prompts(args.train_prompts)[:3]
+    grpo.rollout(editor, prompts, [1, 2, 3], editor.sigmas(2), set(), args, torch.Generator())
+    assert len(moves) == 2 and len(editor.cache) == 3
 
 
 def test_condition_cache_keyed_by_content_bounded_in_compute_dtype(toy, tmp_path):

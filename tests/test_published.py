@@ -77,6 +77,14 @@ def test_editscore_adapter_loads_merged_and_runs_avg_k(base, editscore):
     assert out["unparsed"].tolist() == [3.0, 3.0]  # a random tiny model never answers the rubric: counted, not guessed
 
 
+def test_editscore_rubric_sizes_the_edit_as_the_source(editscore, monkeypatch):
+    """EditScore's evaluation.py resizes each edit to its source's size before scoring it; so does the rubric here."""
+    rm, seen, encode = R.RewardModel.from_pretrained(editscore[0], max_new_tokens=2), [], R.encode_prompt
+    monkeypatch.setattr(R, "encode_prompt", lambda p, ims, t: seen.append([i.size for i in ims]) or encode(p, ims, t))
+    rm.score([images(1)[0]], ["add a square"], [Image.new("RGB", (84, 28))])
+    assert seen == [[(56, 56), (56, 56)], [(56, 56)]]  # the SC prompt (source, edit), then the PQ prompt (the edit)
+
+
 def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
     folder, _ = editscore
     prompts = {"SC": "Instruction: {instruction}\nScore 0-25 as JSON.", "PQ": "Score the image 0-25 as JSON."}
