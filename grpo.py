@@ -462,8 +462,8 @@ def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
     out = {"step": step, "reward": float(r[ok].mean()) if ok.any() else math.nan, "oracle": float(o.mean()),
            "rm_oracle_corr": float(np.corrcoef(r[ok], o[ok])[0, 1]) if oracle and ok.sum() > 1 else math.nan,
            "unscored": int(len(r) - ok.sum())}
-    print0(f"eval {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in list(out.items())[1:]) + f" | {len(prompts)} "
-           f"held-out prompts, {len(sigmas) - 1} ODE steps")
+    print0(f"eval {step} | " + " | ".join(f"{k} {round(v, 4)}" for k, v in list(out.items())[1:]) + f" | "
+           f"{len(prompts)} held-out prompts, {len(sigmas) - 1} ODE steps")
     if ddp.master:
         image_sheet([(q.instruction, [(load_sources(q)[0], "source"), (im, f"{v:.3f}")]) for q, im, v in firsts],
                     os.path.join(args.out_dir, f"eval_{step:05d}.png"))
