@@ -266,7 +266,7 @@ def _parse_tiger_bench(c):
     two = [(ord(m[k]) - 65, c.image(f"candidate_{k}"), c.num(f"score_{k}", True), c.get(f"model_{k}")) for k in (1, 2)]
     right_won = r[2] != "=" and (r[2] == ">") == (r[1] == m[2])
     (pos, imgs, scores, models), id, size = zip(*(two[::-1] if right_won else two)), str(c.req("id")), c.get("dataset")
-    group = f"{size}/" * bool(size) + (id.split("_")[0] if "_" in id else id[:10])
+    group = (f"{size}/" if size else "") + (id.split("_")[0] if "_" in id else id[:10])
     return PreferencePair(id, c.text("instruction"), [c.image("source_image")], *imgs, {"overall": int(r[2] != "=")},
                           r[2] == "=", str(size or ""),
                           None if None in scores else _sides(*({"overall": x} for x in scores)), c.origin,

@@ -203,7 +203,8 @@ class Editor:
         self.qwen, self.plus = "QwenImage" in type(pipe).__name__, "Plus" in type(pipe).__name__
         self.dtype = DTYPES[args.dtype]  # the compute dtype: autocast follows it, not the trained weights' fp32
         # one knob, as in Flow-GRPO: Kontext's distilled guidance (default 2.5), Qwen's true CFG (4; 1 = off: NFT's)
-        self.guidance = args.guidance or ((4.0 if args.algo == "grpo" else 1.0) if self.qwen else 2.5)
+        self.guidance = args.guidance if args.guidance is not None else 2.5 if not self.qwen else 4.0 if args.algo == \
+            "grpo" else 1.0
         self.patch, self.down = pixel_patch, pixel_patch or pipe.vae_scale_factor  # patch > 0: space-to-depth "VAE"
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
@@ -591,7 +592,7 @@ def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
     """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory, final x)])."""
     editor.tr.eval()  # no dropout: the rollout's log-probs must be reproducible by the training forward
     finals, batches = [], []
-    editor.condition(prompts)  # every new prompt encoded at once: --offload moves the text encoders once a step
+    editor.condition(prompts)  # encodes every new prompt at once: --offload moves the text encoders once a step
     for lo in range(0, len(prompts), args.micro_batch):
         hi = min(lo + args.micro_batch, len(prompts))
         cond = editor.condition(prompts[lo:hi])
@@ -723,8 +724,7 @@ def parse_args(argv=None):
 
 def main(args):
     ddp = setup_distributed()
-    if args.toy:
-        torch.set_num_threads(TOY["threads"])
+    torch.set_num_threads(TOY["threads"]) if args.toy else None
     os.makedirs(args.out_dir, exist_ok=True)
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
     editor = load_editor(args, ddp.device)
