@@ -39,9 +39,8 @@ from tqdm import tqdm
 from data import (CandidateGroup, PreferencePair, atomic_write, image_sheet, leave_distributed, load_image, load_items,
                   load_sources, print0, regroup, setup_distributed, shard)
 
+
 # ----------------------------------------------------------------------------- metrics (pure functions)
-
-
 def pairwise_accuracy(human, model_diff, include_ties=True):
     """Fraction of pairs where sign(score_A - score_B) equals the human label (1: A, -1: B, 0: tie). Tied pairs
     count right only if the model's scores are equal ("with ties", eps = 0), or are dropped with
@@ -119,8 +118,6 @@ def editscore_bench_table(tasks, dimensions, model_diff):
 
 
 # ----------------------------------------------------------------------------- what gets scored
-
-
 # One human verdict on two scored images in one benchmark dimension (e.g. "overall", EditScore's "consistency"):
 # human = 1 (a is better), -1 (b is better) or 0 (a tie); a, b = the images' unit keys, a the preferred one (or
 # either of a tie); task = the item's category (EditScore: its task type); by = its --by label, "" when none.
@@ -130,10 +127,11 @@ Unit = NamedTuple("Unit", [("item", object), ("edited", object)])  # one image t
 
 
 def image_hash(ref, memo):
-    """Content hash of an image reference (path, encoded bytes or PIL image). The encoded bytes are hashed,
+    """Content hash of an image reference (path, encoded bytes, PIL image, lazy cell). The encoded bytes are hashed,
     not the pixels, so a cached run never decodes an image; `memo` avoids re-reading a shared file."""
     k = ref if isinstance(ref, str) else id(ref)
     if k not in memo:
+        ref = ref() if callable(ref) else ref  # a lazy dataset cell (data.py) is read now
         data = (Path(ref).read_bytes() if isinstance(ref, str) else bytes(ref) if isinstance(ref, (bytes, bytearray))
                 else f"{ref.mode}{ref.size}".encode() + ref.tobytes())  # the last: a PIL image
         memo[k] = hashlib.sha1(data).hexdigest()
@@ -185,7 +183,6 @@ def plan(items, scorer, k, seed, by=""):
 
 
 # ----------------------------------------------------------------------------- scoring, with a cache per rank
-
 def read_cache(cache_dir):
     """All cached scores {key: {name: value}} from every rank's JSONL file in cache_dir."""
     cache = {}
@@ -236,7 +233,6 @@ def score_all(args, dist, units, scorer_flags):
 
 
 # ----------------------------------------------------------------------------- reporting
-
 # Benchmark dimension -> scorer output names that measure it, best match first; anything else falls back to
 # "overall" (e.g. EditScore's consistency on a Gaussian head trained on instruction following + quality).
 SCORE_ALIASES = {"prompt_following": ("prompt_following", "instruction_following"),
@@ -315,8 +311,6 @@ def markdown(report, by=""):
 
 
 # ----------------------------------------------------------------------------- the run
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- benchmark (its format is read from its columns)

@@ -29,6 +29,7 @@ import random
 import re
 import sys
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -45,7 +46,7 @@ class DataError(ValueError):
 class _Item:  # what every item has
     id: str
     instruction: str
-    sources: list          # source image(s): PIL.Image | path | bytes
+    sources: list          # source image(s): PIL.Image | path | bytes | a lazy dataset cell
 
 
 @dataclass
@@ -110,8 +111,13 @@ def _sides(preferred, rejected):
 
 
 # ---------------------------------------------------------------------------------- images and rows
+def _cell(table, col, i):  # a lazy ref (see _rows): row i's image in a dataset's column, read now -> bytes or path
+    return (cell := table[i][col] or {}).get("bytes") or cell.get("path")
+
+
 def load_image(ref, origin="", verify=False):
-    """An image ref (PIL image, path or bytes) -> RGB, EXIF-rotated; verify: only check its header and checksums."""
+    """An image ref (PIL image, path, bytes or a lazy dataset cell) -> RGB, EXIF-rotated; verify: only check it."""
+    ref = ref() if callable(ref) else ref  # a lazy dataset cell is read now
     if isinstance(ref, Image.Image):
         return None if verify else ImageOps.exif_transpose(ref).convert("RGB")
     if isinstance(ref, str) and not os.path.exists(ref):
@@ -152,14 +158,18 @@ def _rows(path, split=None, config=None):
             hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
             sub = config and (path == "TIGER-Lab/EditReward-Bench" or os.path.isdir(os.path.join(path, config)))
             ds = datasets.load_dataset(path, **{"data_dir" if sub else "name": config or hub[0]}, split=split or hub[1])
-        for name, feat in ds.features.items():  # images left as bytes, decoded lazily where an error names the row
+        cells = {}  # image column -> (a table of it alone, its null cells): rows get lazy refs, a hub set's images
+        for name, feat in ds.features.items():  # exceed RAM; images are decoded when used, where an error names the row
             if isinstance(feat, datasets.Image):
-                ds = ds.cast_column(name, datasets.Image(decode=False))
+                one = ds.select_columns(name).cast_column(name, datasets.Image(decode=False))
+                cells[name], ds = (one, one.data.column(name).is_null().to_pylist()), ds.remove_columns(name)
             elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
                 ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
     except Exception as e:
         raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
-    yield from ((path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row) for i, row in enumerate(ds))
+    for i, row in enumerate(ds):
+        row.update({name: None if null[i] else partial(_cell, one, name, i) for name, (one, null) in cells.items()})
+        yield path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row
 
 
 class _Row:
@@ -193,7 +203,7 @@ class _Row:
         v = self.req(col) if v is None else v
         v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
         v = os.path.join(self.base, v) if isinstance(v, str) and v else bytes(v) if isinstance(v, bytearray) else v
-        return v if isinstance(v, (str, bytes, Image.Image)) and v != "" else self.fail(
+        return v if isinstance(v, (str, bytes, Image.Image, partial)) and v != "" else self.fail(
             f"column '{col}' holds no image (got {type(v).__name__})")
 
     def images(self, col):
@@ -408,24 +418,12 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     return out
 
 
-def load_pairs(path, fmt="auto", split=None, config=None, skip_bad=False, disentangle=True, check_images=True):
-    """Preference pairs from any pair or group format, ties included, tie-disentangled unless disentangle=False."""
-    return load_items(path, fmt, split, config, skip_bad, check_images, PreferencePair, disentangle)
-
-
-def load_groups(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Candidate groups from any group format (TIGER comparisons rebuilt into groups of 2, 3 or 4)."""
-    return load_items(path, fmt, split, config, skip_bad, check_images, CandidateGroup)
-
-
-def load_prompts(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Edit prompts for RL (and editor warm-up triples, which carry a target)."""
-    return load_items(path, fmt, split, config, skip_bad, check_images, EditPrompt)
-
-
-def load_traces(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True):
-    """Chain-of-thought verifier traces for SFT."""
-    return load_items(path, fmt, split, config, skip_bad, check_images, CotTrace)
+# Each kind of item from any format that holds it: pairs from group formats too (all of a group's pairs), and
+# tie-disentangled unless disentangle=False; groups from TIGER's comparisons too, rebuilt.
+load_pairs = partial(load_items, want=PreferencePair, disentangle=True)
+load_groups = partial(load_items, want=CandidateGroup)
+load_prompts = partial(load_items, want=EditPrompt)  # RL prompts, and editor warm-up triples (they carry a target)
+load_traces = partial(load_items, want=CotTrace)  # chain-of-thought traces for verifier SFT
 
 
 def disentangle_ties(pairs):

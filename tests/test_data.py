@@ -134,6 +134,36 @@ def test_editreward_data_parquet_with_embedded_images(tmp_path):
     assert [p.id for p in pairs] == ["u0", "u1"]  # TIGER-Lab/EditReward-Data's unique_key, not the row index
 
 
+def test_hub_images_stay_on_disk_until_used(tmp_path):
+    """EditReward-Data's images (338 GB per its card) cannot all sit in RAM: a loaded row holds a lazy ref to its
+    image cell, read when the image is used; a null cell is still an error naming the row and column."""
+    import tracemalloc
+    noise = [np.random.default_rng(i).integers(0, 256, (160, 160, 3), dtype=np.uint8) for i in range(3)]
+    blobs = []
+    for x in noise:  # incompressible: ~77 KB of PNG each
+        Image.fromarray(x).save(buf := io.BytesIO(), "PNG")
+        blobs.append({"bytes": buf.getvalue(), "path": None})
+    n = 24
+    cols = {"instruction": ["add a hat"] * n, "source_img": [{"bytes": png_bytes((i, 0, 0)), "path": None}
+                                                             for i in range(n)],
+            **{f"{s}_{d}_score": [1 + (s == "left")] * n for s in ("left", "right")
+               for d in ("instruction_following", "quality_aesthetic", "overall")},
+            "left_output_image": [blobs[0]] * n, "right_output_image": [blobs[1]] * (n - 1) + [blobs[2]]}
+    path = to_parquet(tmp_path / "d.parquet", cols, images=("source_img", "left_output_image", "right_output_image"))
+    data.load_pairs(path, check_images=False)  # the first load builds `datasets`' on-disk cache
+    tracemalloc.start()
+    pairs = data.load_pairs(path)  # reads (checks) every image, keeps none
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(pairs) == n and held < 2 * n * len(blobs[0]["bytes"]) / 5, held  # 1/5 of the edits alone
+    assert not any(isinstance(x, bytes) for p in pairs for x in [*p.sources, p.preferred, p.rejected])
+    assert rgb(pairs[5].sources[0]) == (5, 0, 0) and (np.asarray(data.load_image(pairs[-1].rejected)) == noise[2]).all()
+    cols["source_img"][3] = None
+    with pytest.raises(DataError, match=r"n.parquet:3: column 'source_img' is null"):
+        data.load_pairs(to_parquet(tmp_path / "n.parquet", cols, images=("source_img", "left_output_image",
+                                                                          "right_output_image")))
+
+
 def test_editscore_bench(tmp_path):
     """EditScore/EditReward-Bench card and VectorSpaceLab/EditScore evaluation.py: key [2], output_images [2] with
     element 0 preferred on `dimension`."""
