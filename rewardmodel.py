@@ -462,12 +462,14 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
     return model.to(dtype), processor
 
 def setup_lora(model, rank, alpha, dropout, targets, vision="frozen"):
-    """peft LoRA on the named linear layers of the language model (and the vision tower's with vision="lora";
-    "train" trains the tower in full, saved with the adapter)."""
+    """peft LoRA on the named linear layers of the language model (with vision="lora" also the vision tower's
+    attention and MLP linears, by their own names; "train" trains the tower in full, saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
     names = "|".join(t.strip() for t in targets.split(",") if t.strip())
     scope = "" if vision == "lora" else r"(?!.*visual)"  # a regex so the tower's same-named layers are skipped
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=rf"^{scope}(.*\.)?({names})$",
+    tower = r"|^.*visual\..*\.(attn\.qkv|attn\.proj|linear_fc1|linear_fc2)$" * (vision == "lora")  # its own names
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=rf"^{scope}(.*\.)?({names})${tower}",
                         modules_to_save=["visual"] if vision == "train" else None)
     return get_peft_model(model, config)
 
@@ -594,8 +596,10 @@ class RewardModel(nn.Module):
         cols = []
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            if self.flags.get("text_positions"):  # 1D positions on all three rotary axes (see load_editreward)
+                batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0).expand(3, -1, -1)
             with self.autocast():
-                hidden = unwrap(self.backbone).model(**batch).last_hidden_state
+                hidden = unwrap(self.backbone).model(**batch, use_cache=False).last_hidden_state
             cols.append(self.head(pool_hidden(hidden, batch["input_ids"], batch["attention_mask"], self.reward_id)))
         if len(cols) == 1:
             return cols[0]
@@ -653,7 +657,8 @@ class RewardModel(nn.Module):
         return out
 
     def save_weights(self, path):  # peft adapter or full weights via save_pretrained, head + reward row as safetensors
-        self.backbone.save_pretrained(os.path.join(path, "backbone"))
+        lora = {"save_embedding_layers": False} if hasattr(self.backbone, "peft_config") else {}  # no 1 GB lm_head copy
+        self.backbone.save_pretrained(os.path.join(path, "backbone"), **lora)
         if self.head is not None:
             extra = {f"head.{k}": v for k, v in self.head.state_dict().items()} | {"reward_row": self.reward_row}
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},
@@ -698,6 +703,7 @@ def as_list(src):
 # --- the published reward models: EditScore's LoRA adapters and EditReward's checkpoints -------------------------
 EDITREWARD_TOKEN, EDITREWARD_BASE = "<|Reward|>", "Qwen/Qwen2.5-VL-7B-Instruct"  # its token; its 7B model's base
 EDITREWARD_PIXELS = 256 * 28 * 28  # its inferencer gives every image exactly this area (min = max pixels)
+EDITSCORE_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)  # its scorer: qwen_vl_utils' bounds
 
 def published_layout(path):
     """("editscore" | "editreward", local file or folder) if path, a folder or hub repo, holds a peft adapter
@@ -733,16 +739,16 @@ def load_adapter(model, file, base):
 
 def load_editscore(cls, folder, defaults, overrides, device):
     """EditScore (VectorSpaceLab/EditScore): a peft LoRA over a Qwen-VL, merged into it (as the authors' loader does)
-    and scored with the EditScore rubric (0-25 per answer; the 512-token answers of their scripts). The base VLM is
-    model= if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
+    and scored with the EditScore rubric (0-25 per answer; their scripts' 512-token answers and image bounds). The base
+    VLM is model= if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
     from peft import PeftConfig, get_peft_model
     card = os.path.join(folder, "README.md")  # a hub model card names its base_model
     card = re.search(r"^base_model:[ \t]*(?:\n[ \t]*-[ \t]*)?(\S+)", open(card).read(), re.M) \
         if os.path.exists(card) else None
     config = PeftConfig.from_pretrained(folder)
     base = overrides.get("model") or (card[1] if card else config.base_model_name_or_path)
-    rm = cls({**defaults, **preset("verifier", False), "max_new_tokens": 512, "stage": "eval", **overrides,
-              "model": base, "mode": "verifier", "rubric": "editscore"}, device)
+    rm = cls({**defaults, **preset("verifier", False), **EDITSCORE_PIXELS, "max_new_tokens": 512, "stage": "eval",
+              **overrides, "model": base, "mode": "verifier", "rubric": "editscore"}, device)
     lora = get_peft_model(rm.backbone, config)
     load_adapter(lora, os.path.join(folder, "adapter_model.safetensors"), base)
     rm.backbone = lora.merge_and_unload()
@@ -767,7 +773,9 @@ def load_editreward(cls, file, defaults, overrides, device):
     """EditReward: a full state dict (the VLM and its heads, model.pth or model.safetensors) read with one prompt
     per dimension, head d on prompt d (--per_dim_prompts; --prompt_file keys in head order), ending in <|Reward|>;
     a dimension's score is its head's mu, the overall their mean, as in the authors' inferencer. The base VLM is
-    model= if given, else the folder itself if it has a config.json, else EDITREWARD_BASE."""
+    model= if given, else the folder itself if it has a config.json, else EDITREWARD_BASE. Their Qwen2.5-VL class
+    runs its language model on image embeddings it put in place itself, without image_grid_thw, so its heads were
+    trained under 1D positions (the attention mask's cumsum on all three rotary axes): a Qwen2.5-VL is read so."""
     state = torch.load(file, map_location="cpu", weights_only=True) if file.endswith(".pth") else load_file(file)
     state, folder = state.get("model", state), os.path.dirname(file)
     head = EditRewardHead(state)
@@ -784,7 +792,7 @@ def load_editreward(cls, file, defaults, overrides, device):
         rm.backbone.load_state_dict(vlm)
     except RuntimeError as e:
         raise ValueError(f"{file}: its weights do not fit {base}: {str(e)[:400]}") from None
-    rm.head = head.to(rm.device)
+    rm.head, rm.flags["text_positions"] = head.to(rm.device), rm.backbone.config.model_type == "qwen2_5_vl"
     rm.reward_row.data.copy_(rm.backbone.get_input_embeddings().weight[rm.reward_id].float())
     return rm.eval()
 

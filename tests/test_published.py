@@ -72,6 +72,8 @@ def test_editscore_adapter_loads_merged_and_runs_avg_k(base, editscore):
     w = dict(plain.named_parameters())["model.language_model.layers.1.self_attn.q_proj.weight"]
     merged = dict(rm.backbone.named_parameters())["model.language_model.layers.1.self_attn.q_proj.weight"]
     assert torch.allclose(merged, w + 2.0 * b @ a, atol=1e-5) and not torch.allclose(merged, w, atol=1e-3)
+    # the authors' scorer sizes images by qwen_vl_utils' bounds (up to 16384 tokens), not this script's defaults
+    assert rm.processor.image_processor.size == {"shortest_edge": 4 * 28 * 28, "longest_edge": 16384 * 28 * 28}
     out = rm.score([images(1)[0]] * 2, ["make the circle red"] * 2, images(2), num_samples=3)
     assert set(out) == {"prompt_following", "consistency", "perceptual_quality", "overall", "unparsed"}
     assert out["unparsed"].tolist() == [3.0, 3.0]  # a random tiny model never answers the rubric: counted, not guessed
@@ -145,6 +147,29 @@ def test_editreward_checkpoint_maps_heads_onto_dimensions(base, editreward):
     assert torch.allclose(out["sigma_visual_quality"], torch.tensor(0.25).exp().repeat(2))
     batch = rm.encode([images(1)[0]], ["add a square"], images(1), per_dim=True)
     assert len(batch) == 2 and all((b["input_ids"] == rm.reward_id).sum() == 1 for b in batch)
+
+
+def test_editreward_qwen25_heads_read_1d_positions(base, editreward):
+    """EditReward's Qwen2.5-VL class runs its language model on image embeddings it put in place itself, without
+    image_grid_thw, so its heads were trained under 1D positions (the attention mask's cumsum on all three rotary
+    axes), not Qwen2.5-VL's 3D image positions: the scores are those heads on those hidden states."""
+    folder, _ = editreward
+    rm = R.RewardModel.from_pretrained(folder, model=base)
+    assert rm.flags["text_positions"]
+    for head in rm.head.rm_heads.values():  # a last layer that reads the hidden state (the fixture's does not)
+        torch.manual_seed(0)
+        head[5].weight.data.normal_()
+    batches = rm.encode([images(1)[0]] * 2, ["add a square", "make the large circle in the middle blue"], images(2),
+                        per_dim=True)
+    with torch.no_grad():
+        mu = rm(batches)[0]
+        model = R.unwrap(rm.backbone).model
+        for d, b in enumerate(batches):
+            pos = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0).expand(3, -1, -1)
+            one_d, three_d = (R.pool_hidden(model(**b, **kw).last_hidden_state, b["input_ids"], b["attention_mask"],
+                                            rm.reward_id) for kw in ({"position_ids": pos}, {}))
+            assert torch.allclose(mu[:, d], rm.head(one_d)[0][:, d], atol=1e-5)
+            assert not torch.allclose(mu[:, d], rm.head(three_d)[0][:, d], atol=1e-3)
 
 
 def test_editreward_prompt_file_places_the_token_inside_the_user_turn(base, editreward, tmp_path):

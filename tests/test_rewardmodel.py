@@ -268,6 +268,21 @@ def test_trained_weights_stay_fp32_under_bf16(toy, finetune):
 
 
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))
+def test_vision_lora_adapts_the_towers_own_layers(name):
+    """--vision lora reaches each family's vision blocks by their own layer names (attn.qkv, attn.proj; Qwen3-VL's
+    mlp.linear_fc1/2), never the patch embedding; the language model's adapters are those of a frozen tower."""
+    adapted = {}
+    for vision in ("frozen", "lora"):
+        model = R.setup_lora(R.build_tiny_vlm(name)[0], 4, 8, 0.0, R.parser.get_default("lora_targets"), vision)
+        adapted[vision] = {n.split(".lora_A.")[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    tower = {n for n in adapted["lora"] if ".visual." in n}
+    assert not any(".visual." in n for n in adapted["frozen"]) and adapted["lora"] - tower == adapted["frozen"]
+    mlp = "mlp.linear_fc2" if name == "tiny-qwen3-vl" else "mlp.down_proj"
+    assert all(any(n.endswith(f"blocks.0.{m}") for n in tower) for m in ("attn.qkv", "attn.proj", mlp))
+    assert not any("patch_embed" in n for n in tower)
+
+
+@pytest.mark.parametrize("name", list(R.TINY_MODELS))
 def test_each_family_scores_trains_and_generates(toy, name):
     """Qwen2.5-VL and Qwen3-VL through the same code: Gaussian scores, one Gaussian training step, and verifier
     sampling with one shared prefill whose log-probs teacher forcing reproduces."""

@@ -283,7 +283,8 @@ def test_sft_smoke(sft_dir):
     flags = json.loads((sft_dir / "args.json").read_text())
     assert flags["mode"] == "verifier" and flags["init"] is None and flags["dims"] == "follow,keep,quality"
     assert torch.load(sft_dir / "train_state.pt", weights_only=True)["step"] == 3
-    assert (sft_dir / "backbone" / "adapter_model.safetensors").exists()
+    saved = _adapter(sft_dir)  # lm_head's LoRA factors, never a copy of lm_head itself (1 GB at 7B)
+    assert any("lm_head.lora_A" in k for k in saved) and not any("base_layer" in k for k in saved)
     rm = RewardModel.from_pretrained(str(sft_dir), max_new_tokens=8)  # dispatches on args.json's mode
     out = rm.score([_img(0), _img(1)], ["remove the square"] * 2, [_img(2), _img(3)], num_samples=2)
     assert rm.dims == ["follow", "keep", "quality"] and set(out) >= {"overall", "unparsed", *rm.dims}
