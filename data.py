@@ -158,8 +158,10 @@ def _rows(path, split=None, config=None):
             hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
             sub = config and (path == "TIGER-Lab/EditReward-Bench" or os.path.isdir(os.path.join(path, config)))
             ds = datasets.load_dataset(path, **{"data_dir" if sub else "name": config or hub[0]}, split=split or hub[1])
-        cells = {}  # image column -> (a table of it alone, its null cells): rows get lazy refs, a hub set's images
-        for name, feat in ds.features.items():  # exceed RAM; images are decoded when used, where an error names the row
+        # A hub set's images exceed RAM: an image column stays on disk and a row holds lazy refs to its cells. Images
+        # are decoded when used, where an error names the row. cells: column -> (a table of it alone, its null cells)
+        cells = {}
+        for name, feat in ds.features.items():
             if isinstance(feat, datasets.Image):
                 one = ds.select_columns(name).cast_column(name, datasets.Image(decode=False))
                 cells[name], ds = (one, one.data.column(name).is_null().to_pylist()), ds.remove_columns(name)
@@ -168,7 +170,7 @@ def _rows(path, split=None, config=None):
     except Exception as e:
         raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
     for i, row in enumerate(ds):
-        row.update({name: None if null[i] else partial(_cell, one, name, i) for name, (one, null) in cells.items()})
+        row.update({name: None if null[i] else partial(_cell, table, name, i) for name, (table, null) in cells.items()})
         yield path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row
 
 

@@ -657,8 +657,8 @@ class RewardModel(nn.Module):
         return out
 
     def save_weights(self, path):  # peft adapter or full weights via save_pretrained, head + reward row as safetensors
-        lora = {"save_embedding_layers": False} if hasattr(self.backbone, "peft_config") else {}  # no 1 GB lm_head copy
-        self.backbone.save_pretrained(os.path.join(path, "backbone"), **lora)
+        kw = {"save_embedding_layers": False} if hasattr(self.backbone, "peft_config") else {}  # no 1 GB lm_head copy
+        self.backbone.save_pretrained(os.path.join(path, "backbone"), **kw)
         if self.head is not None:
             extra = {f"head.{k}": v for k, v in self.head.state_dict().items()} | {"reward_row": self.reward_row}
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},
