@@ -14,7 +14,6 @@ A source is a .json/.jsonl/.parquet file, a folder (save_to_disk ones too) or a 
 naming source, row and column (skip_bad: skipped and reported). Tie-disentanglement: EditReward (arXiv 2509.26346,
 section 3.3). The toy world: shapes on a plain background at 56 px, edited by instructions ("make the red circle
 blue", "remove / add / move ...", "change the background to ..."); toy_oracle() scores any edit from its pixels.
-Candidates are factorial (what the edit does x how noisy it is): quality cannot be guessed from content.
 
   python data.py --toy --out data/toy                 # write the toy world (~1 min on 2 cores)
   python data.py --inspect data/toy/bench.jsonl       # counts, ties, dimensions + a contact sheet PNG
@@ -390,6 +389,8 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     """The one loading path: every row as a dataclass, as parsed or as `want` (groups -> pairs, TIGER comparisons ->
     groups). A bad row is a DataError naming source and row; skip_bad skips it, keeps it in .skipped, reports it."""
     items, skipped, checked = [], [], set()
+    # torchrun: a rank verifies every world-th image (a bad one stops the job); skip_bad: all, so all skip alike
+    rank, world = (0, 1) if skip_bad else (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
     for origin, row in _rows(path, split, config):
         try:
@@ -400,8 +401,10 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
             if fmt not in PARSERS:
                 raise DataError(f"{origin}: cannot read the columns {sorted(row)} as {fmt!r} ({', '.join(PARSERS)})")
             item = PARSERS[fmt][1](_Row(row, origin, base))
-            for ref in {x for x, _ in _image_refs(item)} - checked if check_images else ():  # each file/blob once
-                checked.add(load_image(ref, origin, verify=True) or ref)
+            for ref in dict.fromkeys(x for x, _ in _image_refs(item) if x not in checked) if check_images else ():
+                if len(checked) % world == rank:  # each file or blob once, in the same order on every rank
+                    load_image(ref, origin, verify=True)
+                checked.add(ref)
             items.append(item)
         except DataError as e:
             if not skip_bad:
@@ -614,11 +617,9 @@ def toy_oracle(source, instruction, edited):
     should, out, edits = ct != cs, [], edited if isinstance(edited, list) else [edited]
     for ed in edits:
         ed = ed if isinstance(ed, Image.Image) else Image.fromarray(np.asarray(ed, dtype=np.uint8))
-        ed = ed.resize(src.shape[1::-1], Image.BILINEAR) if ed.size != src.shape[1::-1] else ed
-        ed = np.asarray(ed.convert("RGB"), dtype=np.float32)
+        ed = np.asarray(ed.convert("RGB").resize(src.shape[1::-1], Image.BILINEAR), dtype=np.float32)
         ce = classify(ed)
-        did, correct = ce != cs, (should & (ce == ct)).sum()
-        union = (should | did).sum()
+        did, correct, union = ce != cs, (should & (ce == ct)).sum(), (should | (ce != cs)).sum()
         dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
         f, q = float(correct / max(union, 1)), float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0))
         out.append({"instruction_following": f, "visual_quality": q, "change": float(correct / max(should.sum(), 1)),
@@ -662,7 +663,7 @@ def _random_instruction(rng, scene, kind=None):
 
 
 def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
-    """One candidate edit, made factorially: what the edit does (outcome) x how noisy it is (level)."""
+    """One candidate edit: what it does (outcome) x its noise level, drawn apart, so content does not tell quality."""
     src = render_scene(scene, size)
     if outcome == "unchanged":
         img = src.copy()
@@ -709,11 +710,10 @@ def _toy_group(rng, gid, k, size, out):
 
 
 def _toy_pairs(groups):
-    return [{"id": p.id, "instruction": p.instruction, "source": g["source"], "preferred": p.preferred,
-             "rejected": p.rejected, "prefs": p.prefs, "tie": p.tie, "category": p.category, "scores": p.scores,
-             "outcomes": p.meta["outcomes"]} for g in groups for p in CandidateGroup(
-                 g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"], g["category"], g["scores"],
-                 meta={"outcomes": g["outcomes"]}).to_pairs()]
+    cols = ("id", "instruction", "preferred", "rejected", "prefs", "tie", "category", "scores")
+    return [{**{c: getattr(p, c) for c in cols}, "source": g["source"], "outcomes": p.meta["outcomes"]} for g in groups
+            for p in CandidateGroup(g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"],
+                                    g["category"], g["scores"], meta={"outcomes": g["outcomes"]}).to_pairs()]
 
 
 def _toy_prompt(rng, pid, size, out, editor_wrong=None):

@@ -126,8 +126,8 @@ def unpack(x, C, h, w):
     return x.view(x.shape[0], h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], C, h, w)
 
 def to_tensor(img, side):
-    """PIL -> (3, side, side) in [-1, 1]."""
-    a = np.asarray(img.convert("RGB").resize((side, side), Image.BICUBIC), dtype=np.float32)
+    """PIL -> (3, side, side) in [-1, 1], resized with Lanczos as the pipelines' VaeImageProcessor resizes sources."""
+    a = np.asarray(img.convert("RGB").resize((side, side), Image.LANCZOS), dtype=np.float32)
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
 
 def to_pil(x):
@@ -273,7 +273,7 @@ class Editor:
         side = self.side if self.plus else self.cond_side
         e = {"image": self.encode_images(srcs, side).flatten(0, 1), "shapes": [(1, side // 2, side // 2)] * len(srcs)}
         if self.qwen:
-            vl = [im.resize((self.cond_side * self.down,) * 2) for im in srcs]
+            vl = [im.resize((self.cond_side * self.down,) * 2, Image.LANCZOS) for im in srcs]
             e["text"] = self.qwen_embed(p.instruction, vl)
             if self.guidance > 1:  # true CFG's negative prompt: a blank, as in the pipeline's examples and Flow-GRPO
                 e["neg"] = self.qwen_embed(" ", vl)
@@ -729,7 +729,6 @@ def main(args):
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
     editor = load_editor(args, ddp.device)
     torch.manual_seed(args.seed)  # the same on every rank: the LoRA starts identical everywhere, as under DDP
-    reward_fn = make_reward(args.reward, ddp.device, args.reward_prompts)
     sigmas, eval_sigmas = editor.sigmas(args.num_steps), editor.sigmas(args.eval_num_steps)
     ckpt, start, history, opt_state = os.path.join(args.out_dir, "ckpt"), 0, None, None
     warmup(editor, args, ddp)
@@ -742,6 +741,7 @@ def main(args):
         editor.tr.enable_gradient_checkpointing()
     if args.fsdp:
         named, ref, old = shard_transformer(editor.tr, ref, old)
+    reward_fn = make_reward(args.reward, ddp.device, args.reward_prompts)  # after sharding: less peak memory
     opt = torch.optim.AdamW([q for _, q in named], lr=args.lr, weight_decay=0.0)
     if opt_state is not None:  # keyed by parameter name: under FSDP each rank keeps its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

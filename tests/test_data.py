@@ -437,6 +437,37 @@ def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
     assert "skipped 5 bad row(s)" in err and "bad.jsonl:6" in err
 
 
+def test_under_torchrun_each_rank_verifies_its_share_of_the_images(tmp_path, monkeypatch):
+    for i in range(3):
+        for side in "spr":
+            write_png(tmp_path / f"{side}{i}.png", (i, 0, 0))
+    (tmp_path / "r1.png").write_bytes(png_bytes((1, 2, 3), (64, 64))[:60])  # the 6th image: rank 1 of 2 checks it
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "instruction": "x", "source": f"s{i}.png",
+                                               "preferred": f"p{i}.png", "rejected": f"r{i}.png"} for i in range(3)])
+    seen, real = [], data.load_image
+    monkeypatch.setattr(data, "load_image", lambda ref, origin="", verify=False:
+                        seen.append(os.path.basename(ref)) or real(ref, origin, verify))
+    with pytest.raises(DataError, match=r"d.jsonl:2: corrupt image .*r1.png"):
+        data.load_pairs(path)  # one process: all of them
+    assert seen == ["s0.png", "p0.png", "r0.png", "s1.png", "p1.png", "r1.png"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shares = {}
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        seen.clear()
+        try:
+            shares[rank] = (len(data.load_pairs(path)), list(seen))
+        except DataError as e:
+            shares[rank] = (str(e), list(seen))
+    assert shares["0"] == (3, ["s0.png", "r0.png", "p1.png", "s2.png", "r2.png"])  # every other image, in order
+    assert shares["1"][1] == ["p0.png", "s1.png", "r1.png"] and "d.jsonl:2: corrupt image" in shares["1"][0]
+    for rank in ("0", "1"):  # skip_bad: every rank checks every image and skips the same row
+        monkeypatch.setenv("RANK", rank)
+        seen.clear()
+        pairs = data.load_pairs(path, skip_bad=True)
+        assert len(pairs) == 2 and [o for o, _ in pairs.skipped] == [f"{path}:2"] and len(seen) == 9
+
+
 @pytest.mark.parametrize("value, pattern", [
     (float("nan"), "must be a finite number, got nan"), (float("inf"), "must be a finite number, got inf"),
     (True, "must be a finite number, got True"), (None, "column 'model2_dim1_score' is null"),

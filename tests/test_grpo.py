@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo  # noqa: E402
@@ -242,6 +244,18 @@ def test_qwen_prompt_embedding_has_the_image_tokens_mrope_positions(toy):
         without, _ = pipe.encode_prompt(prompt=[p.instruction], image=img, device=CPU)  # diffusers' own path
     torch.testing.assert_close(ours, want)
     assert without.shape[1:] == want.shape[:1] + want.shape[1:] and not torch.allclose(without[0], want, atol=1e-4)
+
+
+def test_sources_are_resized_as_the_pipelines_resize_them(toy):
+    editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "1")
+    proc = editor.pipe.image_processor  # diffusers' VaeImageProcessor, as the pipelines' __call__ uses it (Lanczos)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    torch.testing.assert_close(grpo.to_tensor(img, 32), proc.preprocess(proc.resize(img, 32, 32), 32, 32)[0])
+    seen = []  # the VL encoder's view of the source
+    editor.qwen_embed = lambda text, images: seen.extend(images) or torch.zeros(3, 8)
+    editor.encode(EditPrompt("p", "x", [img], origin="test"))
+    side = editor.cond_side * editor.down
+    assert np.array_equal(np.asarray(seen[0]), np.asarray(proc.resize(img, side, side)))
 
 
 def test_qwen_edit_plus_conditions_on_every_source(toy):
