@@ -190,12 +190,13 @@ RUBRIC_DIMS = ("prompt_following", "consistency", "perceptual_quality")  # what 
 _KV = re.compile(r"[\"']?([A-Za-z_][\w ]*?)[\"']?\s*[:=]\s*"
                  r"(\[[^\]\[]*\]|\"[^\"]*\"|'[^']*'|[-+]?[\d.]+(?:\s*/\s*[\d.]+)?)")
 
-def encode_prompt(processor, images, text):
-    """One user turn (each image labelled, then the text) through the chat template, assistant turn open ->
-    unpadded model inputs of batch 1 (mm_token_type_ids marks image tokens: Qwen-VL's 3D rope needs it)."""
-    labels = ["source:"] * (len(images) - 1) + ["edited:"]
+def encode_prompt(processor, images, text, labels=None):
+    """One user turn (each image after its label, then the text) through the chat template, assistant turn open ->
+    unpadded model inputs of batch 1 (mm_token_type_ids marks image tokens: Qwen-VL's 3D rope needs it). Without
+    labels: "source:" ... "edited:", and the text on a line of its own."""
+    labels, text = (["source:"] * (len(images) - 1) + ["edited:"], "\n" + text) if labels is None else (labels, text)
     content = [c for lab in labels for c in ({"type": "text", "text": lab}, {"type": "image"})]
-    content.append({"type": "text", "text": "\n" + text})
+    content.append({"type": "text", "text": text})
     chat = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     enc = processor(text=[chat], images=list(images) or None, return_tensors="pt")
@@ -610,11 +611,12 @@ class RewardModel(nn.Module):
         verifier's prompt or to the EditScore rubric's two (the edit with its source(s); the edit alone) -> score()'s
         dict; principles outside self.dims are dropped, so every call has the same keys."""
         tok, rubric, rows = self.processor.tokenizer, self.flags["rubric"] == "editscore", []
-        prompts = self.prompts or EDITSCORE_PROMPTS
-        def answers(images, text):
+        prompts, qwen3 = self.prompts or EDITSCORE_PROMPTS, self.backbone.config.model_type.startswith("qwen3")
+        def answers(images, text):  # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
             seeds, eos = [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>")
+            labels = [f"<img{i}>: " * (not qwen3) for i in range(1, len(images) + 1)] if rubric else None
             with self.autocast():
-                prompt = encode_prompt(self.processor, images, text)
+                prompt = encode_prompt(self.processor, images, text, labels)
                 toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
                                                       SCORE_TEMPERATURE, TOP_K, TOP_P)
             return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
@@ -703,7 +705,7 @@ def as_list(src):
 # --- the published reward models: EditScore's LoRA adapters and EditReward's checkpoints -------------------------
 EDITREWARD_TOKEN, EDITREWARD_BASE = "<|Reward|>", "Qwen/Qwen2.5-VL-7B-Instruct"  # its token; its 7B model's base
 EDITREWARD_PIXELS = 256 * 28 * 28  # its inferencer gives every image exactly this area (min = max pixels)
-EDITSCORE_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)  # its scorer: qwen_vl_utils' bounds
+EDITSCORE_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)  # its Qwen2.5-VL scorer: qwen_vl_utils'
 
 def published_layout(path):
     """("editscore" | "editreward", local file or folder) if path, a folder or hub repo, holds a peft adapter
@@ -742,12 +744,15 @@ def load_editscore(cls, folder, defaults, overrides, device):
     and scored with the EditScore rubric (0-25 per answer; their scripts' 512-token answers and image bounds). The base
     VLM is model= if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
     from peft import PeftConfig, get_peft_model
+    from transformers import AutoConfig
     card = os.path.join(folder, "README.md")  # a hub model card names its base_model
     card = re.search(r"^base_model:[ \t]*(?:\n[ \t]*-[ \t]*)?(\S+)", open(card).read(), re.M) \
         if os.path.exists(card) else None
     config = PeftConfig.from_pretrained(folder)
     base = overrides.get("model") or (card[1] if card else config.base_model_name_or_path)
-    rm = cls({**defaults, **preset("verifier", False), **EDITSCORE_PIXELS, "max_new_tokens": 512, "stage": "eval",
+    qwen3 = (TINY_MODELS.get(base) or AutoConfig.from_pretrained(base).model_type).startswith("qwen3")
+    pixels = dict(min_pixels=None, max_pixels=None) if qwen3 else EDITSCORE_PIXELS  # Qwen3-VL's: its processor's
+    rm = cls({**defaults, **preset("verifier", False), **pixels, "max_new_tokens": 512, "stage": "eval",
               **overrides, "model": base, "mode": "verifier", "rubric": "editscore"}, device)
     lora = get_peft_model(rm.backbone, config)
     load_adapter(lora, os.path.join(folder, "adapter_model.safetensors"), base)

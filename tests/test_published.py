@@ -24,28 +24,31 @@ def old_key(key):
     return key.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny random Qwen2.5-VL saved as a hub-style folder (weights, config, tokenizer, image processor)."""
-    folder = str(tmp_path_factory.mktemp("base"))
-    model, processor = R.build_tiny_vlm("tiny")
+def write_base(folder, family="tiny"):
+    """A tiny random Qwen2.5-VL (or Qwen3-VL) saved as a hub-style folder (weights, config, tokenizer, image
+    processor)."""
+    model, processor = R.build_tiny_vlm(family)
     model.save_pretrained(folder)
     processor.tokenizer.save_pretrained(folder)
     processor.image_processor.save_pretrained(folder)
-    return folder
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_base(tmp_path_factory.mktemp("base"))
 
 
 def images(n):
     return [Image.new("RGB", (56, 56), (40 * i, 90, 200 - 30 * i)) for i in range(n)]
 
 
-@pytest.fixture(scope="module")
-def editscore(base, tmp_path_factory):
+def write_editscore(folder, base, family="tiny"):
     """An EditScore-layout adapter: LoRA r=4 alpha=8 on the attention projections, random nonzero B, old keys, and
     a model card naming the base; adapter_config.json names a base path that does not exist here (as the authors')."""
     from peft import LoraConfig, get_peft_model
-    folder = str(tmp_path_factory.mktemp("editscore"))
-    model, _ = R.build_tiny_vlm("tiny")
+    folder = str(folder)
+    model, _ = R.build_tiny_vlm(family)
     torch.manual_seed(0)
     lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     for n, p in lora.named_parameters():
@@ -59,6 +62,11 @@ def editscore(base, tmp_path_factory):
               open(f"{folder}/adapter_config.json", "w"))
     open(f"{folder}/README.md", "w").write(f"---\nlibrary_name: peft\nbase_model:\n- {base}\n---\n# EditScore\n")
     return folder, {k: v for k, v in adapter.items()}
+
+
+@pytest.fixture(scope="module")
+def editscore(base, tmp_path_factory):
+    return write_editscore(tmp_path_factory.mktemp("editscore"), base)
 
 
 def test_editscore_adapter_loads_merged_and_runs_avg_k(base, editscore):
@@ -82,9 +90,32 @@ def test_editscore_adapter_loads_merged_and_runs_avg_k(base, editscore):
 def test_editscore_rubric_sizes_the_edit_as_the_source(editscore, monkeypatch):
     """EditScore's evaluation.py resizes each edit to its source's size before scoring it; so does the rubric here."""
     rm, seen, encode = R.RewardModel.from_pretrained(editscore[0], max_new_tokens=2), [], R.encode_prompt
-    monkeypatch.setattr(R, "encode_prompt", lambda p, ims, t: seen.append([i.size for i in ims]) or encode(p, ims, t))
+    monkeypatch.setattr(R, "encode_prompt", lambda p, ims, t, labels: seen.append([i.size for i in ims]) or
+                        encode(p, ims, t, labels))
     rm.score([images(1)[0]], ["add a square"], [Image.new("RGB", (84, 28))])
     assert seen == [[(56, 56), (56, 56)], [(56, 56)]]  # the SC prompt (source, edit), then the PQ prompt (the edit)
+
+
+@pytest.mark.parametrize("family", ["tiny", "tiny-qwen3-vl"])
+def test_editscore_adapters_see_the_images_as_its_scorers_show_them(family, tmp_path, monkeypatch):
+    """EditScore's Qwen2.5-VL scorer (editscore/mllm_tools/qwen25vl.py) writes "<img1>: " before each image, the
+    rubric right after the last, within qwen_vl_utils' image bounds; its Qwen3-VL scorer (qwen3vl.py) gives the
+    processor's chat template the images bare and keeps the processor's bounds."""
+    base = write_base(tmp_path / "base", family)
+    rm = R.RewardModel.from_pretrained(write_editscore(tmp_path / "adapter", base, family)[0], max_new_tokens=2)
+    seen, sample = [], R.sample_shared_prefill
+    monkeypatch.setattr(R, "sample_shared_prefill", lambda m, enc, *a: seen.append(enc["input_ids"][0]) or
+                        sample(m, enc, *a))
+    rm.score([images(1)[0]], ["add a square"], images(2)[1:])
+    img = "<|vision_start|><|image_pad|><|vision_end|>"
+    sc = R.EDITSCORE_PROMPTS["SC"].replace("{instruction}", "add a square")
+    labels = ["<img1>: ", "<img2>: "] if family == "tiny" else ["", ""]
+    text = [re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", rm.processor.tokenizer.decode(ids)) for ids in seen]
+    assert text == [f"<|im_start|>user\n{labels[0]}{img}{labels[1]}{img}{sc}<|im_end|>\n<|im_start|>assistant\n",
+                    f"<|im_start|>user\n{labels[0]}{img}{R.EDITSCORE_PROMPTS['PQ']}<|im_end|>\n<|im_start|>assistant\n"]
+    own = R.build_tiny_vlm(family)[1].image_processor.size
+    assert rm.processor.image_processor.size == (dict(own) if family != "tiny" else
+                                                 {"shortest_edge": 4 * 28 * 28, "longest_edge": 16384 * 28 * 28})
 
 
 def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
