@@ -618,8 +618,8 @@ def toy_oracle(source, instruction, edited):
     for ed in edits:
         ed = ed if isinstance(ed, Image.Image) else Image.fromarray(np.asarray(ed, dtype=np.uint8))
         ed = np.asarray(ed.convert("RGB").resize(src.shape[1::-1], Image.BILINEAR), dtype=np.float32)
-        ce = classify(ed)
-        did, correct, union = ce != cs, (should & (ce == ct)).sum(), (should | (ce != cs)).sum()
+        did = (ce := classify(ed)) != cs
+        correct, union = (should & (ce == ct)).sum(), (should | did).sum()
         dist = np.sqrt(((ed[:, :, None, :] - PALETTE) ** 2).sum(-1).min(-1)) / 255.0
         f, q = float(correct / max(union, 1)), float(np.clip(1.0 - dist.mean() / 0.2, 0.0, 1.0))
         out.append({"instruction_following": f, "visual_quality": q, "change": float(correct / max(should.sum(), 1)),

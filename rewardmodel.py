@@ -614,7 +614,7 @@ class RewardModel(nn.Module):
         prompts, qwen3 = self.prompts or EDITSCORE_PROMPTS, self.backbone.config.model_type.startswith("qwen3")
         def answers(images, text):  # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
             seeds, eos = [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>")
-            labels = [f"<img{i}>: " * (not qwen3) for i in range(1, len(images) + 1)] if rubric else None
+            labels = ["" if qwen3 else f"<img{i}>: " for i in range(1, len(images) + 1)] if rubric else None
             with self.autocast():
                 prompt = encode_prompt(self.processor, images, text, labels)
                 toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
