@@ -704,8 +704,13 @@ def as_list(src):
 
 # --- the published reward models: EditScore's LoRA adapters and EditReward's checkpoints -------------------------
 EDITREWARD_TOKEN, EDITREWARD_BASE = "<|Reward|>", "Qwen/Qwen2.5-VL-7B-Instruct"  # its token; its 7B model's base
-EDITREWARD_PIXELS = 256 * 28 * 28  # its inferencer gives every image exactly this area (min = max pixels)
+EDITREWARD_PIXELS = 256 * 28 * 28  # its Qwen2.5-VL inferencer gives every image exactly this area (min = max pixels)
 EDITSCORE_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)  # its Qwen2.5-VL scorer: qwen_vl_utils'
+
+# Both papers' Qwen3-VL code keeps the processor's image bounds: apply_chat_template ignores a message's min/max_pixels
+def model_type(name):  # a VLM's, before it loads
+    from transformers import AutoConfig
+    return TINY_MODELS.get(name) or AutoConfig.from_pretrained(name).model_type
 
 def published_layout(path):
     """("editscore" | "editreward", local file or folder) if path, a folder or hub repo, holds a peft adapter
@@ -744,14 +749,12 @@ def load_editscore(cls, folder, defaults, overrides, device):
     and scored with the EditScore rubric (0-25 per answer; their scripts' 512-token answers and image bounds). The base
     VLM is model= if given, else the model card's base_model, else adapter_config.json's base_model_name_or_path."""
     from peft import PeftConfig, get_peft_model
-    from transformers import AutoConfig
     card = os.path.join(folder, "README.md")  # a hub model card names its base_model
     card = re.search(r"^base_model:[ \t]*(?:\n[ \t]*-[ \t]*)?(\S+)", open(card).read(), re.M) \
         if os.path.exists(card) else None
     config = PeftConfig.from_pretrained(folder)
     base = overrides.get("model") or (card[1] if card else config.base_model_name_or_path)
-    qwen3 = (TINY_MODELS.get(base) or AutoConfig.from_pretrained(base).model_type).startswith("qwen3")
-    pixels = dict(min_pixels=None, max_pixels=None) if qwen3 else EDITSCORE_PIXELS  # Qwen3-VL's: its processor's
+    pixels = dict(min_pixels=None, max_pixels=None) if model_type(base).startswith("qwen3") else EDITSCORE_PIXELS
     rm = cls({**defaults, **preset("verifier", False), **pixels, "max_new_tokens": 512, "stage": "eval",
               **overrides, "model": base, "mode": "verifier", "rubric": "editscore"}, device)
     lora = get_peft_model(rm.backbone, config)
@@ -786,7 +789,8 @@ def load_editreward(cls, file, defaults, overrides, device):
     head = EditRewardHead(state)
     names = json.load(open(overrides["prompt_file"], encoding="utf-8")) if overrides.get("prompt_file") else DIMS
     base = overrides.get("model") or (folder if os.path.exists(f"{folder}/config.json") else EDITREWARD_BASE)
-    rm = cls({**defaults, "stage": "eval", "min_pixels": EDITREWARD_PIXELS, "max_pixels": EDITREWARD_PIXELS,
+    pixels = None if model_type(base).startswith("qwen3") else EDITREWARD_PIXELS  # None: the processor's own
+    rm = cls({**defaults, "stage": "eval", "min_pixels": pixels, "max_pixels": pixels,
               **overrides, "model": base, "mode": "gaussian", "per_dim_prompts": True, "reward_token": EDITREWARD_TOKEN,
               "dims": ",".join(list(names)[:len(head.rm_heads)])}, device)
     vlm = {current_key(k): v for k, v in state.items() if not k.startswith("rm_heads.")}

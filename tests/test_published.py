@@ -143,23 +143,29 @@ def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
     assert bench()["scored_now"] == 2  # the same file name with other templates: scored anew
 
 
-@pytest.fixture(scope="module")
-def editreward(base, tmp_path_factory):
+def write_editreward(folder, family="tiny"):
     """An EditReward-layout checkpoint: the VLM with <|Reward|> added and its embeddings resized to the tokenizer,
     plus rm_heads.head_0 / head_1 (1024 -> 16 -> 2 here 32 -> 8 -> 2) whose last layers are set by hand, in model.pth
     with old keys; no config.json beside it (the authors' inferencer builds the base from its hub name)."""
-    folder = str(tmp_path_factory.mktemp("editreward"))
-    model, processor = R.build_tiny_vlm("tiny")
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    model, processor = R.build_tiny_vlm(family)
+    width = model.config.text_config.hidden_size
     processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
     model.resize_token_embeddings(len(processor.tokenizer))
     state = {old_key(k): v for k, v in model.state_dict().items()}
     for d, (mu, log_sigma) in enumerate([(1.5, -1.0), (-0.5, 0.25)]):
         torch.manual_seed(d)
-        for i, (fan_in, fan_out) in zip((0, 3, 5), ((64, 32), (32, 8), (8, 2))):
+        for i, (fan_in, fan_out) in zip((0, 3, 5), ((width, 32), (32, 8), (8, 2))):
             state[f"rm_heads.head_{d}.{i}.weight"] = torch.randn(fan_out, fan_in) * (i != 5)
             state[f"rm_heads.head_{d}.{i}.bias"] = torch.tensor([mu, log_sigma]) if i == 5 else torch.randn(fan_out)
     torch.save(state, f"{folder}/model.pth")
     return folder, model
+
+
+@pytest.fixture(scope="module")
+def editreward(base, tmp_path_factory):
+    return write_editreward(tmp_path_factory.mktemp("editreward"))
 
 
 def test_editreward_checkpoint_maps_heads_onto_dimensions(base, editreward):
@@ -178,6 +184,17 @@ def test_editreward_checkpoint_maps_heads_onto_dimensions(base, editreward):
     assert torch.allclose(out["sigma_visual_quality"], torch.tensor(0.25).exp().repeat(2))
     batch = rm.encode([images(1)[0]], ["add a square"], images(1), per_dim=True)
     assert len(batch) == 2 and all((b["input_ids"] == rm.reward_id).sum() == 1 for b in batch)
+
+
+def test_editreward_qwen3_checkpoints_keep_the_processors_image_bounds(tmp_path):
+    """EditReward's Qwen3-VL collator and inferencer put min/max_pixels into their messages, which the processor's
+    apply_chat_template does not read: their images get the processor's own bounds, and so they do here."""
+    base = write_base(tmp_path / "base", "tiny-qwen3-vl")
+    rm = R.RewardModel.from_pretrained(write_editreward(tmp_path / "ckpt", "tiny-qwen3-vl")[0], model=base)
+    assert rm.processor.image_processor.size == dict(R.build_tiny_vlm("tiny-qwen3-vl")[1].image_processor.size)
+    assert rm.flags["min_pixels"] is None and not rm.flags["text_positions"]  # Qwen3-VL: 3D positions, as theirs
+    out = rm.score([images(1)[0]], ["add a square"], images(2)[1:])
+    assert torch.allclose(out["instruction_following"], torch.tensor([1.5]))
 
 
 def test_editreward_qwen25_heads_read_1d_positions(base, editreward):
