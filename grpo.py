@@ -456,8 +456,7 @@ def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
         rows += [(r, oracle_score(q, im) if oracle else math.nan) for q, r, im in zip(ps, rewards, ims)][:len(mine) - i]
         firsts += list(zip(ps, ims, rewards))[: 8 - len(firsts)]
     parts = [rows] * ddp.world
-    if ddp.ddp:
-        dist.all_gather_object(parts, rows)
+    dist.all_gather_object(parts, rows) if ddp.ddp else None
     r, o = np.array([row for part in parts for row in part]).T
     ok = ~np.isnan(r)  # an edit the reward left unscored (a verifier that never answered) is counted, not averaged
     out = {"step": step, "reward": float(r[ok].mean()) if ok.any() else math.nan, "oracle": float(o.mean()),
@@ -591,16 +590,15 @@ def load_checkpoint(ckpt, named, old=None):
 def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
     """This rank's samples, --micro_batch at a time -> (edits [PIL], batches [(lo, hi, cond, trajectory, final x)])."""
     editor.tr.eval()  # no dropout: the rollout's log-probs must be reproducible by the training forward
-    finals, batches = [], []
+    batches = []
     editor.condition(prompts)  # encodes every new prompt at once: --offload moves the text encoders once a step
     for lo in range(0, len(prompts), args.micro_batch):
         hi = min(lo + args.micro_batch, len(prompts))
         cond = editor.condition(prompts[lo:hi])
         x, traj = sample(editor, cond, initial_noise(editor, noise_keys[lo:hi], editor.device), sigmas,
                          sde_steps if args.algo == "grpo" else set(), args.noise_level, gen)  # NFT: the plain ODE
-        finals.append(x)
         batches.append((lo, hi, cond, traj, x))
-    return editor.decode(torch.cat(finals)), batches
+    return editor.decode(torch.cat([b[-1] for b in batches])), batches
 
 def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
     """One optimizer step on this rank's samples, accumulating micro-batches x SDE steps (the loss is their mean); on
@@ -720,6 +718,8 @@ def parse_args(argv=None):
         p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
     if n % world:
         p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks")
+    if args.fsdp and "RANK" not in os.environ:
+        p.error("--fsdp shards over torchrun's ranks: launch with torchrun (--nproc_per_node=1 for one GPU)")
     return args
 
 def main(args):

@@ -193,6 +193,15 @@ def editor_for(toy, *extra):
     return grpo.load_editor(args, CPU), args
 
 
+def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit):
+        grpo.parse_args(FAST + ["--fsdp"])
+    assert "launch with torchrun" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")  # under torchrun the flag parses
+    assert grpo.parse_args(FAST + ["--fsdp"]).fsdp
+
+
 def test_eval_leaves_unscored_edits_out_and_counts_them(toy, tmp_path):
     editor, args = editor_for(toy, "--out_dir", str(tmp_path))
     blank_first = lambda ps, ims: torch.tensor([math.nan] + [2.0] * (len(ps) - 1), dtype=torch.float64)
