@@ -32,6 +32,7 @@ from functools import partial
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
 
 DIMS = ("instruction_following", "visual_quality")  # the default reward dimensions
 
@@ -390,9 +391,9 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     groups). A bad row is a DataError naming source and row; skip_bad skips it, keeps it in .skipped, reports it."""
     items, skipped, checked = [], [], set()
     # torchrun: a rank verifies every world-th image (a bad one stops the job); skip_bad: all, so all skip alike
-    rank, world = (0, 1) if skip_bad else (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
+    rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
-    for origin, row in _rows(path, split, config):
+    for origin, row in tqdm(_rows(path, split, config), f"reading {path}", unit=" rows", delay=5, disable=rank > 0):
         try:
             if not isinstance(row, dict):
                 raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object")
@@ -402,7 +403,7 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
                 raise DataError(f"{origin}: cannot read the columns {sorted(row)} as {fmt!r} ({', '.join(PARSERS)})")
             item = PARSERS[fmt][1](_Row(row, origin, base))
             for ref in dict.fromkeys(x for x, _ in _image_refs(item) if x not in checked) if check_images else ():
-                if len(checked) % world == rank:  # each file or blob once, in the same order on every rank
+                if skip_bad or len(checked) % world == rank:  # each file or blob once, in the same order on every rank
                     load_image(ref, origin, verify=True)
                 checked.add(ref)
             items.append(item)
@@ -732,7 +733,6 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
              editor_wrong=0.65):
     """Write the toy world as the project's JSONL files under `out` -> {name: path}. The last quarter of the training
     groups is kept apart for GCPO, which needs far fewer pairs than SFT."""
-    from tqdm import tqdm
     rng, ids = random.Random(seed), [f"train{i:05d}" for i in range(n_train)] + [f"val{i:05d}" for i in range(n_val)]
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
     groups = [_toy_group(rng, gid, k, size, out) for gid in tqdm(ids, "toy candidate groups", disable=len(ids) < 500)]

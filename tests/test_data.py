@@ -437,6 +437,21 @@ def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
     assert "skipped 5 bad row(s)" in err and "bad.jsonl:6" in err
 
 
+def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch, capsys):
+    import tqdm.std
+    for side in "spr":
+        write_png(tmp_path / f"{side}.png", (1, 2, 3))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "instruction": "x", "source": "s.png", "preferred":
+                                               "p.png", "rejected": "r.png"} for i in range(50)])
+    assert len(data.load_pairs(path)) == 50 and "reading" not in capsys.readouterr().err  # a quick load: no bar
+    clock = iter(range(10**6))  # each reading of tqdm's clock a second later: a load of minutes
+    monkeypatch.setattr(tqdm.std, "time", lambda: float(next(clock)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, shown in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert len(data.load_pairs(path)) == 50
+        assert (f"reading {path}: " in capsys.readouterr().err) is shown
+
 def test_under_torchrun_each_rank_verifies_its_share_of_the_images(tmp_path, monkeypatch):
     for i in range(3):
         for side in "spr":
