@@ -172,7 +172,8 @@ def lr_factor(step, warmup, decay_steps, min_ratio):
 
 # --- prompts and parsing: a score or None, never a guess ---------------------------------------------------------
 SCORE_MAX, EDITSCORE_MAX = 10.0, 25.0  # verifier scores live in [0, 10]; EditScore's rubric answers 0..25
-# EditScore's scoring sampler: temperature, nucleus, top-k; pass i is seeded SCORE_SEED + i
+# EditScore's scoring sampler: temperature, nucleus, top-k; pass i is seeded SCORE_SEED + i. Its transformers scorer
+# also takes the model's generation_config: its eos ids and repetition penalty (Qwen2.5-VL-7B-Instruct's: 1.05).
 SCORE_TEMPERATURE, TOP_P, TOP_K, SCORE_SEED = 0.7, 0.9, 20, 42
 VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short, for the toy
 # The project's paraphrase of EditScore's rubric (arXiv 2509.23909, section 3; not the authors' text): semantic
@@ -317,7 +318,8 @@ def answer_logits(model, logits):
     return logits.float().index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
 
 @torch.no_grad()
-def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0):
+def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                          repetition_penalty=1.0):
     """K = len(seeds) sampled answers to ONE prompt: prefill once, repeat the KV cache K times, decode the K rows as
     one batch; row i draws from its own generator, exactly as an independent run seeded seeds[i]. -> tokens (K, T),
     log-probs (K, T) under the temperature-scaled policy (GCPO's old policy), mask (K, T) (1 up to and incl. EOS)."""
@@ -332,13 +334,17 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
     logits = answer_logits(model, out.logits[:, -1]).expand(k, -1)
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     toks, logps, masks, alive = [], [], [], torch.ones(k, dtype=torch.bool, device=dev)  # ended rows go on, masked
+    seen = torch.zeros(k, logits.shape[-1], dtype=torch.bool, device=dev).index_fill_(1, enc["input_ids"][0], True)
     for t in range(max_new_tokens):
+        rp = repetition_penalty  # as transformers' generate(): a token already in the prompt or answer is penalised
+        logits = torch.where(seen & (logits > 0), logits / rp, torch.where(seen, logits * rp, logits))
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
         nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(k)])
         toks.append(nxt)
+        seen[torch.arange(k, device=dev), nxt] = True
         logps.append((logits / temperature).log_softmax(-1).gather(1, nxt[:, None])[:, 0])
         masks.append(alive)
-        alive = alive & (nxt != eos_id)
+        alive = alive & ~torch.isin(nxt, torch.as_tensor(eos_id, device=dev))  # eos_id: an id or a list
         if not alive.any():
             break
         pos = torch.full((1, k, 1), L + t, device=dev)
@@ -613,12 +619,13 @@ class RewardModel(nn.Module):
         tok, rubric, rows = self.processor.tokenizer, self.flags["rubric"] == "editscore", []
         prompts, qwen3 = self.prompts or EDITSCORE_PROMPTS, self.backbone.config.model_type.startswith("qwen3")
         def answers(images, text):  # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
-            seeds, eos = [seed + i for i in range(num_samples)], tok.convert_tokens_to_ids("<|im_end|>")
+            gen, seeds = self.backbone.generation_config, [seed + i for i in range(num_samples)]
+            eos = gen.eos_token_id or tok.convert_tokens_to_ids("<|im_end|>")  # decoded as generate() decodes
             labels = ["" if qwen3 else f"<img{i}>: " for i in range(1, len(images) + 1)] if rubric else None
             with self.autocast():
                 prompt = encode_prompt(self.processor, images, text, labels)
                 toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
-                                                      SCORE_TEMPERATURE, TOP_K, TOP_P)
+                                                      SCORE_TEMPERATURE, TOP_K, TOP_P, gen.repetition_penalty or 1.0)
             return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
         for src, ins, ed in zip(sources, instructions, edited):
             images = [load_image(x) for x in as_list(src)]  # EditScore's evaluation.py sizes the edit as the source

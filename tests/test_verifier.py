@@ -204,6 +204,42 @@ def test_old_logprobs_match_teacher_forcing_with_padding(tiny):
         assert rmask[b].sum() == len(o)
 
 
+def test_sampler_draws_what_generate_draws_with_a_repetition_penalty_and_two_eos_ids(tiny):
+    """EditScore's scorer calls transformers' generate(), which adds the model's generation_config: Qwen2.5-VL-7B-
+    Instruct's repetition penalty (prompt and answer tokens) and its two eos ids. With the same seed, the shared-prefill
+    sampler draws generate()'s tokens and stops where it stops (the vision placeholders suppressed in both)."""
+    model, processor = tiny
+    cfg, im_end = model.config, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ban = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    enc = verifier_prompt(processor, [_img(0)], "make the red circle blue", _img(1))
+
+    def both(seed, eos, penalty):
+        torch.manual_seed(seed)
+        ref = model.generate(**enc, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, max_new_tokens=16,
+                             repetition_penalty=penalty, eos_token_id=eos, suppress_tokens=ban)
+        toks, _, mask = sample_shared_prefill(model, enc, [seed], eos, 16, 0.7, 20, 0.9, penalty)
+        return ref[0, enc["input_ids"].shape[1]:].tolist(), toks[0][mask[0].bool()].tolist()
+
+    plain, penalised = both(40, im_end, 1.0)[1], both(40, im_end, 1.3)[1]
+    assert plain != penalised  # the penalty changes the draw
+    eos = [im_end, penalised[5]]  # a second eos id that this answer meets at its 6th token
+    for seed in (40, 41, 42, 43):
+        ref, ours = both(seed, eos, 1.3)
+        assert ours == ref
+    assert both(40, eos, 1.3)[1] == penalised[:penalised.index(eos[1]) + 1]
+
+
+def test_score_decodes_with_the_models_generation_config(monkeypatch):
+    """score() samples with the backbone's generation_config eos ids and repetition penalty, as generate() would."""
+    import rewardmodel
+    rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", max_new_tokens=2)
+    rm.backbone.generation_config.update(eos_token_id=[7, 9], repetition_penalty=1.05)
+    seen, real = [], rewardmodel.sample_shared_prefill
+    monkeypatch.setattr(rewardmodel, "sample_shared_prefill", lambda *a: seen.append((a[3], a[-1])) or real(*a))
+    rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=2)
+    assert seen == [([7, 9], 1.05)] * 2  # the rubric's two prompts
+
+
 # ----------------------------------------------------------------------------------------------------------
 # subprocess smoke runs: SFT, GCPO + exact resume, torchrun
 
