@@ -111,8 +111,8 @@ def _sides(preferred, rejected):
 
 
 # ---------------------------------------------------------------------------------- images and rows
-def _cell(table, col, i):  # a lazy ref (see _rows): row i's image in a dataset's column, read now -> bytes or path
-    return (cell := table[i][col] or {}).get("bytes") or cell.get("path")
+def _cell(table, col, i, j=None):  # a lazy ref (see _rows): row i's image (list element j) in a column -> bytes or path
+    return (cell := (table[i][col] if j is None else table[i][col][j]) or {}).get("bytes") or cell.get("path")
 
 
 def load_image(ref, origin="", verify=False):
@@ -158,19 +158,21 @@ def _rows(path, split=None, config=None):
             hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
             sub = config and (path == "TIGER-Lab/EditReward-Bench" or os.path.isdir(os.path.join(path, config)))
             ds = datasets.load_dataset(path, **{"data_dir" if sub else "name": config or hub[0]}, split=split or hub[1])
-        # A hub set's images exceed RAM: an image column stays on disk and a row holds lazy refs to its cells. Images
-        # are decoded when used, where an error names the row. cells: column -> (a table of it alone, its null cells)
-        cells = {}
+        # A hub set's images exceed RAM: image columns (an image or a list a row) stay on disk, a row holds lazy refs
+        # decoded when used (errors name the row). cells: column -> (its table, per row: None null, -1 image, n list)
+        cells, raw = {}, datasets.Image(decode=False)
         for name, feat in ds.features.items():
-            if isinstance(feat, datasets.Image):
-                one = ds.select_columns(name).cast_column(name, datasets.Image(decode=False))
-                cells[name], ds = (one, one.data.column(name).is_null().to_pylist()), ds.remove_columns(name)
-            elif isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image):
-                ds = ds.cast_column(name, datasets.List(datasets.Image(decode=False)))
+            many = isinstance(feat, (datasets.List, datasets.Sequence)) and isinstance(feat.feature, datasets.Image)
+            if many or isinstance(feat, datasets.Image):
+                one = ds.select_columns(name).cast_column(name, datasets.List(raw) if many else raw)
+                col = one.data.column(name)
+                cells[name], ds = (one, [x for c in col.chunks for x in c.value_lengths().to_pylist()] if many else
+                                   [None if x else -1 for x in col.is_null().to_pylist()]), ds.remove_columns(name)
     except Exception as e:
         raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
     for i, row in enumerate(ds):
-        row.update({name: None if null[i] else partial(_cell, table, name, i) for name, (table, null) in cells.items()})
+        row.update({name: None if n[i] is None else partial(_cell, t, name, i) if n[i] < 0 else
+                    [partial(_cell, t, name, i, j) for j in range(n[i])] for name, (t, n) in cells.items()})
         yield path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row
 
 
@@ -787,10 +789,8 @@ if __name__ == "__main__":
     if min(args.n_train, args.n_val, args.n_rl, args.n_rl_test, args.n_editor) < 0:
         ap.error("the toy world's sizes must be >= 0")
     if args.toy:
-        import time
-        t0 = time.time()
         make_toy(args.out, args.seed, **{k: v for k, v in vars(args).items() if k.startswith("n_")})
-        print(f"toy world written to {args.out} in {time.time() - t0:.1f}s")
+        print(f"toy world written to {args.out}")
     elif args.inspect:
         try:
             inspect(args.inspect, split=args.split, config=args.config, skip_bad=args.skip_bad)

@@ -177,6 +177,35 @@ def test_editscore_bench(tmp_path):
     assert pairs[0].id != pairs[1].id  # one image pair judged on two dimensions stays two items
 
 
+def test_hub_lists_of_images_stay_on_disk_until_used(tmp_path):
+    """EditScore/EditReward-Bench holds its two edits a row in a list-of-images column: each element is a lazy ref,
+    read when used, as a single image column's cell is; a null or empty list is an error naming the row."""
+    import tracemalloc
+    blobs = []
+    for i in range(2):  # incompressible: ~77 KB of PNG each
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(
+            buf := io.BytesIO(), "PNG")
+        blobs.append({"bytes": buf.getvalue(), "path": None})
+    n = 24
+    cols = {"key": [[f"k{i}", "x"] for i in range(n)], "instruction": ["make the sky pink"] * n,
+            "input_image": [img((i, 0, 0)) for i in range(n)], "output_images": [blobs] * (n - 1) + [blobs[::-1]],
+            "task_type": ["color_alter"] * n, "dimension": ["overall"] * n}
+    path = to_parquet(tmp_path / "b.parquet", cols, images=("input_image",), image_lists=("output_images",))
+    data.load_pairs(path, check_images=False)  # the first load builds `datasets`' on-disk cache
+    tracemalloc.start()
+    pairs = data.load_pairs(path)  # reads (checks) every image, keeps none
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(pairs) == n and held < 2 * n * len(blobs[0]["bytes"]) / 5, held  # 1/5 of the edits alone
+    assert all(callable(x) for p in pairs for x in [*p.sources, p.preferred, p.rejected])
+    assert rgb(pairs[5].sources[0]) == (5, 0, 0) and data.load_image(pairs[-1].preferred).tobytes() == \
+        data.load_image(blobs[1]["bytes"]).tobytes()
+    for name, bad, err in (("empty", [], "is an empty list of images"), ("null", None, "is null")):
+        cols["output_images"][3] = bad
+        with pytest.raises(DataError, match=f"{name}.parquet:3: column 'output_images' {err}"):
+            data.load_pairs(to_parquet(tmp_path / f"{name}.parquet", cols, images=("input_image",),
+                                       image_lists=("output_images",)))
+
 def test_editscore_bench_save_to_disk_folder(tmp_path):
     """EditScore/EditReward-Bench on the hub is a save_to_disk folder (state.json + data-*.arrow; its card loads it
     with load_dataset(..., split="train"), VectorSpaceLab/EditScore evaluation.py): a local copy reads the same."""
