@@ -335,8 +335,8 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     toks, logps, masks, alive = [], [], [], torch.ones(k, dtype=torch.bool, device=dev)  # ended rows go on, masked
     seen = torch.zeros(k, logits.shape[-1], dtype=torch.bool, device=dev).index_fill_(1, enc["input_ids"][0], True)
-    for t in range(max_new_tokens):
-        rp = repetition_penalty  # as transformers' generate(): a token already in the prompt or answer is penalised
+    rp, eos = repetition_penalty, torch.as_tensor(eos_id, device=dev)  # eos_id: one id or a list (generation_config's)
+    for t in range(max_new_tokens):  # as transformers' generate(), a token already in the prompt or answer is penalised
         logits = torch.where(seen & (logits > 0), logits / rp, torch.where(seen, logits * rp, logits))
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
         nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(k)])
@@ -344,7 +344,7 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
         seen[torch.arange(k, device=dev), nxt] = True
         logps.append((logits / temperature).log_softmax(-1).gather(1, nxt[:, None])[:, 0])
         masks.append(alive)
-        alive = alive & ~torch.isin(nxt, torch.as_tensor(eos_id, device=dev))  # eos_id: an id or a list
+        alive = alive & ~torch.isin(nxt, eos)
         if not alive.any():
             break
         pos = torch.full((1, k, 1), L + t, device=dev)
