@@ -620,12 +620,15 @@ class RewardModel(nn.Module):
         prompts, qwen3 = self.prompts or EDITSCORE_PROMPTS, self.backbone.config.model_type.startswith("qwen3")
         def answers(images, text):  # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
             gen, seeds = self.backbone.generation_config, [seed + i for i in range(num_samples)]
-            eos = gen.eos_token_id or tok.convert_tokens_to_ids("<|im_end|>")  # decoded as generate() decodes
+            # the rubric decodes as EditScore's generate() call: with the model's eos ids and repetition penalty; the
+            # verifier's own prompt as GCPO samples it
+            eos, rp = (gen.eos_token_id, gen.repetition_penalty or 1.0) if rubric else (None, 1.0)
+            eos = eos or tok.convert_tokens_to_ids("<|im_end|>")
             labels = ["" if qwen3 else f"<img{i}>: " for i in range(1, len(images) + 1)] if rubric else None
             with self.autocast():
                 prompt = encode_prompt(self.processor, images, text, labels)
                 toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
-                                                      SCORE_TEMPERATURE, TOP_K, TOP_P, gen.repetition_penalty or 1.0)
+                                                      SCORE_TEMPERATURE, TOP_K, TOP_P, rp)
             return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
         for src, ins, ed in zip(sources, instructions, edited):
             images = [load_image(x) for x in as_list(src)]  # EditScore's evaluation.py sizes the edit as the source

@@ -229,15 +229,18 @@ def test_sampler_draws_what_generate_draws_with_a_repetition_penalty_and_two_eos
     assert both(40, eos, 1.3)[1] == penalised[:penalised.index(eos[1]) + 1]
 
 
-def test_score_decodes_with_the_models_generation_config(monkeypatch):
-    """score() samples with the backbone's generation_config eos ids and repetition penalty, as generate() would."""
+def test_score_decodes_the_rubric_with_the_models_generation_config(monkeypatch):
+    """The EditScore rubric samples with the backbone's generation_config eos ids and repetition penalty, as its
+    scorer's generate() call does; the project's own verifier prompt samples as GCPO trained it."""
     import rewardmodel
-    rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", max_new_tokens=2)
-    rm.backbone.generation_config.update(eos_token_id=[7, 9], repetition_penalty=1.05)
     seen, real = [], rewardmodel.sample_shared_prefill
     monkeypatch.setattr(rewardmodel, "sample_shared_prefill", lambda *a: seen.append((a[3], a[-1])) or real(*a))
-    rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=2)
-    assert seen == [([7, 9], 1.05)] * 2  # the rubric's two prompts
+    for rubric in ("editscore", "verifier"):
+        rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric=rubric, max_new_tokens=2)
+        rm.backbone.generation_config.update(eos_token_id=[7, 9], repetition_penalty=1.05)
+        rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=2)
+    im_end = rm.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert seen == [([7, 9], 1.05)] * 2 + [(im_end, 1.0)]  # the rubric's two prompts, then the verifier's one
 
 
 # ----------------------------------------------------------------------------------------------------------
