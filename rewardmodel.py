@@ -172,8 +172,8 @@ def lr_factor(step, warmup, decay_steps, min_ratio):
 
 # --- prompts and parsing: a score or None, never a guess ---------------------------------------------------------
 SCORE_MAX, EDITSCORE_MAX = 10.0, 25.0  # verifier scores live in [0, 10]; EditScore's rubric answers 0..25
-# EditScore's scoring sampler: temperature, nucleus, top-k; pass i is seeded SCORE_SEED + i. Its transformers scorer
-# also takes the model's generation_config: its eos ids and repetition penalty (Qwen2.5-VL-7B-Instruct's: 1.05).
+# EditScore's scoring sampler: temperature, nucleus, top-k, pass i seeded SCORE_SEED + i, the model's eos ids and, as
+# its transformers scorer (evaluate.sh; its vLLM one does not), its repetition penalty (Qwen2.5-VL-7B-Instruct: 1.05)
 SCORE_TEMPERATURE, TOP_P, TOP_K, SCORE_SEED = 0.7, 0.9, 20, 42
 VERIFIER_PROMPT = "Instruction: {instruction}\nVerify each principle, then JSON scores 0-10."  # short, for the toy
 # The project's paraphrase of EditScore's rubric (arXiv 2509.23909, section 3; not the authors' text): semantic
