@@ -618,12 +618,12 @@ class RewardModel(nn.Module):
         dict; principles outside self.dims are dropped, so every call has the same keys."""
         tok, rubric, rows = self.processor.tokenizer, self.flags["rubric"] == "editscore", []
         prompts, qwen3 = self.prompts or EDITSCORE_PROMPTS, self.backbone.config.model_type.startswith("qwen3")
+        # the rubric decodes as EditScore's generate() call: with the model's eos ids and repetition penalty; the
+        # verifier's own prompt as GCPO samples it
+        gen, im_end = self.backbone.generation_config, tok.convert_tokens_to_ids("<|im_end|>")
+        eos, rp = (gen.eos_token_id or im_end, gen.repetition_penalty or 1.0) if rubric else (im_end, 1.0)
         def answers(images, text):  # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
-            gen, seeds = self.backbone.generation_config, [seed + i for i in range(num_samples)]
-            # the rubric decodes as EditScore's generate() call: with the model's eos ids and repetition penalty; the
-            # verifier's own prompt as GCPO samples it
-            eos, rp = (gen.eos_token_id, gen.repetition_penalty or 1.0) if rubric else (None, 1.0)
-            eos = eos or tok.convert_tokens_to_ids("<|im_end|>")
+            seeds = [seed + i for i in range(num_samples)]
             labels = ["" if qwen3 else f"<img{i}>: " for i in range(1, len(images) + 1)] if rubric else None
             with self.autocast():
                 prompt = encode_prompt(self.processor, images, text, labels)
