@@ -656,14 +656,14 @@ def optimizer_step(opt, params, grad_clip, reduce=True):
 TOY = dict(editor="tiny", sft_steps=1000, steps=60, same_noise_per_group=True, num_steps=8, sde_window=3,
            window_max_start=0, noise_level=0.7, prompts_per_step=8, group_size=8, micro_batch=16, lora_rank=0,
            train_modules="context_embedder,time_text_embed.text_embedder", lr=1e-3, max_sequence_length=48,
-           eval_every=10, eval_prompts=48, threads=1)
+           eval_every=10, eval_prompts=48, threads=1, resolution=32)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- editor
     p.add_argument("--editor", default="tiny", help="tiny (Kontext), tiny-qwen or a pipeline path")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (trained weights stay fp32)")
-    p.add_argument("--resolution", type=int, default=32, help="square output side in pixels")
+    p.add_argument("--resolution", type=int, default=512, help="square output side in pixels (Flow-GRPO's 512)")
     p.add_argument("--guidance", type=float, default=None, help="Kontext's guidance (2.5), Qwen's true CFG (4)")
     p.add_argument("--cond_pixels", type=int, default=0, help="Qwen: VL encoder's view of the sources; 0: output's")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens of Kontext prompts")

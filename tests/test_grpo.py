@@ -202,6 +202,12 @@ def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, 
     assert grpo.parse_args(FAST + ["--fsdp"]).fsdp
 
 
+def test_a_real_editor_gets_flow_grpos_resolution_and_only_the_toy_its_32_px():
+    assert grpo.parse_args(["--editor", "black-forest-labs/FLUX.1-Kontext-dev"]).resolution == 512
+    assert grpo.parse_args(["--toy"]).resolution == 32
+    assert grpo.parse_args(["--toy", "--resolution", "64"]).resolution == 64  # an explicit flag still wins
+
+
 def test_eval_leaves_unscored_edits_out_and_counts_them(toy, tmp_path):
     editor, args = editor_for(toy, "--out_dir", str(tmp_path))
     blank_first = lambda ps, ims: torch.tensor([math.nan] + [2.0] * (len(ps) - 1), dtype=torch.float64)
