@@ -125,6 +125,21 @@ def test_evaluate_by_label():
     assert r["unparsed"] == {"passes": 0, "images": 0}
 
 
+def test_group_epsilon_is_fitted_on_the_two_pair_groups_alone():
+    """As EditReward's evaluation: a run over 2- and 3-pair groups fits the K = 2 tie epsilon on the 2-pair groups,
+    not on every pair (the 3-pair group's close but ordered a-b pair would pull it to 0 and lose the K = 2 tie)."""
+    C = bench.Comparison
+    scores = {x: {"overall": v} for x, v in zip("pqrsabc", (1.0, 1.1, 2.0, 1.0, 3.0, 2.95, 0.0))}
+    groups = [([0, 0], ["p", "q"]), ([0, 1], ["r", "s"]), ([0, 1, 2], ["a", "b", "c"])]
+    comps = [C("overall", h, x, y, "t", "") for h, x, y in ((0, "p", "q"), (1, "r", "s"), (1, "a", "b"),
+                                                            (1, "a", "c"), (1, "b", "c"))]
+    r = bench.evaluate(comps, groups, scores, editscore=False)
+    assert r["pairwise"]["overall"]["epsilon"] == 0.0                    # all pairs: eps 0.1 would cost a-b
+    assert r["groups"]["epsilon"] == pytest.approx(0.1)                  # the 2-pair groups alone: the tie is right
+    assert r["groups"]["sizes"] == {2: {"groups": 2, "accuracy": 1.0}, 3: {"groups": 1, "accuracy": 1.0}}
+    assert bench.evaluate(comps[2:], groups[2:], scores, editscore=False)["groups"]["epsilon"] == 0.0  # no 2-pair
+
+
 def test_by_label():
     from data import PreferencePair
     p = PreferencePair("p", "edit", ["s.png"], "a.png", "b.png", {"overall": 1}, category="color",
