@@ -209,8 +209,8 @@ class Editor:
         self.C = 3 * pixel_patch**2 if pixel_patch else pipe.latent_channels
         self.side = args.resolution // (2 * self.down) * 2  # latent side, even for the 2x2 packing
         # Qwen's pipelines show the VL encoder the sources at a 1024^2 (Plus: 384^2) area whatever the output size;
-        # we take --cond_pixels, by default the output's own area
-        cond_px = args.cond_pixels if self.qwen and args.cond_pixels else args.resolution**2
+        # we take --cond_pixels, by default the output's own area (Plus: 384^2, or 3 large sources overflow the rope)
+        cond_px = args.cond_pixels if self.qwen and args.cond_pixels else 384**2 if self.plus else args.resolution**2
         self.cond_side, self.cache = int(math.sqrt(cond_px)) // (2 * self.down) * 2, OrderedDict()
 
     def sigmas(self, num_steps):
@@ -665,7 +665,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (trained weights stay fp32)")
     p.add_argument("--resolution", type=int, default=512, help="square output side in pixels (Flow-GRPO's 512)")
     p.add_argument("--guidance", type=float, default=None, help="Kontext's guidance (2.5), Qwen's true CFG (4)")
-    p.add_argument("--cond_pixels", type=int, default=0, help="Qwen: VL encoder's view of the sources; 0: output's")
+    p.add_argument("--cond_pixels", type=int, default=0, help="Qwen's VL view of sources; 0: output's (Plus 384^2)")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens of Kontext prompts")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute transformer blocks in backward")
     p.add_argument("--offload", action="store_true", help="keep the text encoders on the CPU between uses")

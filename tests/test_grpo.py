@@ -276,6 +276,10 @@ def test_sources_are_resized_as_the_pipelines_resize_them(toy):
 def test_qwen_edit_plus_conditions_on_every_source(toy):
     args = grpo.parse_args(FAST + paths(toy) + ["--editor", "tiny-qwen", "--guidance", "1"])
     editor = grpo.Editor(grpo.tiny_qwen_edit(plus=True), args, CPU, pixel_patch=2)
+    assert editor.cond_side * editor.down == 384  # the VL encoder's view: the Plus pipeline's 384^2, not the output's
+    args.cond_pixels = 64**2
+    editor = grpo.Editor(grpo.tiny_qwen_edit(plus=True), args, CPU, pixel_patch=2)  # --cond_pixels wins
+    assert editor.cond_side * editor.down == 64
     one = load_prompts(os.path.join(toy, "rl_train.jsonl"))[0]
     a, b = [load_prompts(os.path.join(toy, "rl_train.jsonl"))[i].sources[0] for i in (1, 2)]
     two = EditPrompt(id="two", instruction="put the shape of Picture 2 into Picture 1", sources=[a, b],
