@@ -2,7 +2,7 @@
 
 Items (the dataclasses below): PreferencePair, CandidateGroup (K edits ranked, ties allowed), EditPrompt, CotTrace.
 Formats (told from the columns of the first row, or fmt=):
-  editreward_json  EditReward training / validation JSON (TIGER-AI-Lab/EditReward): path1 is the preferred image
+  editreward_json  EditReward train / validation JSON (TIGER-AI-Lab/EditReward): path1 preferred (no tie_case: dim1)
   editreward_data  TIGER-Lab/EditReward-Data: left/right edits with 1..4 human scores per dimension
   editscore_bench  EditScore/EditReward-Bench: output_images[0] is preferred on one dimension
   tiger_bench      TIGER-Lab/EditReward-Bench 2pair/3pair/4pair: a comparison a row; load_groups rebuilds the groups
@@ -217,16 +217,17 @@ class _Row:
 
 # ---------------------------------------------------------------------------------- one parser per format
 def _parse_editreward_json(c):
-    # TIGER-AI-Lab/EditReward EditReward/TRAIN_README.md: "path1's image is always the preferred one", whatever the
-    # scores (equal scores with tie_case false are no tie); dim1 is instruction following, dim2 visual quality. Its
-    # validation files data/dataset/valid_dataset_*.json carry dim1 only and a 0..1 float overall score.
+    # TIGER-AI-Lab/EditReward: path1 is preferred, tie_case marks ties (EditReward/TRAIN_README.md); files without
+    # tie_case (data/dataset/valid_dataset_*.json) rank by dim1, equal a tie, as its evaluate/eval_bench.py reads them
     s = [{d: c.num(f"model{k}_{col}_score", optional=col != "dim1") for d, col in
           (("instruction_following", "dim1"), ("visual_quality", "dim2"), ("overall", "overall"))} for k in (1, 2)]
     s = [{d: x for d, x in side.items() if None not in (x, s[1 - i][d])} for i, side in enumerate(s)]
-    tie = bool(c.get("tie_case", False))
-    prefs = {**{d: int(np.sign(x - s[1][d])) for d, x in s[0].items() if d != "overall"}, "overall": int(not tie)}
-    return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], c.image("path1"), c.image("path2"),
-                          prefs, tie, "", _sides(*s), c.origin, {"models": _sides(c.get("model1"), c.get("model2"))})
+    dim1 = s[0]["instruction_following"] - s[1]["instruction_following"]
+    o = int(not c.get("tie_case")) if "tie_case" in c.row else int(np.sign(dim1))
+    k, s = ((2, 1), s[::-1]) if o < 0 else ((1, 2), s)  # path numbers, the preferred first
+    prefs = {**{d: int(np.sign(x - s[1][d])) for d, x in s[0].items() if d != "overall"}, "overall": abs(o)}
+    return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], *(c.image(f"path{n}") for n in k),
+                          prefs, o == 0, "", _sides(*s), c.origin, {"models": _sides(*(c.get(f"model{n}") for n in k))})
 
 
 def _parse_editreward_data(c):
@@ -409,9 +410,10 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
                     load_image(ref, origin, verify=True)
                 checked.add(ref)
             items.append(item)
-        except DataError as e:
+        except (ValueError, TypeError) as e:  # a DataError names its row; any other bad value is given its row here
+            e = e if isinstance(e, DataError) else DataError(f"{origin}: {type(e).__name__}: {e}")
             if not skip_bad:
-                raise
+                raise e
             skipped.append((origin, str(e)))
     if want is CandidateGroup:
         items = regroup(items, skipped if skip_bad else None)
@@ -463,7 +465,6 @@ def shard(items, rank, world_size):
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     device: object = "cpu"  # a torch.device
     master = property(lambda self: self.rank == 0)
     ddp = property(lambda self: self.world > 1 or "RANK" in os.environ)
@@ -482,7 +483,7 @@ def setup_distributed(device="auto"):
         torch.cuda.set_device(local)
     else:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return Dist(tdist.get_rank(), tdist.get_world_size(), local, torch.device(f"cuda:{local}" if cuda else "cpu"))
+    return Dist(tdist.get_rank(), tdist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
 def print0(*args, **kwargs):
@@ -613,8 +614,7 @@ def toy_oracle(source, instruction, edited):
     instruction_following = correct changed pixels / |pixels that should change  U  pixels that did change|
       (an unchanged image or a wrong edit scores 0, an edit that also changes other things is penalised);
     visual_quality = 1 - mean distance of each pixel to its nearest palette colour / 0.2 (noise, blur);
-    overall = their mean; also the two parts of instruction following, "change" and "keep". A list of edits (of this
-    source, under this instruction) gives a list of scores."""
+    overall = their mean; and instruction following's two parts, "change" and "keep". A list of edits: a list."""
     src = np.asarray(source, dtype=np.uint8)
     cs, ct = classify(src), classify(toy_target(src, instruction))
     should, out, edits = ct != cs, [], edited if isinstance(edited, list) else [edited]

@@ -98,18 +98,24 @@ def test_editreward_training_json(tmp_path):
 
 def test_editreward_validation_json(tmp_path):
     """TIGER-AI-Lab/EditReward data/dataset/valid_dataset_1.json: dim1 scores only and a 0..1 float overall score
-    (which may favour path2); no tie_case. path1 is the preferred image all the same (TRAIN_README.md)."""
+    (which may favour path2); no tie_case. As its evaluate/eval_bench.py, the higher dim1 is preferred (path1 in
+    that file's rows, whatever the float overall), equal dim1 scores are a tie."""
     for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0))]:
         write_png(tmp_path / f"{n}.png", c)
-    rows = [{"prompt": "Put popcorn in the plate.", "choice_dist": None, "confidence": None, "path_src": "s.png",
-             "path1": "a.png", "path2": "b.png", "model1": "Prompt2prompt", "model2": "InstructPix2Pix",
-             "model1_dim1_score": 4, "model2_dim1_score": 2, "model1_overall_score": 0.29556744009866087,
-             "model2_overall_score": 0.64284362778929}]
+    row = {"prompt": "Put popcorn in the plate.", "choice_dist": None, "confidence": None, "path_src": "s.png",
+           "path1": "a.png", "path2": "b.png", "model1": "Prompt2prompt", "model2": "InstructPix2Pix",
+           "model1_dim1_score": 4, "model2_dim1_score": 2, "model1_overall_score": 0.29556744009866087,
+           "model2_overall_score": 0.64284362778929}
+    rows = [row, {**row, "model1_dim1_score": 2, "model2_dim1_score": 4}, {**row, "model2_dim1_score": 4}]
     (tmp_path / "valid_dataset_1.json").write_text(json.dumps(rows))
-    (p,) = data.load_pairs(str(tmp_path / "valid_dataset_1.json"))
+    p, q, t = data.load_pairs(str(tmp_path / "valid_dataset_1.json"), disentangle=False)
     assert rgb(p.preferred) == (255, 0, 0) and not p.tie
     assert p.prefs == {"instruction_following": 1, "overall": 1}
     assert p.scores["preferred"] == {"instruction_following": 4, "overall": 0.29556744009866087}
+    assert rgb(q.preferred) == (0, 255, 0) and q.prefs == {"instruction_following": 1, "overall": 1} and not q.tie
+    assert q.meta["models"] == {"preferred": "InstructPix2Pix", "rejected": "Prompt2prompt"}
+    assert q.scores["preferred"]["instruction_following"] == 4
+    assert t.tie and t.prefs == {"instruction_following": 0, "overall": 0}
 
 
 def test_editreward_data_parquet_with_embedded_images(tmp_path):
@@ -444,7 +450,9 @@ def corpus(tmp_path):
     row = lambda **kw: {"id": "r", "instruction": "edit it", "source": "ok.png", "preferred": "ok.png",
                         "rejected": "ok.png", **kw}
     rows = [row(), row(preferred="missing.png"), row(rejected="trunc.png"), '{"id": "x", "instruction": ',
-            {"id": "y", "instruction": "no source", "preferred": "ok.png", "rejected": "ok.png"}, row(instruction="  ")]
+            {"id": "y", "instruction": "no source", "preferred": "ok.png", "rejected": "ok.png"}, row(instruction="  "),
+            row(prefs=[1]), {"id": "g", "instruction": "edit it", "source": "ok.png", "candidates": ["ok.png"] * 2,
+                             "ranks": ["first", 0]}]
     return write_jsonl(tmp_path / "bad.jsonl", rows)
 
 
@@ -453,7 +461,9 @@ def corpus(tmp_path):
     (3, r"one.jsonl:3: corrupt image .*trunc.png"),
     (4, r"one.jsonl:4: malformed JSON line"),
     (5, r"one.jsonl:5: missing column 'source'"),
-    (6, r"one.jsonl:6: column 'instruction' must be a non-empty string")])
+    (6, r"one.jsonl:6: column 'instruction' must be a non-empty string"),
+    (7, r"one.jsonl:7: TypeError: .*dictionary"),       # a value of the wrong type is a DataError, never a traceback
+    (8, r"one.jsonl:8: ValueError: .*'first'")])
 def test_bad_rows_stop_with_file_and_row(corpus, tmp_path, line, pattern):
     src = open(corpus).read().splitlines()  # good rows up to `line`, which is the one broken row
     path = write_jsonl(tmp_path / "one.jsonl", [src[0]] * (line - 1) + [src[line - 1]])
@@ -464,9 +474,9 @@ def test_bad_rows_stop_with_file_and_row(corpus, tmp_path, line, pattern):
 def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
     pairs = data.load_pairs(corpus, skip_bad=True)
     assert len(pairs) == 1
-    assert [o.rsplit(":", 1)[1] for o, _ in pairs.skipped] == ["2", "3", "4", "5", "6"]
+    assert [o.rsplit(":", 1)[1] for o, _ in pairs.skipped] == ["2", "3", "4", "5", "6", "7", "8"]
     err = capsys.readouterr().err
-    assert "skipped 5 bad row(s)" in err and "bad.jsonl:6" in err
+    assert "skipped 7 bad row(s)" in err and "bad.jsonl:6" in err and "bad.jsonl:8: ValueError" in err
 
 
 def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch, capsys):
@@ -483,6 +493,7 @@ def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch,
         monkeypatch.setenv("RANK", rank)
         assert len(data.load_pairs(path)) == 50
         assert (f"reading {path}: " in capsys.readouterr().err) is shown
+
 
 def test_under_torchrun_each_rank_verifies_its_share_of_the_images(tmp_path, monkeypatch):
     for i in range(3):
@@ -707,6 +718,6 @@ def test_cli_inspect_skip_bad_skips_missing_and_corrupt_images(corpus, tmp_path)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--inspect", corpus, "--skip_bad"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "1 rows 1 PreferencePair" in r.stdout and "skipped 5 bad row(s)" in r.stdout
+    assert "1 rows 1 PreferencePair" in r.stdout and "skipped 7 bad row(s)" in r.stdout
     assert "missing.png" in r.stderr and "trunc.png" in r.stderr  # each skipped row is reported with its reason
     assert Image.open(tmp_path / "bad_sheet.png").size[0] == 3 * 128
