@@ -1,4 +1,5 @@
 """grpo.py: the SDE step, advantages, KL, the GRPO and DiffusionNFT losses against hand-computed values; the editors'
+ODE samples against the diffusers pipelines' own (real tiny VAEs, true CFG, Plus's two sources) and their
 conditioning (Qwen's M-RoPE text embeddings, Plus's several sources, the content-keyed cache), bf16 compute,
 micro-batched decoding, Flow-GRPO's LoRA targets; torchrun and FSDP on CPU; exact resume; the saved LoRA loaded back by
 diffusers (each of the last three under --algo grpo and nft). Everything runs on the tiny editors, offline.
@@ -259,6 +260,94 @@ def test_qwen_prompt_embedding_has_the_image_tokens_mrope_positions(toy):
         without, _ = pipe.encode_prompt(prompt=[p.instruction], image=img, device=CPU)  # diffusers' own path
     torch.testing.assert_close(ours, want)
     assert without.shape[1:] == want.shape[:1] + want.shape[1:] and not torch.allclose(without[0], want, atol=1e-4)
+
+
+def same_pixels(ours, theirs):  # latents 1e-6 apart may round a pixel value the other way
+    return len(ours) == len(theirs) and all(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+                                            for a, b in zip(ours, theirs))
+
+
+def kontext_with_a_vae(max_length):
+    """The tiny Kontext pipeline with a real (tiny, random) AutoencoderKL in place of the pixel patches, its scaling
+    and shift factors FLUX.1's, so that the editor's VAE path is the real one."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    pipe = grpo.tiny_kontext(max_length=max_length)
+    torch.manual_seed(1)
+    pipe.vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                             scaling_factor=0.3611, shift_factor=0.1159).eval()
+    pipe.transformer = FluxTransformer2DModel(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=32,
+                                              num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                              guidance_embeds=True, axes_dims_rope=(4, 14, 14)).eval()
+    pipe.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    pipe.latent_channels = pipe.vae.config.latent_channels
+    from diffusers.image_processor import VaeImageProcessor
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
+    return pipe
+
+
+def test_the_kontext_editors_ode_sample_is_the_pipelines_own(toy):
+    """Flow-GRPO's evaluation samples with the ODE: on a batch of two prompts, grpo.py's encode -> sample -> decode
+    gives what diffusers' FluxKontextPipeline.__call__ gives from the same noise (source at the output's size)."""
+    res, n = 32, 4
+    pipe = kontext_with_a_vae(48)
+    editor = grpo.Editor(pipe, grpo.parse_args(FAST + paths(toy) + ["--resolution", str(res)]), CPU)
+    prompts = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2]
+    sigmas, x = editor.sigmas(n), grpo.initial_noise(editor, [1, 2], CPU)
+    srcs = [load_sources(p)[0].resize((res, res), Image.LANCZOS) for p in prompts]
+    kw = dict(image=srcs, prompt=[p.instruction for p in prompts], height=res, width=res, max_area=res * res,
+              _auto_resize=False, guidance_scale=2.5, num_inference_steps=n, latents=x, max_sequence_length=48)
+    with torch.no_grad():
+        ours, _ = grpo.sample(editor, editor.condition(prompts), x, sigmas, set(), 0.0, None)
+        theirs = pipe(**kw, output_type="latent").images
+        images = pipe(**kw).images
+    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert same_pixels(editor.decode(ours), images)
+
+
+def qwen_with_a_vae(plus):
+    """The tiny Qwen-Image-Edit(-Plus) pipeline with a real (tiny, random) AutoencoderKLQwenImage: a video VAE with
+    per-channel latent statistics, as the real one."""
+    import diffusers
+    pipe = grpo.tiny_qwen_edit(plus=plus)
+    torch.manual_seed(1)
+    pipe.vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1).eval()
+    pipe.transformer = diffusers.QwenImageTransformer2DModel(
+        in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=pipe.text_encoder.config.text_config.hidden_size, axes_dims_rope=(4, 14, 14)).eval()
+    pipe.vae_scale_factor = 2 ** len(pipe.vae.temperal_downsample)
+    pipe.latent_channels = pipe.vae.config.z_dim
+    from diffusers.image_processor import VaeImageProcessor
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2)
+    return pipe
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_the_qwen_editors_ode_sample_with_true_cfg_is_the_pipelines_own(toy, monkeypatch, plus):
+    """Qwen-Image-Edit(-Plus), true CFG 4: grpo.py's sample and decode equal the pipeline's __call__ given the same
+    text embeddings (the pipeline's own encode_prompt lacks the M-RoPE positions, tested apart) and the same noise;
+    Plus with two sources."""
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit as edit
+    import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as edit_plus
+    res, n, rng = 64, 4, np.random.default_rng(0)
+    module = edit_plus if plus else edit  # its resize to a 1024^2 (VL: 384^2) area, here the output's size
+    monkeypatch.setattr(module, "calculate_dimensions", lambda area, ratio: (res, res) + (() if plus else (None,)))
+    pipe = qwen_with_a_vae(plus)
+    editor = grpo.Editor(pipe, grpo.parse_args(["--editor", "x", "--resolution", str(res), "--guidance", "4"]), CPU)
+    imgs = [Image.fromarray(rng.integers(0, 256, (res, res, 3), dtype=np.uint8)) for _ in range(1 + plus)]
+    prompt = EditPrompt(id="a", instruction="put Picture 2 into Picture 1", sources=imgs, origin="test")
+    cond, sigmas, x = editor.condition([prompt]), editor.sigmas(n), grpo.initial_noise(editor, [7], CPU)
+    (e,) = editor.cache.values()
+    kw = dict(image=imgs if plus else imgs[0], prompt_embeds=e["text"][None], negative_prompt_embeds=e["neg"][None],
+              true_cfg_scale=4.0, height=res, width=res, num_inference_steps=n, latents=x.clone())
+    with torch.no_grad():
+        ours, _ = grpo.sample(editor, cond, x, sigmas, set(), 0.0, None)
+        theirs = pipe(**kw, output_type="latent").images
+        images = pipe(**kw).images
+    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert same_pixels(editor.decode(ours), images)
 
 
 def test_sources_are_resized_as_the_pipelines_resize_them(toy):
