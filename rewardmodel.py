@@ -449,13 +449,16 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
 
 def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, weights=None):
     """(model, processor) of a hub name, a folder or a TINY_MODELS name, images within min/max_pixels, left padding.
-    weights: a save_pretrained folder that replaces the base weights (full fine-tunes)."""
+    weights: a save_pretrained folder that replaces the base weights (full fine-tunes), loaded in fp32 as training
+    keeps them (a bf16 load would round the updates away; RewardModel casts the frozen rest to the compute dtype)."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     if name in TINY_MODELS:
         model, processor = build_tiny_vlm(name)
-        model = AutoModelForImageTextToText.from_pretrained(weights) if weights else model
+        model = AutoModelForImageTextToText.from_pretrained(weights, dtype=torch.float32) if weights else model
+        for p in model.parameters() if not weights else ():  # cast as from_pretrained(dtype=) casts: the weights,
+            p.data = p.data.to(dtype)  # not the rope's inv_freq buffers (fp32; bf16 would blur long-range positions)
     else:
-        model = AutoModelForImageTextToText.from_pretrained(weights or name, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(weights or name, dtype=torch.float32 if weights else dtype)
         try:
             processor = AutoProcessor.from_pretrained(name)
         except ImportError:  # the video processor needs torchvision (absent on CPU installs)
@@ -466,7 +469,7 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
     processor.image_processor.size = dict(processor.image_processor.size) | {
         k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v}
     processor.tokenizer.padding_side = "left"
-    return model.to(dtype), processor
+    return model, processor
 
 def setup_lora(model, rank, alpha, dropout, targets, vision="frozen"):
     """peft LoRA on the named linear layers of the language model (with vision="lora" also the vision tower's
@@ -551,7 +554,7 @@ class RewardModel(nn.Module):
             backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.backbone, self.compute_dtype = backbone, resolve_dtype(self.flags["dtype"], device)
         for p in self.parameters():  # AdamW updates below bf16's resolution would round away: trained weights stay
-            p.data = p.data.float() if p.requires_grad else p.data  # fp32, and the forwards run under autocast
+            p.data = p.data.float() if p.requires_grad else p.data.to(self.compute_dtype)  # fp32, under autocast
         self.to(device)
         self.load_weights(weights) if weights else None
 

@@ -146,9 +146,13 @@ def test_dimension_names_that_would_collide_with_score_keys_are_refused(dims):
         R.RewardModel({**vars(R.parser.parse_args([])), "dims": dims})
 
 
-@pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune):
-    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--micro_batch=4", "--batch_size=4"])
+@pytest.mark.parametrize("finetune, dtype", [("lora", "auto"), ("full", "auto"), ("lora", "bfloat16"),
+                                             ("full", "bfloat16")])
+def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune, dtype):
+    """A checkpoint loads back exactly: the same weights, in the same dtypes (a bf16 full fine-tune's trained weights
+    fp32, as training kept them), and the same scores."""
+    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--micro_batch=4", "--batch_size=4",
+                                f"--dtype={dtype}"])
     rm = R.RewardModel({**vars(args), "model": "tiny", "head_hidden": 32})
     pairs = load_pairs(str(toy / "pairs_train.jsonl"))
     opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-2)
@@ -158,8 +162,10 @@ def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune):
     val = load_pairs(str(toy / "pairs_val.jsonl"))[:4]
     items = ([p.sources for p in val], [p.instruction for p in val], [p.rejected for p in val])
     want = rm.score(*items)
-    got = R.RewardModel.from_pretrained(str(tmp_path / "ck"), model=None).score(*items)  # None: no override
+    back = R.RewardModel.from_pretrained(str(tmp_path / "ck"), model=None)  # None: no override
+    got, mine = back.score(*items), dict(rm.state_dict())
     assert all(torch.equal(want[k], got[k]) for k in want)
+    assert all(v.dtype == mine[k].dtype and torch.equal(v, mine[k]) for k, v in back.state_dict().items())
     assert sorted(os.listdir(tmp_path / "ck")) == ["args.json", "backbone", "head.safetensors", "train_state.pt"]
 
 
@@ -265,6 +271,19 @@ def test_trained_weights_stay_fp32_under_bf16(toy, finetune):
     assert any(p.dtype == torch.bfloat16 for p in rm.parameters() if not p.requires_grad)
     opt = torch.optim.AdamW(trainable, lr=1e-3)
     assert math.isfinite(R.train_step(rm, rm, opt, [load_pairs(str(toy / "pairs_train.jsonl"))[:2]], args))
+
+
+@pytest.mark.parametrize("name", list(R.TINY_MODELS))
+def test_a_bf16_backbone_keeps_its_rope_frequencies_fp32_as_from_pretrained_does(name, tmp_path):
+    """from_pretrained(dtype=bf16) leaves the rotary inv_freq buffers fp32; a later model.to(bf16) would round them
+    (0.2% per frequency: radians of phase at positions in the hundreds). A hub-style folder and the tiny build alike."""
+    model, processor = R.build_tiny_vlm(name)
+    model.save_pretrained(tmp_path), processor.save_pretrained(tmp_path)
+    for source in (str(tmp_path), name):
+        model, _ = R.load_backbone(source, torch.bfloat16)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        rope = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        assert len(rope) >= 2 and set(rope.values()) == {torch.float32}, (source, rope)  # the text's and the tower's
 
 
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))
