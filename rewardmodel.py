@@ -532,6 +532,9 @@ class RewardModel(nn.Module):
         self.prompts = json.load(open(flags["prompt_file"], encoding="utf-8")) if flags["prompt_file"] else None
         if self.prompts and (missing := [k for k in ["SC", "PQ"] * verifier or self.dims if k not in self.prompts]):
             raise ValueError(f"{flags['prompt_file']}: no template for {missing} (it has {list(self.prompts)})")
+        if self.prompts and not any("{instruction}" in v for v in self.prompts.values()):
+            raise ValueError(f"{flags['prompt_file']}: no template says {{instruction}} (write it for the authors' "
+                             "{text_prompt} or <instruction>, or the edits are scored without their instruction)")
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])
             self.reward_id = None if verifier else self._add_reward_token(backbone)
@@ -693,8 +696,8 @@ class RewardModel(nn.Module):
         """The one place that recognises what `path` holds: a checkpoint folder of this script (its args.json says
         which mode); a published EditScore adapter or EditReward checkpoint (a folder or hub repo); "tiny" (a random
         tiny Gaussian model); or, with mode="verifier", any base VLM (hub name, folder, "tiny"), which then scores
-        zero-shot. overrides replace flags, e.g. max_new_tokens=512, prompt_file="prompts.json", model=<base VLM>;
-        a None override is no override (callers can pass their optional flags through)."""
+        zero-shot (rubric="editscore": as EditScore's scorers). overrides replace flags, e.g. max_new_tokens=512,
+        prompt_file="prompts.json", model=<base VLM>; a None override is none (callers pass optional flags through)."""
         defaults, overrides = vars(parser.parse_args([])), {k: v for k, v in overrides.items() if v is not None}
         if os.path.exists(os.path.join(path, "args.json")):
             flags = json.load(open(os.path.join(path, "args.json")))
@@ -709,8 +712,9 @@ class RewardModel(nn.Module):
             raise FileNotFoundError(f"{path}: not a reward model: no args.json (this script's checkpoints), no "
                                     "adapter_config.json (an EditScore adapter), no model.pth or model.safetensors "
                                     "with rm_heads.* (EditReward); with mode='verifier' any VLM scores zero-shot")
-        flags = {**defaults, **preset(mode, mode == "gaussian"), "model": path, "stage": "eval", **overrides}
-        return cls(flags, device).eval()
+        rubric = editscore_flags(path) if mode == "verifier" and overrides.get("rubric") == "editscore" else {}
+        return cls({**defaults, **preset(mode, mode == "gaussian"), **rubric, "model": path, "stage": "eval",
+                    **overrides}, device).eval()
 
 def as_list(src):
     return list(src) if isinstance(src, (list, tuple)) else [src]
@@ -724,6 +728,10 @@ EDITSCORE_PIXELS = dict(min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28)  # i
 def model_type(name):  # a VLM's, before it loads
     from transformers import AutoConfig
     return TINY_MODELS.get(name) or AutoConfig.from_pretrained(name).model_type
+
+def editscore_flags(base):  # EditScore's scorers (its adapters, or a base VLM zero-shot): 512-token answers, its bounds
+    qwen3 = model_type(base).startswith("qwen3")
+    return {"max_new_tokens": 512, **(dict(min_pixels=None, max_pixels=None) if qwen3 else EDITSCORE_PIXELS)}
 
 def published_layout(path):
     """("editscore" | "editreward", local file or folder) if path, a folder or hub repo, holds a peft adapter
@@ -767,9 +775,8 @@ def load_editscore(cls, folder, defaults, overrides, device):
         if os.path.exists(card) else None
     config = PeftConfig.from_pretrained(folder)
     base = overrides.get("model") or (card[1] if card else config.base_model_name_or_path)
-    pixels = dict(min_pixels=None, max_pixels=None) if model_type(base).startswith("qwen3") else EDITSCORE_PIXELS
-    rm = cls({**defaults, **preset("verifier", False), **pixels, "max_new_tokens": 512, "stage": "eval",
-              **overrides, "model": base, "mode": "verifier", "rubric": "editscore"}, device)
+    rm = cls({**defaults, **preset("verifier", False), **editscore_flags(base), "stage": "eval", **overrides,
+              "model": base, "mode": "verifier", "rubric": "editscore"}, device)
     lora = get_peft_model(rm.backbone, config)
     load_adapter(lora, os.path.join(folder, "adapter_model.safetensors"), base)
     rm.backbone = lora.merge_and_unload()

@@ -243,6 +243,9 @@ def test_not_a_reward_model_names_what_is_missing(base, tmp_path):
     (tmp_path / "p.json").write_text('{"SC": "x"}')
     with pytest.raises(ValueError, match=r"no template for \['PQ'\]"):
         R.RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", prompt_file=str(tmp_path / "p.json"))
+    (tmp_path / "p.json").write_text('{"SC": "Instruction: <instruction>", "PQ": "Quality?"}')  # the authors' text
+    with pytest.raises(ValueError, match=r"p.json: no template says \{instruction\}"):
+        R.RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", prompt_file=str(tmp_path / "p.json"))
 
 
 def test_zero_shot_scoring_keeps_the_weights_in_their_dtype():

@@ -229,6 +229,20 @@ def test_sampler_draws_what_generate_draws_with_a_repetition_penalty_and_two_eos
     assert both(40, eos, 1.3)[1] == penalised[:penalised.index(eos[1]) + 1]
 
 
+def test_a_zero_shot_rubric_answers_and_sees_images_as_editscores_scorers():
+    """A base VLM under the EditScore rubric gets what an EditScore adapter gets: 512-token answers (the rubric
+    reasons before its JSON) and its scorer's image bounds (Qwen2.5-VL: qwen_vl_utils'; Qwen3-VL: the processor's)."""
+    from rewardmodel import EDITSCORE_PIXELS, parser
+    es = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore").flags
+    assert es["max_new_tokens"] == 512 and {k: es[k] for k in EDITSCORE_PIXELS} == EDITSCORE_PIXELS
+    q3 = RewardModel.from_pretrained("tiny-qwen3-vl", mode="verifier", rubric="editscore").flags
+    assert (q3["min_pixels"], q3["max_pixels"], q3["max_new_tokens"]) == (None, None, 512)
+    own = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", max_new_tokens=64).flags
+    assert own["max_new_tokens"] == 64  # an explicit flag still wins
+    assert RewardModel.from_pretrained("tiny", mode="verifier").flags["max_new_tokens"] == parser.get_default(
+        "max_new_tokens")  # the project's own verifier prompt keeps the script's defaults
+
+
 def test_score_decodes_the_rubric_with_the_models_generation_config(monkeypatch):
     """The EditScore rubric samples with the backbone's generation_config eos ids and repetition penalty, as its
     scorer's generate() call does; the project's own verifier prompt samples as GCPO trained it."""
