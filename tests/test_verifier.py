@@ -204,11 +204,14 @@ def test_old_logprobs_match_teacher_forcing_with_padding(tiny):
         assert rmask[b].sum() == len(o)
 
 
-def test_sampler_draws_what_generate_draws_with_a_repetition_penalty_and_two_eos_ids(tiny):
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-vl"])
+def test_sampler_draws_what_generate_draws_with_a_repetition_penalty_and_two_eos_ids(tiny, name):
     """EditScore's scorer calls transformers' generate(), which adds the model's generation_config: Qwen2.5-VL-7B-
     Instruct's repetition penalty (prompt and answer tokens) and its two eos ids. With the same seed, the shared-prefill
-    sampler draws generate()'s tokens and stops where it stops (the vision placeholders suppressed in both)."""
-    model, processor = tiny
+    sampler draws generate()'s tokens and stops where it stops (the vision placeholders suppressed in both); on
+    Qwen3-VL too (interleaved M-RoPE, deepstack), whose decode positions the sampler computes itself."""
+    model, processor = tiny if name == "tiny" else load_backbone(name, max_pixels=56 * 56)
+    model = model.eval()
     cfg, im_end = model.config, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     ban = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
     enc = verifier_prompt(processor, [_img(0)], "make the red circle blue", _img(1))
