@@ -262,9 +262,16 @@ def test_qwen_prompt_embedding_has_the_image_tokens_mrope_positions(toy):
     assert without.shape[1:] == want.shape[:1] + want.shape[1:] and not torch.allclose(without[0], want, atol=1e-4)
 
 
-def same_pixels(ours, theirs):  # latents 1e-6 apart may round a pixel value the other way
-    return len(ours) == len(theirs) and all(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
-                                            for a, b in zip(ours, theirs))
+def assert_samples_as_the_pipeline(editor, pipe, cond, x, sigmas, kw):
+    """grpo.py's ODE sample from x, then its decode, against the pipeline's __call__(**kw) from the same noise."""
+    with torch.no_grad():
+        ours, _ = grpo.sample(editor, cond, x, sigmas, set(), 0.0, None)
+        theirs, images = pipe(**kw, output_type="latent").images, pipe(**kw).images
+    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    decoded = editor.decode(ours)  # latents 1e-6 apart may round a pixel value the other way
+    assert len(decoded) == len(images) and all(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+                                               for a, b in zip(decoded, images))
 
 
 def kontext_with_a_vae(max_length):
@@ -297,13 +304,7 @@ def test_the_kontext_editors_ode_sample_is_the_pipelines_own(toy):
     srcs = [load_sources(p)[0].resize((res, res), Image.LANCZOS) for p in prompts]
     kw = dict(image=srcs, prompt=[p.instruction for p in prompts], height=res, width=res, max_area=res * res,
               _auto_resize=False, guidance_scale=2.5, num_inference_steps=n, latents=x, max_sequence_length=48)
-    with torch.no_grad():
-        ours, _ = grpo.sample(editor, editor.condition(prompts), x, sigmas, set(), 0.0, None)
-        theirs = pipe(**kw, output_type="latent").images
-        images = pipe(**kw).images
-    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert same_pixels(editor.decode(ours), images)
+    assert_samples_as_the_pipeline(editor, pipe, editor.condition(prompts), x, sigmas, kw)
 
 
 def qwen_with_a_vae(plus):
@@ -341,13 +342,7 @@ def test_the_qwen_editors_ode_sample_with_true_cfg_is_the_pipelines_own(toy, mon
     (e,) = editor.cache.values()
     kw = dict(image=imgs if plus else imgs[0], prompt_embeds=e["text"][None], negative_prompt_embeds=e["neg"][None],
               true_cfg_scale=4.0, height=res, width=res, num_inference_steps=n, latents=x.clone())
-    with torch.no_grad():
-        ours, _ = grpo.sample(editor, cond, x, sigmas, set(), 0.0, None)
-        theirs = pipe(**kw, output_type="latent").images
-        images = pipe(**kw).images
-    torch.testing.assert_close(pipe.scheduler.sigmas, sigmas)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert same_pixels(editor.decode(ours), images)
+    assert_samples_as_the_pipeline(editor, pipe, cond, x, sigmas, kw)
 
 
 def test_sources_are_resized_as_the_pipelines_resize_them(toy):
