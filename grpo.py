@@ -9,8 +9,8 @@ The loop at the bottom reads: plan -> rollout -> reward -> advantages -> update 
 
 The sampler is our own, over the pipeline's components (prompt encoding, condition latents, transformer, shifted
 sigmas, VAE). Simplified: square images; Kontext and Qwen-Image-Edit see the first source image, Plus sees all.
-The tiny editors work in pixel space (their "VAE" is a space-to-depth). As Flow-GRPO's code (yifan123/flow_grpo):
-the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1. `--sft_steps`: the toy's editor warm-up.
+Tiny editors work in pixel space (a space-to-depth "VAE"). As Flow-GRPO's code (yifan123/flow_grpo): the KL's scale,
+the LoRA targets. Unlike it: the step at sigma = 1, each group's own std (its edit configs: the batch's), no EMA.
 `--algo nft`: DiffusionNFT (arXiv 2509.16117 section 3; UniWorld-V2 arXiv 2510.16888 on editors): see nft_update.
 
   # CPU, toy world: warm-up, then GRPO on the toy oracle, or on a reward model trained on the toy's pairs
@@ -20,7 +20,7 @@ the KL's scale and the LoRA targets. Unlike it: the step at sigma = 1. `--sft_st
   python grpo.py --editor black-forest-labs/FLUX.1-Kontext-dev --train_prompts data/rl/rl_train.jsonl \\
       --test_prompts data/rl/rl_test.jsonl --reward rm:out/rm --dtype bf16 --resolution 512 --num_steps 6 \\
       --noise_level 0.9 --lora_rank 64 --lora_alpha 128 --group_size 24 --prompts_per_step 4 --micro_batch 4 --offload
-  # 8 GPUs, Qwen-Image-Edit with true CFG 4 (--nnodes/--node_rank/--rdzv_endpoint for several nodes)
+  # 8 GPUs, Qwen-Image-Edit, true CFG 4 (several nodes: --nnodes/--node_rank/--rdzv_endpoint, a shared --out_dir)
   torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --guidance 4 --num_steps 10 --dtype bf16 \\
       --resolution 512 --cond_pixels 262144 --train_prompts data/rl/rl_train.jsonl --reward rm:out/rm \\
       --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 \\
@@ -601,8 +601,8 @@ def rollout(editor, prompts, noise_keys, sigmas, sde_steps, args, gen):
     return editor.decode(torch.cat([b[-1] for b in batches])), batches
 
 def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
-    """One optimizer step on this rank's samples, accumulating micro-batches x SDE steps (the loss is their mean); on
-    policy, so the ratios are 1. Returns the log's statistics (ratios of the samples that carry a gradient)."""
+    """One optimizer step on this rank's samples (Flow-GRPO's code takes two a rollout, and drops zero advantages),
+    accumulating micro-batches x SDE steps (the loss is their mean); on policy, so the ratios are 1. -> log stats."""
     ratios, clipped, kls, n = [], [], [], sum(hi - lo for lo, hi, *_ in batches)
     opt.zero_grad(set_to_none=False)
     for (lo, hi, cond, *_), (j, x_t, x_next, old_lp) in [(b, t) for b in batches for t in b[3]]:
