@@ -265,12 +265,12 @@ def evaluate(comps, groups, scores, editscore):
             report["pairwise"][dim]["by"] = {lab: pairwise_metrics(human[mb], diff[mb]) for lab, mb in by.items()}
     if groups:  # per group size K, as the paper reports 2-, 3- and 4-pair; eps is fitted on the 2-pair groups alone,
         # as EditReward's evaluation does (a run over all sizes would otherwise fit it to the 3- and 4-pair groups too)
-        two = [(r, [scores[x]["overall"] for x in ks]) for r, ks in groups if len(r) == 2]
+        by_k = {k: [(r, [scores[x]["overall"] for x in ks]) for r, ks in groups if len(r) == k]  # every scorer has one
+                for k in sorted({len(r) for r, _ in groups})}
+        two = by_k.get(2, [])
         eps = tie_calibrated_accuracy([np.sign(r[1] - r[0]) for r, _ in two], [s[0] - s[1] for _, s in two])[1]
-        report["groups"] = {"epsilon": eps, "sizes": {}}
-        for k in sorted({len(r) for r, _ in groups}):  # every scorer has an "overall"
-            ranks, sc = zip(*[(r, [scores[x]["overall"] for x in ks]) for r, ks in groups if len(r) == k])
-            report["groups"]["sizes"][k] = {"groups": len(ranks), "accuracy": group_accuracy(ranks, sc, eps)}
+        report["groups"] = {"epsilon": eps, "sizes": {k: {"groups": len(g), "accuracy": group_accuracy(*zip(*g), eps)}
+                                                      for k, g in by_k.items()}}
     if editscore:
         report["editscore"] = editscore_bench_table([c.task for c in comps], list(dims), diff)
     unparsed = [s.get("unparsed", 0) for s in scores.values()]

@@ -712,8 +712,8 @@ class RewardModel(nn.Module):
             raise FileNotFoundError(f"{path}: not a reward model: no args.json (this script's checkpoints), no "
                                     "adapter_config.json (an EditScore adapter), no model.pth or model.safetensors "
                                     "with rm_heads.* (EditReward); with mode='verifier' any VLM scores zero-shot")
-        rubric = editscore_flags(path) if mode == "verifier" and overrides.get("rubric") == "editscore" else {}
-        return cls({**defaults, **preset(mode, mode == "gaussian"), **rubric, "model": path, "stage": "eval",
+        scorer = editscore_flags(path) if mode == "verifier" and overrides.get("rubric") == "editscore" else {}
+        return cls({**defaults, **preset(mode, mode == "gaussian"), **scorer, "model": path, "stage": "eval",
                     **overrides}, device).eval()
 
 def as_list(src):
