@@ -319,7 +319,7 @@ def parse_args(argv=None):
     # --- benchmark (its format is read from its columns)
     p.add_argument("--bench", required=True, help="benchmark file (.jsonl/.json/.parquet), folder or hub name")
     p.add_argument("--config", default=None, help="hub config, e.g. 2pair / 3pair / 4pair for TIGER-Lab")
-    p.add_argument("--split", default=None, help="hub split (default train; GenAI-Bench: test or test_v1)")
+    p.add_argument("--split", default=None, help="hub split (default train; GenAI-Bench test_v1)")
     p.add_argument("--limit", type=int, default=0, help="only the first N items (pairs / groups / rows); 0 = all")
     p.add_argument("--skip_bad", action="store_true", help="skip and count bad rows instead of stopping")
     p.add_argument("--by", default="", help="accuracy w/o ties per value of this column, e.g. category, outcomes")

@@ -26,7 +26,7 @@ the LoRA targets. Unlike it: the step at sigma = 1, each group's own std (its ed
       --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 \\
       --fsdp --grad_checkpointing
 
-Outputs in --out_dir: a log line per step, eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
+A log line a step (stdout). In --out_dir: eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors for `pipeline.load_lora_weights(ckpt)`, trainable.safetensors
 (every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json and, under
 --algo nft, old_policy.safetensors (--resume).
@@ -573,6 +573,7 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
 
     if ddp.master:
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
+        atomic_write(os.path.join(out_dir, "history.json"), lambda f: json.dump(history, f))  # to follow a long run
 
 def load_checkpoint(ckpt, named, old=None):
     """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
@@ -788,7 +789,6 @@ def main(args):
             history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, step + 1))
             save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp, old)
     if ddp.master:
-        atomic_write(os.path.join(args.out_dir, "history.json"), lambda f: json.dump(history, f))
         ev = history["eval"]
         print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
                f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")

@@ -957,7 +957,8 @@ def train_step(model, rm, optimizer, micro_batches, args):
 
 def train_gaussian(args, d):
     """Train the Gaussian reward model on the pairs of --train, evaluating on --val; returns it."""
-    if args.batch_size % d.world or args.batch_size // d.world % args.micro_batch:
+    per = args.batch_size // d.world  # a rank's share of a step; one below --micro_batch is a single forward
+    if args.batch_size % d.world or per % min(args.micro_batch, per):
         raise SystemExit(f"--batch_size {args.batch_size} must split into {d.world} ranks x whole --micro_batch")
     train_pairs, val_pairs = load_pairs(args.train), load_pairs(args.val)[:args.val_max or None]
     dims = [x for x in args.dims.split(",") if x]  # a dimension no pair ranks would train a head column on nothing

@@ -557,6 +557,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(toy, straight, tmp_pat
             break
         time.sleep(0.02)
     proc.wait()
+    assert len(history(out)["eval"]) >= 2  # history.json follows the run's evals, not only its end (steps 0, 1, ...)
     run(args + ["--resume"], out)
     a, b = trained(straight), trained(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -192,6 +192,17 @@ def step_lines(out):
     return {int(m.group(1)): m.group(2) for m in re.finditer(r"^step (\d+)/\d+ \| (loss \S+)", out, re.M)}
 
 
+def test_a_ranks_share_below_micro_batch_is_one_forward_not_an_error(tmp_path):
+    """`torchrun --nproc_per_node=2 rewardmodel.py --toy` (the README's): 16 pairs a step over 2 ranks is 8 each, below
+    the preset's --micro_batch 16, so one forward a rank; a share that --micro_batch does not divide is refused."""
+    from data import DataError, Dist
+    for world, micro, ok in ((2, 16, True), (8, 8, True), (2, 3, False), (3, 4, False)):
+        args = R.parser.parse_args(["--toy", f"--micro_batch={micro}", f"--train={tmp_path}/none.jsonl"])
+        with pytest.raises(DataError if ok else SystemExit) as e:  # DataError: past the check, at the missing file
+            R.train_gaussian(args, Dist(rank=0, world=world))
+        assert ok or "must split into" in str(e.value)
+
+
 def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
     flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
              "--micro_batch=2", "--log_interval=1", "--eval_interval=3", "--warmup_steps=2", "--lr_decay_steps=6",
