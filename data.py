@@ -357,10 +357,9 @@ def parse_ranking(ranking, k, origin=""):
 def regroup(items, skipped=None):
     """TIGER comparisons (meta "group", "positions") -> their groups, ranked by all their comparisons together; a
     contradiction or gap is a DataError naming the group (given a `skipped` list: recorded there, the group dropped)."""
-    parts = {}  # a group's id (str) -> its comparisons, in the place of the first; any other item stays, under id()
+    parts, out = {}, []  # a group's id (str) -> its comparisons, in the place of the first; others under id()
     for p in items:
         parts.setdefault(p.meta.get("group", id(p)) if isinstance(p, PreferencePair) else id(p), []).append(p)
-    out = []
     for gid, comps in parts.items():
         if not isinstance(gid, str):
             out += comps
@@ -369,7 +368,8 @@ def regroup(items, skipped=None):
               for pos, side in zip(p.meta["positions"], ("preferred", "rejected"))}  # -> (image, model, score)
         try:
             rel = [("=" if p.tie else ">").join(chr(65 + x) for x in p.meta["positions"]) for p in comps]  # "C>A"
-            ranks = parse_ranking(rel, 1 + max(at), comps[0].origin)
+            size = re.match(r"(\d+)pair/", gid)  # the `dataset` column's size: a group that lost a candidate is bad
+            ranks = parse_ranking(rel, int(size[1]) if size else 1 + max(at), comps[0].origin)
         except DataError as e:
             if skipped is None:
                 raise DataError(f"group {gid!r} ({len(comps)} comparisons): {e}") from None

@@ -644,8 +644,7 @@ def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
 
 def optimizer_step(opt, params, grad_clip, reduce=True):
     """Average the gradients over ranks (not under FSDP: it reduces them itself), clip their norm, step -> the norm."""
-    if reduce:
-        allreduce_grads(params)
+    allreduce_grads(params) if reduce else None
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     return float(grad_norm)
@@ -682,8 +681,7 @@ def parse_args(argv=None):
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
     p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N steps, 0: all but last (nft: N sigmas)")
-    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window (Flow-GRPO's "
-                   "sde_window_range: the early, noisy steps decide the layout); -1 = any")
+    p.add_argument("--window_max_start", type=int, default=-1, help="latest start of the SDE window; -1: any")
     # --- GRPO and DiffusionNFT
     p.add_argument("--algo", default="grpo", choices=["grpo", "nft"], help="Flow-GRPO or DiffusionNFT (nft_loss)")
     p.add_argument("--nft_beta", type=float, default=1.0, help="nft: beta of the implicit policies' mixing")
@@ -715,6 +713,8 @@ def parse_args(argv=None):
         p.set_defaults(**TOY)
         args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
+    if args.max_sequence_length > 512:  # T5's training length; FluxKontextPipeline refuses more
+        p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
     if args.sde_window >= args.num_steps:
         p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
     if n % world:
@@ -771,6 +771,7 @@ def main(args):
         t_reward, t0 = time.time() - t0, time.time()
         stats = update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args) if args.algo == "grpo" else \
             nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen)
+        del edits, batches  # the trajectories: freed before the eval and the next rollout, not after them
         decay = min(0.001 * (step + 1), args.nft_decay)  # NFT's soft update (its decay_type 1), after the step
         for n, q in named if old else []:
             old[n].mul_(decay).add_(q.detach(), alpha=1 - decay)
@@ -788,10 +789,9 @@ def main(args):
         if args.eval_every and (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, step + 1))
             save_checkpoint(args.out_dir, step + 1, editor, opt, history, args, ddp, old)
-    if ddp.master:
-        ev = history["eval"]
-        print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
-               f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")
+    ev = history["eval"]
+    print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
+           f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")
     if ddp.ddp:
         dist.barrier()  # no rank tears the group down while another still writes or reads
         leave_distributed()

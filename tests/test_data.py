@@ -305,6 +305,21 @@ def test_tiger_bench_contradictions_name_the_group(tmp_path):
         data.load_pairs(to_parquet(tmp_path / "b.parquet", bad, images=TIGER_IMAGES))
 
 
+def test_a_tiger_group_that_lost_a_candidate_is_skipped_not_ranked_as_a_smaller_group(tmp_path):
+    """A 4pair group whose rows with D were all skipped (a bad image) or are absent has 3 candidates left: it is
+    no 3pair group. The `dataset` column gives the size; the group is skipped under skip_bad, else an error."""
+    four = ("g4", (1, 2, 3, 4), (9.0, 4.0, 6.0, 4.0),
+            {"AvsB": "A>B", "AvsC": "A>C", "AvsD": "A>D", "BvsC": "C>B", "BvsD": "B=D", "CvsD": "C>D"})
+    rows, d_rows = tiger_rows([four]), [n for n, ct in enumerate(tiger_rows([four])["comparison_type"]) if "D" in ct]
+    for n in d_rows:
+        rows["candidate_2"][n] = {"bytes": b"not an image", "path": None}
+    groups = data.load_groups(to_parquet(tmp_path / "d.parquet", rows, images=TIGER_IMAGES), skip_bad=True)
+    assert list(groups) == [] and len(groups.skipped) == 3 + 1 and groups.skipped[-1][0] == "group '4pair/g4'"
+    absent = {k: [v for n, v in enumerate(col) if n not in d_rows] for k, col in tiger_rows([four]).items()}
+    with pytest.raises(DataError, match="group '4pair/g4' .3 comparisons.*unordered"):
+        data.load_groups(to_parquet(tmp_path / "a.parquet", absent, images=TIGER_IMAGES))
+
+
 def test_parse_ranking_by_hand():
     assert data.parse_ranking("A>B", 2) == [0, 1]
     assert data.parse_ranking("B>A", 2) == [1, 0]

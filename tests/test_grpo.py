@@ -203,6 +203,13 @@ def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, 
     assert grpo.parse_args(FAST + ["--fsdp"]).fsdp
 
 
+def test_a_t5_prompt_longer_than_512_tokens_is_a_flag_error_as_in_the_kontext_pipeline(capsys):
+    assert grpo.parse_args(FAST + ["--max_sequence_length", "512"]).max_sequence_length == 512
+    with pytest.raises(SystemExit):
+        grpo.parse_args(FAST + ["--max_sequence_length", "513"])
+    assert "--max_sequence_length 513: at most 512" in capsys.readouterr().err
+
+
 def test_a_real_editor_gets_flow_grpos_resolution_and_only_the_toy_its_32_px():
     assert grpo.parse_args(["--editor", "black-forest-labs/FLUX.1-Kontext-dev"]).resolution == 512
     assert grpo.parse_args(["--toy"]).resolution == 32
