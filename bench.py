@@ -138,12 +138,15 @@ def image_hash(ref, memo):
     return memo[k]
 
 
-def scorer_id(model):
-    """The scorer's name in the cache key: its path + its files' sizes and mtimes (a retrained one is new)."""
+def scorer_id(model, skip=None):
+    """The scorer's name in the cache key: its path + its files' sizes and mtimes (a retrained one is new), but not
+    those under `skip` (bench.py's own --out_dir), and a GCPO checkpoint's SFT model (its --init) the same way."""
     files = sorted(glob.glob(os.path.join(model, "**"), recursive=True)) if os.path.isdir(model) else []
     stats = [(os.path.relpath(p, model), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files
-             if os.path.isfile(p)]
-    return f"{os.path.abspath(model)}:{hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]}" if files else model
+             if os.path.isfile(p) and not (skip and Path(skip).resolve() in Path(p).resolve().parents)]
+    init = os.path.isfile(f"{model}/args.json") and json.load(open(f"{model}/args.json")).get("init")
+    return f"{os.path.abspath(model)}:{hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]}" + (
+        f" on {scorer_id(init, skip)}" if init else "") if files else model
 
 
 def by_label(pair, column, human):
@@ -379,7 +382,7 @@ def main(argv=None):
     # the flags that change the scores and the templates' text (an edited file: new scores) key the score cache
     flags = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens),
                                ("prompt_file", args.prompt_file)) if v}
-    units, comps, groups = plan(items, scorer_id(args.model) + (json.dumps(flags) if flags else "") + (
+    units, comps, groups = plan(items, scorer_id(args.model, args.out_dir) + (json.dumps(flags) if flags else "") + (
         Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else ""), args.k, args.seed, args.by)
     if args.by and not any(c.by for c in comps):
         raise SystemExit(f"--by {args.by}: no item of {args.bench} has a value in that column")

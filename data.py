@@ -236,8 +236,7 @@ def _parse_editreward_data(c):
     s = [{d: c.num(f"{side}_{col}_score") for d, col in (("instruction_following", "instruction_following"),
          ("visual_quality", "quality_aesthetic"), ("overall", "overall"))} for side in ("left", "right")]
     two = [(c.image(f"{x}_output_image"), c.get(f"{x}_model")) for x in ("left", "right")]  # (image, model) a side
-    if s[1]["overall"] > s[0]["overall"]:
-        two, s = two[::-1], s[::-1]
+    two, s = (two[::-1], s[::-1]) if s[1]["overall"] > s[0]["overall"] else (two, s)  # the preferred first
     prefs, (imgs, models) = {d: int(np.sign(x - s[1][d])) for d, x in s[0].items()}, zip(*two)
     return PreferencePair(c.id("unique_key", "key"), c.text("instruction"), [c.image("source_img")], *imgs, prefs,
                           prefs["overall"] == 0, "", _sides(*s), c.origin,
@@ -248,8 +247,7 @@ def _parse_editscore_bench(c):
     # EditScore/EditReward-Bench card, VectorSpaceLab/EditScore evaluation.py: key [2] and output_images [2], element 0
     # the one humans preferred on `dimension` (prompt_following | consistency | overall)
     outs, key, dim = c.images("output_images"), c.req("key"), c.text("dimension")
-    if len(outs) != 2:
-        c.fail(f"column 'output_images' must hold 2 images, got {len(outs)}")
+    len(outs) == 2 or c.fail(f"column 'output_images' must hold 2 images, got {len(outs)}")
     id = "~".join(map(str, key)) if isinstance(key, (list, tuple)) else str(key)
     return PreferencePair(f"{id}~{dim}", c.text("instruction"), c.images("input_image"), *outs, {dim: 1}, False,
                           c.text("task_type"), None, c.origin, {"dimension": dim})
@@ -276,8 +274,7 @@ def _parse_tiger_bench(c):
     r = re.fullmatch(r"([A-Z])([<>=])([A-Z])", str(c.req("ranking")).replace(" ", "").upper())
     if not m or m[1] >= m[2]:
         c.fail(f"column 'comparison_type' must read like AvsC, got {c.get('comparison_type')!r}")
-    if not r or {r[1], r[3]} != {m[1], m[2]}:
-        c.fail(f"column 'ranking' {c.get('ranking')!r} is no verdict on {m[0]}")
+    r and {r[1], r[3]} == {m[1], m[2]} or c.fail(f"column 'ranking' {c.get('ranking')!r} is no verdict on {m[0]}")
     two = [(ord(m[k]) - 65, c.image(f"candidate_{k}"), c.num(f"score_{k}", True), c.get(f"model_{k}")) for k in (1, 2)]
     right_won = r[2] != "=" and (r[2] == ">") == (r[1] == m[2])
     (pos, imgs, scores, models), id, size = zip(*(two[::-1] if right_won else two)), str(c.req("id")), c.get("dataset")
@@ -305,14 +302,15 @@ def _parse_jsonl(c):
     meta = {} if outcomes is None else {"outcomes": outcomes}
     if k:
         ranks = c.get("ranks") or parse_ranking(c.req("ranking"), k, c.origin)
-        if len(ranks) != k:
-            c.fail(f"{len(ranks)} ranks for {k} candidates")
+        len(ranks) == k or c.fail(f"{len(ranks)} ranks for {k} candidates")
         return CandidateGroup(id, instruction, sources, c.images("candidates"), [int(r) for r in ranks], cat,
                               c.get("scores"), c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
-        prefs = c.get("prefs") or {"overall": 1}  # dimension -> -1, 0 or 1
-        return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), dict(prefs),
-                              bool(c.get("tie", prefs.get("overall", 1) == 0)), cat, c.get("scores"), c.origin, meta)
+        prefs, tie = c.get("prefs") or {"overall": 1}, c.get("tie")  # dimension -> -1, 0 or 1; tie: a boolean
+        if not isinstance(prefs, dict) or {*prefs.values()} - {-1, 0, 1} or not isinstance(tie, (bool, type(None))):
+            c.fail(f"'prefs' must map dimensions to -1, 0 or 1 and 'tie' be true or false, got {prefs!r}, {tie!r}")
+        return PreferencePair(id, instruction, sources, c.image("preferred"), c.image("rejected"), prefs, tie if
+                              tie is not None else prefs.get("overall", 1) == 0, cat, c.get("scores"), c.origin, meta)
     if "response" in c.row:
         return CotTrace(id, instruction, sources, c.image("edited"), c.text("response"), c.get("scores"), c.origin)
     return EditPrompt(id, instruction, sources, cat, c.image("target") if c.get("target") else None, c.origin,
@@ -510,7 +508,7 @@ def atomic_write(path, write, mode="w"):
 
 
 def atomic_dir(final, write, link=None):
-    """write(folder) into a temporary sibling, renamed over `final`, then `link` (a symlink) renamed to point at it."""
+    """write(folder) into a sibling swapped in for `final` (which keeps its other files), then `link` pointed at it."""
     import shutil
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
@@ -520,11 +518,13 @@ def atomic_dir(final, write, link=None):
     if os.path.exists(final):
         os.replace(final, old)
     os.replace(tmp, final)
+    for name in set(os.listdir(old) if os.path.isdir(old) else ()) - set(os.listdir(final)):  # a log, a bench report
+        os.replace(os.path.join(old, name), os.path.join(final, name))
     shutil.rmtree(old, ignore_errors=True)
     if link:
         prev = os.path.realpath(link) if os.path.islink(link) else None
-        os.symlink(os.path.basename(final), link + ".tmp")
-        os.replace(link + ".tmp", link)
+        os.symlink(os.path.basename(final), f"{link}.tmp{os.getpid()}")  # per process: no leftover blocks it
+        os.replace(f"{link}.tmp{os.getpid()}", link)
         if prev and prev != os.path.realpath(final):
             shutil.rmtree(prev, ignore_errors=True)
 
@@ -558,9 +558,10 @@ CELLS = {"top left": (0, 0), "top": (1, 0), "top right": (2, 0), "left": (0, 1),
 SHAPES, EDIT_KINDS = ("circle", "square", "triangle"), ("recolor", "remove", "add", "move", "background")
 NOISE_LEVELS = (0.0, 0.05, 0.095, 0.135)  # Gaussian noise std (0..1 scale) of the four degradation levels
 OUTCOMES = ("correct", "partial", "overedit", "wrong", "unchanged")  # what a candidate edit does
-_INSTR = [("recolor", r"make the (\w+) (\w+) (\w+)"), ("remove", r"remove the (\w+) (\w+)"),
-          ("add", r"add a (\w+) (\w+) at the ([\w ]+)"), ("move", r"move the (\w+) (\w+) to the ([\w ]+)"),
-          ("background", r"change the background to (\w+)")]
+_C, _S, _P, _B = ("(" + "|".join(words) + ")" for words in (SHAPE_COLORS, SHAPES, CELLS, BG_COLORS))  # toy words only
+_INSTR = [("recolor", f"make the {_C} {_S} {_C}"), ("remove", f"remove the {_C} {_S}"),
+          ("add", f"add a {_C} {_S} at the {_P}"), ("move", f"move the {_C} {_S} to the {_P}"),
+          ("background", f"change the background to {_B}")]
 
 
 def _shape_mask(kind, cell, size):
@@ -786,8 +787,7 @@ if __name__ == "__main__":
     ap.add_argument("--config", default=None, help="config of a hub dataset (e.g. 2pair)")
     ap.add_argument("--skip_bad", action="store_true", help="skip bad rows and images (reported) instead of stopping")
     args = ap.parse_args()
-    if min(args.n_train, args.n_val, args.n_rl, args.n_rl_test, args.n_editor) < 0:
-        ap.error("the toy world's sizes must be >= 0")
+    ap.error("toy world sizes must be >= 0") if min(v for k, v in vars(args).items() if k[:2] == "n_") < 0 else None
     if args.toy:
         make_toy(args.out, args.seed, **{k: v for k, v in vars(args).items() if k.startswith("n_")})
         print(f"toy world written to {args.out}")

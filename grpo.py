@@ -46,9 +46,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
 from data import (atomic_dir, atomic_write, image_sheet, leave_distributed, load_image, load_prompts, load_sources,
-                  print0, setup_distributed, shard, toy_oracle)
+                  parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -187,6 +189,8 @@ def tiny_qwen_edit(seed=0, patch=2, width=64, plus=False):
                processor=processor, transformer=transformer.eval())
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RESUME_FREE = ("resume", "steps", "eval_every", "eval_prompts", "test_prompts", "out_dir", "micro_batch", "offload",
+               "grad_checkpointing", "fsdp")  # how long, how often to evaluate, memory: --resume may change these
 # Flow-GRPO's LoRA targets (yifan123/flow_grpo, scripts/train_flux_kontext.py, train_qwenimage_edit_plus.py): every
 # attention projection and MLP linear of both streams, in Flux's single blocks q/k/v and proj_mlp (16 of 20 linears)
 ATTN = "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out,"
@@ -473,7 +477,6 @@ def warmup(editor, args, ddp):
     """The toy's stand-in for an editor's own training (real editors arrive trained: --sft_steps 0): supervised flow
     matching on (source, instruction, target) triples, every weight, --lr, --micro_batch triples per rank and step.
     Saved to out_dir/sft; --resume loads it from there."""
-    from safetensors.torch import load_file, save_file
     path, params = os.path.join(args.out_dir, "sft", "transformer.safetensors"), list(editor.tr.parameters())
     if args.resume and os.path.exists(path) or args.sft_steps == 0:
         return editor.tr.load_state_dict(load_file(path, device=str(ddp.device))) if args.sft_steps else None
@@ -548,11 +551,8 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
     """out_dir/ckpt_<step>, linked from out_dir/ckpt: the LoRA in diffusers' format with rank and alpha (without them
     load_lora_weights takes alpha = r), every trained tensor, NFT's old policy, optimizer state, step. Collective."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     tr = editor.tr
-    if args.fsdp:  # after a forward the root module holds gathered copies in place of its sharded parameters
-        tr.reshard()
+    tr.reshard() if args.fsdp else None  # after a forward the root module holds gathered copies of its parameters
     state = {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().cpu().contiguous()
              for n, q in tr.named_parameters() if q.requires_grad}
     old = {n: (w.full_tensor() if hasattr(w, "full_tensor") else w).cpu().contiguous() for n, w in old.items()}
@@ -575,16 +575,17 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
         atomic_write(os.path.join(out_dir, "history.json"), lambda f: json.dump(history, f))  # to follow a long run
 
-def load_checkpoint(ckpt, named, old=None):
+def load_checkpoint(ckpt, named, args, old=None):
     """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
-    from safetensors.torch import load_file
+    meta, now = json.loads(open(os.path.join(ckpt, "state.json")).read()), vars(args)
+    if diff := [f"--{k} {v}->{now[k]}" for k, v in meta["args"].items() if now.get(k, v) != v and k not in RESUME_FREE]:
+        raise SystemExit(f"{ckpt} was trained with other flags ({', '.join(diff)}): --resume goes on as the run began")
     saved = load_file(os.path.join(ckpt, "trainable.safetensors"))
     with torch.no_grad():
         for n, q in named:
             q.copy_(saved[n])
         for n, w in (load_file(os.path.join(ckpt, "old_policy.safetensors")) if old else {}).items():
             old[n].copy_(w)
-    meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
     return meta["step"], meta["history"], torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True)
 
 @torch.no_grad()
@@ -681,7 +682,8 @@ def parse_args(argv=None):
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
     p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
     p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N steps, 0: all but last (nft: N sigmas)")
-    p.add_argument("--window_max_start", type=int, default=-1, help="latest start of the SDE window; -1: any")
+    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window (Flow-GRPO's "
+                   "sde_window_range: the early, noisy steps decide the layout); -1 = any")
     # --- GRPO and DiffusionNFT
     p.add_argument("--algo", default="grpo", choices=["grpo", "nft"], help="Flow-GRPO or DiffusionNFT (nft_loss)")
     p.add_argument("--nft_beta", type=float, default=1.0, help="nft: beta of the implicit policies' mixing")
@@ -706,12 +708,10 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out/grpo", help="logs, sheets, checkpoints")
     p.add_argument("--eval_every", type=int, default=10, help="ODE eval + checkpoint every N steps (0: at the end)")
     p.add_argument("--eval_prompts", type=int, default=32, help="held-out prompts in the eval")
-    p.add_argument("--resume", action="store_true", help="continue from out_dir/ckpt exactly")
+    p.add_argument("--resume", action="store_true", help="continue out_dir/ckpt exactly (same flags; none yet: step 0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt order and the noise")
+    p.set_defaults(**TOY) if p.parse_args(argv).toy else None  # the toy's recipe, under any flag given
     args = p.parse_args(argv)
-    if args.toy:
-        p.set_defaults(**TOY)
-        args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
     if args.max_sequence_length > 512:  # T5's training length; FluxKontextPipeline refuses more
         p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
@@ -728,6 +728,8 @@ def main(args):
     torch.set_num_threads(TOY["threads"]) if args.toy else None
     os.makedirs(args.out_dir, exist_ok=True)
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
+    if args.reward == "oracle" and (bad := [p for p in train + test if not parse_toy_instruction(p.instruction)]):
+        raise SystemExit(f"{bad[0].origin}: not a toy-world edit, which --reward oracle needs: {bad[0].instruction!r}")
     editor = load_editor(args, ddp.device)
     torch.manual_seed(args.seed)  # the same on every rank: the LoRA starts identical everywhere, as under DDP
     sigmas, eval_sigmas = editor.sigmas(args.num_steps), editor.sigmas(args.eval_num_steps)
@@ -736,18 +738,15 @@ def main(args):
     named, ref = setup_trainable(editor, args)
     old = {n: q.detach().clone() for n, q in named} if args.algo == "nft" else {}  # NFT's old policy starts as theta
     if args.resume and os.path.isdir(ckpt):  # weights go in before FSDP shards them
-        start, history, opt_state = load_checkpoint(ckpt, named, old)
-        print0(f"resumed from {ckpt} at step {start}")
-    if args.grad_checkpointing:
-        editor.tr.enable_gradient_checkpointing()
+        start, history, opt_state = load_checkpoint(ckpt, named, args, old)
+    editor.tr.enable_gradient_checkpointing() if args.grad_checkpointing else None
     if args.fsdp:
         named, ref, old = shard_transformer(editor.tr, ref, old)
     reward_fn = make_reward(args.reward, ddp.device, args.reward_prompts)  # after sharding: less peak memory
     opt = torch.optim.AdamW([q for _, q in named], lr=args.lr, weight_decay=0.0)
     if opt_state is not None:  # keyed by parameter name: under FSDP each rank keeps its shard
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(editor.tr, opt, opt_state, options=StateDictOptions(full_state_dict=True))
-    print0(f"training {sum(q.numel() for _, q in named):,} transformer parameters on {ddp.world} rank(s)")
+    print0(f"training {sum(q.numel() for _, q in named):,} parameters on {ddp.world} rank(s) from step {start}")
     history, t_run = history or {"eval": [], "train": []}, time.time()
     if start == 0:
         history["eval"].append(evaluate(editor, test, reward_fn, eval_sigmas, ddp, args, 0))

@@ -89,7 +89,7 @@ arg("--warmup_steps", type=int, default=50, help="linear warmup steps")
 arg("--beta2", type=float, default=0.95, help="AdamW beta2")
 arg("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
 arg("--out_dir", default="out/rm", help="checkpoint folder")
-arg("--resume", action="store_true", help="continue exactly from out_dir (same flags)")
+arg("--resume", action="store_true", help="continue out_dir's run exactly (same flags; none saved yet: step 0)")
 arg("--log_interval", type=int, default=25, help="steps between log lines")
 arg("--eval_interval", type=int, default=250, help="steps between checkpoints (gaussian: each after an eval)")
 arg("--seed", type=int, default=0, help="random seed (data order, init, dropout, GCPO sampling)")
@@ -517,7 +517,7 @@ class RewardModel(nn.Module):
         if verifier and flags["init"]:
             # GCPO: a fresh adapter over the SFT model with the SFT adapter merged in, so that disabling the new
             # adapter gives the SFT policy (the KL reference). The base, pixel bounds and principles come with it.
-            parent = RewardModel.from_pretrained(flags["init"], device)
+            parent = RewardModel.from_pretrained(flags["init"], device, mode="verifier")  # not a Gaussian one
             backbone, self.processor = parent.backbone.merge_and_unload(), parent.processor
             self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
                               init=os.path.abspath(flags["init"]))
@@ -588,7 +588,7 @@ class RewardModel(nn.Module):
         batches = []
         for what in self.dims if per_dim or self.prompts else [", ".join(self.dims)]:
             texts, images = [], []
-            for src, instr, ed in zip(sources, instructions, edited):
+            for src, instr, ed in zip(sources, instructions, edited, strict=True):
                 src = [load_image(s) for s in as_list(src)] + [load_image(ed)]
                 if self.prompts:  # a --prompt_file template (as EditReward's): the images, then its text
                     content = [{"type": "image"}] * len(src) + [
@@ -636,7 +636,7 @@ class RewardModel(nn.Module):
                 toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
                                                       SCORE_TEMPERATURE, TOP_K, TOP_P, rp)
             return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
-        for src, ins, ed in zip(sources, instructions, edited):
+        for src, ins, ed in zip(sources, instructions, edited, strict=True):  # a list each, of equal lengths
             images = [load_image(x) for x in as_list(src)]  # EditScore's evaluation.py sizes the edit as the source
             images.append(load_image(ed).resize(images[0].size) if rubric else load_image(ed))
             if rubric:  # str.replace, not format: the rubric holds JSON braces
@@ -828,15 +828,32 @@ def load_editreward(cls, file, defaults, overrides, device):
 # --- training, both modes -----------------------------------------------------------------------------------------
 MIN_LR = 0.1  # the cosine schedule ends at this fraction of the peak lr
 STEP_SEED_STRIDE = 1000  # torch seed of a step: seed + STEP_SEED_STRIDE * step + rank (dropout and MC noise)
+RESUME_FREE = ("resume", "max_steps", "eval_interval", "log_interval", "micro_batch", "out_dir", "device", "val",
+               "val_max")  # how long, how often to evaluate, memory: --resume may change these, no other flag
 
-def save_checkpoint(out_dir, rm, optimizer, step):
-    """Weights, flags as JSON and the optimizer state, written atomically: a killed save leaves the last one."""
+def save_checkpoint(out_dir, rm, optimizer, step, args=None):
+    """Weights, the model's flags as JSON, the optimizer state and the run's flags (for --resume), written
+    atomically: a killed save leaves the last one."""
     def write(tmp):
         rm.save_weights(tmp)
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(rm.flags, f, indent=1)
-        torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "train_state.pt"))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args) if args else {}},
+                   os.path.join(tmp, "train_state.pt"))
     atomic_dir(out_dir, write)
+
+def resume_state(args):
+    """--resume: out_dir's train state, from a run with the same flags (RESUME_FREE aside); None without --resume or
+    before the run's first checkpoint (a fresh start)."""
+    path = os.path.join(args.out_dir, "train_state.pt")
+    if not (args.resume and os.path.exists(path)):
+        print0(f"--resume: no checkpoint in {args.out_dir} yet, from step 0") if args.resume else None
+        return None
+    state, now = torch.load(path, map_location="cpu", weights_only=True), vars(args)
+    if diff := [f"--{k} {v}->{now[k]}" for k, v in state.get("args", {}).items()  # an older checkpoint: none saved
+                if now.get(k, v) != v and k not in RESUME_FREE]:
+        raise SystemExit(f"{args.out_dir} was trained with other flags ({', '.join(diff)}): --resume goes on as begun")
+    return state
 
 epoch_order = functools.lru_cache(maxsize=4)(lambda n, seed, epoch: np.random.default_rng([seed, epoch]).permutation(n))
 
@@ -866,12 +883,12 @@ def optimizer_step(optimizer, grad_clip, sum_ranks=False):
     optimizer.zero_grad(set_to_none=True)
     return norm.item()
 
-def train_loop(args, d, rm, items, step_fn, unit, val=None):
+def train_loop(args, d, rm, items, step_fn, unit, val=None, state=None):
     """The loop both modes share: step_fn(this rank's items, their ids, step, optimizer) -> (log fields, metrics);
-    every eval_interval steps a checkpoint, after a held-out eval on `val` if given. -> last metrics + "time"."""
+    every eval_interval steps a checkpoint, after a held-out eval on `val` if given; from `state` (resume_state's)
+    if given. -> last metrics + "time"."""
     optimizer = make_optimizer(rm, args)
-    state = torch.load(os.path.join(args.out_dir, "train_state.pt"), map_location=rm.device, weights_only=True) \
-        if args.resume else {"step": 0, "optimizer": optimizer.state_dict()}
+    state = state or {"step": 0, "optimizer": optimizer.state_dict()}
     optimizer.load_state_dict(state["optimizer"])
     step = first = state["step"]
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
@@ -893,7 +910,7 @@ def train_loop(args, d, rm, items, step_fn, unit, val=None):
                 res["val"] = evaluate(rm, val, 2 * args.micro_batch, d.rank, d.world)
                 line += " | val " + held_out_line(res["val"])
             if d.master:
-                save_checkpoint(args.out_dir, rm, optimizer, step)
+                save_checkpoint(args.out_dir, rm, optimizer, step, args)
             dist.barrier() if d.ddp else None  # nobody reads a half-written checkpoint
         if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps:
             print0(line)
@@ -969,11 +986,12 @@ def train_gaussian(args, d):
                          f"(its pairs rank {found or 'overall only'})")
     print0(f"{len(train_pairs)} train pairs ({', '.join(f'{x} {n}' for x, n in zip(dims + ['overall'], ranked))} "
            f"ranked) | {len(val_pairs)} val pairs")
-    rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None).train()
+    state = resume_state(args)
+    rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None).train()
     model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
     mbs = lambda pairs: [pairs[j:j + args.micro_batch] for j in range(0, len(pairs), args.micro_batch)]  # noqa: E731
     step_fn = lambda pairs, ids, step, opt: (f"loss {train_step(model, rm, opt, mbs(pairs), args):.6f}", {})  # noqa
-    res = train_loop(args, d, rm, train_pairs, step_fn, "pairs", val_pairs)
+    res = train_loop(args, d, rm, train_pairs, step_fn, "pairs", val_pairs, state)
     acc = res.get("val") or evaluate(rm, val_pairs, 2 * args.micro_batch, d.rank, d.world)
     print0("final held-out accuracy | " + held_out_line(acc, " | ") + f" | train time {res['time']:.0f}s")
     return rm
@@ -1074,7 +1092,8 @@ def train_verifier(args, d):
     """--stage sft | gcpo of the verifier mode -> train_loop's metrics."""
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
-    rm = RewardModel(vars(args), d.device, weights=args.out_dir if args.resume else None)
+    state = resume_state(args)
+    rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
     if args.stage == "sft":
         items = load_traces(args.train or "data/toy/cot_train.jsonl")
         if not rm.dims:  # the principles the traces teach become the score keys
@@ -1084,7 +1103,7 @@ def train_verifier(args, d):
     else:  # a tied pair says nothing about which trace is right
         items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", disentangle=False) if not p.tie]
     unit = "traces" if args.stage == "sft" else "pairs"
-    return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit)
+    return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit, state=state)
 
 def run_toy(args, d):
     """The verifier's CPU demo: SFT, then GCPO from the SFT model, each evaluated on the same held-out pairs with
@@ -1110,7 +1129,7 @@ def main(args):
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would litter the log at every checkpoint
     if args.toy:
         torch.set_num_threads(TOY_THREADS)
-        if d.master and not os.path.exists(args.val):
+        if d.master and not os.path.exists(args.val) and args.val == parser.get_default("val"):  # not a typo's
             make_toy(os.path.dirname(args.val))
     dist.barrier() if d.ddp else None
     torch.manual_seed(args.seed)

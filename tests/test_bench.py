@@ -384,6 +384,21 @@ def cached_keys(cache):
     return keys
 
 
+def test_the_cache_key_ignores_bench_output_inside_the_model_and_follows_a_gcpo_checkpoints_sft_model(tmp_path):
+    """bench.py --out_dir inside --model must not make every rerun a cache miss (its cache files are not the
+    model's); a GCPO checkpoint loads the SFT model named by its --init, so a new SFT model is a new scorer."""
+    sft, gcpo = tmp_path / "sft", tmp_path / "gcpo"
+    for d, flags in ((sft, {"init": None}), (gcpo, {"init": str(sft)})):
+        d.mkdir()
+        (d / "args.json").write_text(json.dumps(flags))
+    key = bench.scorer_id(str(gcpo), str(gcpo / "bench"))
+    (gcpo / "bench" / "cache").mkdir(parents=True)
+    (gcpo / "bench" / "cache" / "scores.rank0.jsonl").write_text("{}")
+    assert bench.scorer_id(str(gcpo), str(gcpo / "bench")) == key
+    (sft / "adapter.safetensors").write_text("retrained")
+    assert bench.scorer_id(str(gcpo), str(gcpo / "bench")) != key
+
+
 def test_kill_and_resume_and_torchrun(tmp_path):
     """SIGKILL a run once it has cached a few images; the rerun scores only the rest, and reports the same
     numbers as an uninterrupted run sharded over two torchrun ranks (gloo). One image per scoring call in

@@ -320,6 +320,21 @@ def test_a_tiger_group_that_lost_a_candidate_is_skipped_not_ranked_as_a_smaller_
         data.load_groups(to_parquet(tmp_path / "a.parquet", absent, images=TIGER_IMAGES))
 
 
+def test_a_checkpoint_folder_swapped_in_keeps_the_other_files_there(tmp_path):
+    """atomic_dir replaces what write() writes and keeps the rest of the folder: a log tee'd there, a bench report."""
+    final = tmp_path / "rm"
+    data.atomic_dir(str(final), lambda d: open(os.path.join(d, "w.txt"), "w").write("1"))
+    (final / "train.log").write_text("step 1")
+    (final / "bench").mkdir()
+    (final / "bench" / "report.json").write_text("{}")
+    data.atomic_dir(str(final) + "/", lambda d: open(os.path.join(d, "w.txt"), "w").write("2"))
+    assert (final / "w.txt").read_text() == "2" and (final / "train.log").read_text() == "step 1"
+    assert (final / "bench" / "report.json").exists() and sorted(os.listdir(tmp_path)) == ["rm"]
+    os.symlink("ckpt_1", tmp_path / "ckpt.tmp")  # the link a run killed while re-pointing `ckpt` left behind
+    data.atomic_dir(str(tmp_path / "ckpt_2"), lambda d: None, link=str(tmp_path / "ckpt"))
+    assert os.readlink(tmp_path / "ckpt") == "ckpt_2"
+
+
 def test_parse_ranking_by_hand():
     assert data.parse_ranking("A>B", 2) == [0, 1]
     assert data.parse_ranking("B>A", 2) == [1, 0]
@@ -477,7 +492,7 @@ def corpus(tmp_path):
     (4, r"one.jsonl:4: malformed JSON line"),
     (5, r"one.jsonl:5: missing column 'source'"),
     (6, r"one.jsonl:6: column 'instruction' must be a non-empty string"),
-    (7, r"one.jsonl:7: TypeError: .*dictionary"),       # a value of the wrong type is a DataError, never a traceback
+    (7, r"one.jsonl:7: 'prefs' must map dimensions to -1, 0 or 1"),  # a wrong type is a DataError, never a traceback
     (8, r"one.jsonl:8: ValueError: .*'first'")])
 def test_bad_rows_stop_with_file_and_row(corpus, tmp_path, line, pattern):
     src = open(corpus).read().splitlines()  # good rows up to `line`, which is the one broken row
@@ -492,6 +507,18 @@ def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
     assert [o.rsplit(":", 1)[1] for o, _ in pairs.skipped] == ["2", "3", "4", "5", "6", "7", "8"]
     err = capsys.readouterr().err
     assert "skipped 7 bad row(s)" in err and "bad.jsonl:6" in err and "bad.jsonl:8: ValueError" in err
+
+
+@pytest.mark.parametrize("field, value", [("prefs", {"overall": 5}), ("prefs", {"overall": 0.5}),
+                                          ("prefs", {"overall": "1"}), ("tie", "false"), ("tie", 1)])
+def test_a_pairs_prefs_are_minus_one_zero_or_one_and_its_tie_a_boolean(tmp_path, field, value):
+    """A 5 (a rating, not a preference) would score as a loss, a 0.5 as a tie, and the string "false" as a tie."""
+    write_png(tmp_path / "s.png", (1, 2, 3))
+    row = {"id": "p", "instruction": "i", "source": "s.png", "preferred": "s.png", "rejected": "s.png"}
+    ok = data.load_pairs(write_jsonl(tmp_path / "ok.jsonl", [{**row, "prefs": {"overall": -1, "vq": 0}, "tie": False}]))
+    assert ok[0].prefs == {"overall": -1, "vq": 0} and ok[0].tie is False
+    with pytest.raises(DataError, match=rf"p.jsonl:1: 'prefs' must map dimensions to -1, 0 or 1 .*{value!r}"):
+        data.load_pairs(write_jsonl(tmp_path / "p.jsonl", [{**row, field: value}]))
 
 
 def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch, capsys):

@@ -490,7 +490,7 @@ def restored(out, args):
     editor = grpo.load_editor(args, CPU)
     editor.tr.load_state_dict(load_file(os.path.join(out, "sft", "transformer.safetensors")))
     named, _ = grpo.setup_trainable(editor, args)
-    grpo.load_checkpoint(os.path.join(out, "ckpt"), named)
+    grpo.load_checkpoint(os.path.join(out, "ckpt"), named, args)
     return editor
 
 
@@ -536,9 +536,36 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path, alg
     for extra, out in ((["--steps", "4"], a), (["--steps", "2"], b), (["--steps", "4", "--resume"], b)):
         res = run(args + extra, out, torchrun=True, check=False)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "resumed from" in res.stdout
+    assert "from step 2" in res.stdout
     wa, wb = trained(a), trained(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_path):
+    """A changed --lr would be lost (the optimizer state brings the old one back), a changed --train_modules drops
+    trained weights: --resume goes on with the flags a run began with; how long, how often to evaluate and memory
+    knobs may change."""
+    from safetensors.torch import save_file
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file({}, str(ckpt / "trainable.safetensors"))
+    torch.save({}, ckpt / "optimizer.pt")
+    (ckpt / "state.json").write_text(json.dumps({"step": 3, "history": {}, "args": vars(grpo.parse_args(FAST))}))
+    more = grpo.parse_args(FAST + ["--steps", "9", "--micro_batch", "1", "--resume", "--grad_checkpointing"])
+    assert grpo.load_checkpoint(str(ckpt), [], more)[0] == 3
+    for flag, value in (("--lr", "0.5"), ("--train_modules", "context_embedder")):
+        with pytest.raises(SystemExit, match=f"other flags .{flag} .*->{value}"):
+            grpo.load_checkpoint(str(ckpt), [], grpo.parse_args(FAST + [flag, value]))
+
+
+def test_the_toy_oracle_on_prompts_outside_the_toy_world_stops_before_the_editor_loads(tmp_path, monkeypatch):
+    Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
+    row = {"id": "a", "instruction": "make the sky a sunset", "source": "s.png"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row))
+    monkeypatch.setattr(grpo, "load_editor", lambda *a: pytest.fail("the editor loaded"))
+    with pytest.raises(SystemExit, match=r"p.jsonl:1: not a toy-world edit.*'make the sky a sunset'"):
+        grpo.main(grpo.parse_args(FAST + ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts",
+                                          str(tmp_path / "p.jsonl"), "--out_dir", str(tmp_path / "o")]))
 
 
 @pytest.fixture(scope="module", params=["grpo", "nft"])

@@ -217,6 +217,19 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_goes_on_with_the_runs_own_flags_and_starts_fresh_before_a_checkpoint(tiny, tmp_path, capsys):
+    """Before the first checkpoint --resume starts at step 0 (a job killed early is simply rerun); after it, a flag
+    that changes the training (--lr would come back from the optimizer state, unseen) is an error, and how long
+    or how often to evaluate is not."""
+    flags = ["--toy", f"--out_dir={tmp_path}/rm", "--resume"]
+    assert R.resume_state(R.parser.parse_args(flags)) is None and "no checkpoint in" in capsys.readouterr().out
+    opt = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad])
+    R.save_checkpoint(f"{tmp_path}/rm", tiny, opt, 3, first := R.parser.parse_args(flags[:2]))
+    assert R.resume_state(R.parser.parse_args(flags + ["--max_steps=9", "--eval_interval=1"]))["step"] == 3
+    with pytest.raises(SystemExit, match=rf"other flags \(--lr {first.lr}->0.5\)"):
+        R.resume_state(R.parser.parse_args(flags + ["--lr=0.5"]))
+
+
 def test_a_dimension_the_data_does_not_rank_is_refused(toy, tmp_path):
     """EditReward's own name for quality is quality_aesthetic: a --dims name the pairs do not use would train a
     head column on nothing; the run stops before building the model and names what the data has."""
@@ -262,6 +275,34 @@ def test_tiny_tokenizer_words_are_single_tokens():
     text = "move the magenta square to the top left, naïve 123 {\"score\": 7}"
     assert tok.decode(tok(text)["input_ids"]) == text  # anything else still round-trips through the bytes
     assert tok.convert_tokens_to_ids(R.SPECIAL_TOKENS) == list(range(len(tok) - len(R.SPECIAL_TOKENS), len(tok)))
+
+
+def test_score_refuses_lists_of_unequal_lengths(tiny, toy):
+    """Three edits with two instructions (or one bare string, which zip would read letter by letter) are an error in
+    both modes, never two scores."""
+    p = load_pairs(str(toy / "pairs_val.jsonl"))[0]
+    verifier = R.RewardModel.from_pretrained("tiny", mode="verifier", max_new_tokens=2)
+    for rm in (tiny, verifier):
+        for instructions in ([p.instruction] * 2, p.instruction):
+            with pytest.raises(ValueError, match="zip"):
+                rm.score([p.sources] * 3, instructions, [p.preferred] * 3)
+
+
+def test_a_toy_run_with_a_mistyped_val_builds_no_toy_world_there(tmp_path):
+    """--toy builds its world where the preset's --val is missing; a --val given by hand that does not exist is an
+    error, not a place to write 15,000 files over what is there."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--toy", f"--val={tmp_path}/d/v.jsonl",
+                           f"--train={tmp_path}/d/t.jsonl"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0 and "t.jsonl" in proc.stderr and not os.path.exists(tmp_path / "d")
+
+
+def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
+    rm = R.RewardModel({**vars(R.parser.parse_args(["--toy"])), "model": "tiny", "head_hidden": 32})
+    R.save_checkpoint(str(tmp_path / "g"), rm, torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad]), 0)
+    flags = {**vars(R.parser.parse_args(["--mode", "verifier"])), "model": "tiny", "init": str(tmp_path / "g")}
+    with pytest.raises(ValueError, match="holds a gaussian reward model, not a verifier one"):
+        R.RewardModel(flags)
 
 
 def test_bad_flag_values_are_refused():
