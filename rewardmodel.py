@@ -1115,7 +1115,9 @@ def run_toy(args, d):
     for name, kw in (("SFT", dict(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", init=None)),
                      ("SFT+GCPO", dict(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo",
                                        init=f"{out}/sft"))):
-        tr = train_verifier(argparse.Namespace(**vars(args) | kw | TOY_STAGES[kw["stage"]]), d)
+        own = {k: v for k, v in TOY_STAGES[kw["stage"]].items()  # a stage's recipe, unless the command line set it
+               if getattr(args, k) == {**vars(parser.parse_args([])), **preset("verifier", True)}[k]}
+        tr = train_verifier(argparse.Namespace(**vars(args) | kw | own), d)
         ev = evaluate(RewardModel.from_pretrained(kw["out_dir"], d.device), pairs, 2 * args.micro_batch,
                       num_samples=TOY_AVG_K)
         print(f"toy {name}: trained {tr['time']:.0f}s | held-out parse {ev['parse']:.3f} | pair acc "

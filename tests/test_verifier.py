@@ -1,6 +1,7 @@
 """rewardmodel.py --mode verifier: parsers, EditScore aggregation, GCPO math by hand, shared-prefill sampling,
 RewardModel.from_pretrained on a verifier checkpoint, and subprocess smoke runs (SFT, GCPO with exact resume,
 torchrun on CPU) of the tiny model."""
+import argparse
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from data import load_pairs, load_traces
+from data import Dist, load_pairs, load_traces
 from rewardmodel import (KL_CAP, RewardModel, collate, editscore_aggregate, evaluate, filter_logits, gcpo_loss,
                          gcpo_rewards, group_advantages, k3_kl, load_backbone, parse_editscore_output,
                          parse_verifier_output, parser, preset, response_logprobs, sample_shared_prefill, sft_step,
@@ -312,6 +313,23 @@ def test_sft_micro_batches_give_the_whole_batch_gradient(toy_files):
         grads.append((loss, ntok, [p.grad.clone() for p in rm.parameters() if p.requires_grad]))
     assert grads[0][:2] == pytest.approx(grads[1][:2], rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][2], grads[1][2]))
+
+
+def test_the_verifier_toys_stage_recipes_yield_to_flags_given_on_the_command_line(monkeypatch):
+    """--mode verifier --toy runs SFT then GCPO, each with its own steps and lr; a --max_steps given by hand (a short
+    trial) holds for both, as every preset yields to explicit flags."""
+    import rewardmodel as R
+    seen = []
+    monkeypatch.setattr(R, "train_verifier", lambda a, d: seen.append(a) or {"time": 0})
+    monkeypatch.setattr(R, "load_pairs", lambda *a, **k: [])
+    monkeypatch.setattr(R.RewardModel, "from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(R, "evaluate", lambda *a, **k: {"parse": 1.0, "overall": 1.0, "tied": 0.0})
+    toy = {**vars(parser.parse_args([])), **preset("verifier", True), "mode": "verifier", "toy": True}
+    for given, want in (({}, [(1500, 1e-3, "train"), (120, 5e-4, "frozen")]),
+                        ({"max_steps": 7, "vision": "lora"}, [(7, 1e-3, "lora"), (7, 5e-4, "lora")])):
+        seen.clear()
+        R.run_toy(argparse.Namespace(**toy | given), Dist())
+        assert [(a.max_steps, a.lr, a.vision) for a in seen] == want
 
 
 def _run(args, torchrun=False):
