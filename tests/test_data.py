@@ -584,6 +584,25 @@ def test_bad_scores_name_file_row_and_column(tmp_path, value, pattern):
     assert len(pairs) == 1 and pairs.skipped[0][0].endswith("v.json:1")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_a_damaged_jpeg_is_caught_when_the_data_loads_not_mid_run(tmp_path, damage):
+    """PIL's verify() reads none of a JPEG's image data, so a cut or garbled JPEG used to pass the check and stop
+    training at the step that decoded it, and again at that step after every --resume."""
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)).save(buf, "JPEG")
+    raw = bytearray(buf.getvalue())
+    if damage == "flipped":
+        raw[len(raw) // 2:len(raw) // 2 + 500] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:len(raw) // 2 + 500])
+    (tmp_path / "bad.jpg").write_bytes(raw[:len(raw) * 6 // 10] if damage == "truncated" else raw)
+    write_png(tmp_path / "s.png", (1, 2, 3))
+    row = {"id": "p", "instruction": "i", "source": "s.png", "preferred": "s.png", "rejected": "bad.jpg"}
+    with pytest.raises(DataError, match=r"j.jsonl:1: corrupt image .*bad.jpg"):
+        data.load_pairs(write_jsonl(tmp_path / "j.jsonl", [row]))
+    (tmp_path / "ok.jpg").write_bytes(buf.getvalue())
+    assert len(data.load_pairs(write_jsonl(tmp_path / "k.jsonl", [{**row, "rejected": "ok.jpg"}]))) == 1
+
+
 def test_decoding_a_corrupt_embedded_image_names_the_row(tmp_path):
     cols = {"key": ["g1"], "task_type": ["style"], "instruction": ["x"], "instruction_language": ["en"],
             "input_image": [{"bytes": png_bytes((1, 1, 1), (32, 32))[:50], "path": None}]}
