@@ -842,14 +842,14 @@ def save_checkpoint(out_dir, rm, optimizer, step, args=None):
                    os.path.join(tmp, "train_state.pt"))
     atomic_dir(out_dir, write)
 
-def resume_state(args):
+def resume_state(args, device="cpu"):
     """--resume: out_dir's train state, from a run with the same flags (RESUME_FREE aside); None without --resume or
     before the run's first checkpoint (a fresh start)."""
     path = os.path.join(args.out_dir, "train_state.pt")
     if not (args.resume and os.path.exists(path)):
         print0(f"--resume: no checkpoint in {args.out_dir} yet, from step 0") if args.resume else None
         return None
-    state, now = torch.load(path, map_location="cpu", weights_only=True), vars(args)
+    state, now = torch.load(path, map_location=device, weights_only=True), vars(args)  # on the device: GBs of AdamW
     if diff := [f"--{k} {v}->{now[k]}" for k, v in state.get("args", {}).items()  # an older checkpoint: none saved
                 if now.get(k, v) != v and k not in RESUME_FREE]:
         raise SystemExit(f"{args.out_dir} was trained with other flags ({', '.join(diff)}): --resume goes on as begun")
@@ -986,7 +986,7 @@ def train_gaussian(args, d):
                          f"(its pairs rank {found or 'overall only'})")
     print0(f"{len(train_pairs)} train pairs ({', '.join(f'{x} {n}' for x, n in zip(dims + ['overall'], ranked))} "
            f"ranked) | {len(val_pairs)} val pairs")
-    state = resume_state(args)
+    state = resume_state(args, d.device)
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None).train()
     model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
     mbs = lambda pairs: [pairs[j:j + args.micro_batch] for j in range(0, len(pairs), args.micro_batch)]  # noqa: E731
@@ -1092,7 +1092,7 @@ def train_verifier(args, d):
     """--stage sft | gcpo of the verifier mode -> train_loop's metrics."""
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
-    state = resume_state(args)
+    state = resume_state(args, d.device)
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
     if args.stage == "sft":
         items = load_traces(args.train or "data/toy/cot_train.jsonl")
