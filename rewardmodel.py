@@ -1112,11 +1112,11 @@ def run_toy(args, d):
         raise SystemExit("--mode verifier --toy runs in one process; under torchrun run its --stage sft / gcpo")
     data, out = os.path.dirname(args.val), args.out_dir
     pairs = [p for p in load_pairs(args.val, disentangle=False) if not p.tie]  # the overall preference only
+    unset = {**vars(parser.parse_args([])), **preset("verifier", True)}  # each flag as --mode verifier --toy sets it
     for name, kw in (("SFT", dict(stage="sft", train=f"{data}/cot_train.jsonl", out_dir=f"{out}/sft", init=None)),
                      ("SFT+GCPO", dict(stage="gcpo", train=f"{data}/gcpo_train.jsonl", out_dir=f"{out}/gcpo",
                                        init=f"{out}/sft"))):
-        own = {k: v for k, v in TOY_STAGES[kw["stage"]].items()  # a stage's recipe, unless the command line set it
-               if getattr(args, k) == {**vars(parser.parse_args([])), **preset("verifier", True)}[k]}
+        own = {k: v for k, v in TOY_STAGES[kw["stage"]].items() if getattr(args, k) == unset[k]}  # unless given
         tr = train_verifier(argparse.Namespace(**vars(args) | kw | own), d)
         ev = evaluate(RewardModel.from_pretrained(kw["out_dir"], d.device), pairs, 2 * args.micro_batch,
                       num_samples=TOY_AVG_K)
