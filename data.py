@@ -106,8 +106,7 @@ class Loaded(list):
     skipped: list = ()  # under skip_bad, what was skipped: [(origin, reason)]
 
 
-def _sides(preferred, rejected):
-    return {"preferred": preferred, "rejected": rejected}
+_sides = lambda preferred, rejected: {"preferred": preferred, "rejected": rejected}  # noqa: E731
 
 
 # ---------------------------------------------------------------------------------- images and rows
@@ -120,8 +119,8 @@ def load_image(ref, origin="", verify=False):
     ref = ref() if callable(ref) else ref  # a lazy dataset cell is read now
     if isinstance(ref, Image.Image):
         return None if verify else ImageOps.exif_transpose(ref).convert("RGB")
-    if isinstance(ref, str) and not os.path.exists(ref):
-        raise DataError(f"{origin}: image file not found: {ref}")
+    if ref is None or isinstance(ref, str) and not os.path.exists(ref):
+        raise DataError(f"{origin}: " + (f"image file not found: {ref}" if ref else "no image (a column missing?)"))
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
         with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:  # verify() checks no JPEG data,
             jpeg = verify and img.format == "JPEG" and (img.draft(img.mode, (1, 1)), img.load())  # so decode, 1/8 size
@@ -170,7 +169,7 @@ def _rows(path, split=None, config=None):
                 cells[name], ds = (one, [x for c in col.chunks for x in c.value_lengths().to_pylist()] if many else
                                    [None if x else -1 for x in col.is_null().to_pylist()]), ds.remove_columns(name)
     except Exception as e:
-        raise DataError(f"{path}: cannot open: {type(e).__name__}: {e}") from e
+        raise DataError(f"{path}: cannot open{' (no such local path)' * (not os.path.exists(path))}: {e!r}") from e
     for i, row in enumerate(ds):
         row.update({name: None if n[i] is None else partial(_cell, t, name, i) if n[i] < 0 else
                     [partial(_cell, t, name, i, j) for j in range(n[i])] for name, (t, n) in cells.items()})
@@ -301,10 +300,12 @@ def _parse_jsonl(c):
         c.fail(f"'outcomes' must be {f'a list of {k} strings' if k else 'a preferred/rejected dict'}, got {outcomes!r}")
     meta = {} if outcomes is None else {"outcomes": outcomes}
     if k:
-        ranks = c.get("ranks") or parse_ranking(c.req("ranking"), k, c.origin)
-        len(ranks) == k or c.fail(f"{len(ranks)} ranks for {k} candidates")
-        return CandidateGroup(id, instruction, sources, c.images("candidates"), [int(r) for r in ranks], cat,
-                              c.get("scores"), c.origin, meta)
+        ranks, sc = c.get("ranks") or parse_ranking(c.req("ranking"), k, c.origin), c.get("scores")
+        len(ranks) == k and all(type(r) is int for r in ranks) or c.fail(f"'ranks' must be {k} integers, got {ranks!r}")
+        same = sc is None or type(sc) is list and all(type(s) is dict and s.keys() == sc[0].keys() for s in sc)
+        same and len(sc or ranks) == k or c.fail(f"'scores' must be {k} dicts of the same dimensions")
+        sc = sc and [{d: _Row(s, f"{c.origin}: scores[{j}]", "").num(d) for d in s} for j, s in enumerate(sc)]
+        return CandidateGroup(id, instruction, sources, c.images("candidates"), ranks, cat, sc, c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
         prefs, tie = c.get("prefs") or {"overall": 1}, c.get("tie")  # dimension -> -1, 0 or 1; tie: a boolean
         if not isinstance(prefs, dict) or {*prefs.values()} - {-1, 0, 1} or not isinstance(tie, (bool, type(None))):
@@ -423,6 +424,8 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     out.skipped = skipped
     if skipped:
         print(f"skipped {len(skipped)} bad row(s) of {path}:", *(w for _, w in skipped), sep="\n  ", file=sys.stderr)
+    if not out:  # an empty file, or one whose every row was skipped, would train or score nothing
+        raise DataError(f"{path}: no {want.__name__ if want else 'item'}s in it ({len(skipped)} bad rows skipped)")
     return out
 
 
@@ -486,15 +489,13 @@ def setup_distributed(device="auto"):
 
 def print0(*args, **kwargs):
     """print on rank 0 only (torchrun's RANK), flushed (torchrun interleaves the ranks' buffered output)."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs, flush=True)
+    print(*args, **kwargs, flush=True) if int(os.environ.get("RANK", 0)) == 0 else None
 
 
 def leave_distributed():
     """End a finished worker: destroy the process group, exit without the shutdown where gloo threads can abort."""
     import torch.distributed as tdist
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+    tdist.destroy_process_group() if tdist.is_available() and tdist.is_initialized() else None
     print(end="", flush=True)
     os._exit(0)
 
@@ -515,8 +516,7 @@ def atomic_dir(final, write, link=None):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
-    if os.path.exists(final):
-        os.replace(final, old)
+    os.replace(final, old) if os.path.exists(final) else None
     os.replace(tmp, final)
     for name in set(os.listdir(old) if os.path.isdir(old) else ()) - set(os.listdir(final)):  # a log, a bench report
         os.replace(os.path.join(old, name), os.path.join(final, name))

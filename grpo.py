@@ -416,8 +416,9 @@ def make_reward(spec, device, prompt_file=None):
     from rewardmodel import RewardModel
     path, _, dim = spec[3:].partition("@")
     rm = RewardModel.from_pretrained(path, device=device, prompt_file=prompt_file)
-    return lambda ps, ims: rm.score([load_sources(p) for p in ps], [p.instruction for p in ps], ims)[dim or "overall"] \
-        .double().cpu()
+    if (dim := dim or "overall") not in rm.dims + ["overall"]:
+        raise ValueError(f"--reward {spec!r}: {path} scores {', '.join(rm.dims + ['overall'])}, not {dim!r}")
+    return lambda ps, ims: rm.score([load_sources(p) for p in ps], [p.instruction for p in ps], ims)[dim].double().cpu()
 
 def oracle_score(p, img):
     """The toy world's ground truth; it upsamples the edit to the source's size."""
@@ -434,9 +435,8 @@ def gather(t):
 def allreduce_grads(params):
     """Average gradients over ranks: DDP's reduction, done by hand once per optimizer step because the
     reference pass (adapter off) and the frozen-base forward would fight a DDP wrapper's hooks."""
-    for p in params:
-        if p.grad is None:  # a parameter no loss reached on this rank still joins the reduction
-            p.grad = torch.zeros_like(p)
+    for p in params:  # a parameter no loss reached on this rank still joins the reduction
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
     if dist.is_initialized() and dist.get_world_size() > 1:
         flat = torch.cat([p.grad.flatten() for p in params])
         dist.all_reduce(flat)
@@ -690,7 +690,7 @@ def parse_args(argv=None):
     p.add_argument("--nft_decay", type=float, default=0.5, help="nft: cap c of the old policy's decay min(step/1e3, c)")
     p.add_argument("--steps", type=int, default=100, help="RL steps (rollout + update rounds)")
     p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (global)")
-    p.add_argument("--group_size", type=int, default=8, help="samples per prompt, spread over ranks")
+    p.add_argument("--group_size", type=int, default=8, help="samples per prompt (>= 2), spread over ranks")
     p.add_argument("--same_noise_per_group", action="store_true", help="grpo: a group shares its initial noise")
     p.add_argument("--clip_range", type=float, default=1e-4, help="PPO ratio clip c")
     p.add_argument("--beta", type=float, default=0.0, help="grpo: KL weight to the starting policy (Flow-GRPO's scale)")
@@ -713,12 +713,13 @@ def parse_args(argv=None):
     p.set_defaults(**TOY) if p.parse_args(argv).toy else None  # the toy's recipe, under any flag given
     args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
+    for k, least in dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1).items():
+        p.error(f"--{k} must be >= {least}, got {getattr(args, k)}") if getattr(args, k) < least else None
     if args.max_sequence_length > 512:  # T5's training length; FluxKontextPipeline refuses more
         p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
     if args.sde_window >= args.num_steps:
         p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
-    if n % world:
-        p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks")
+    p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks") if n % world else None
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards over torchrun's ranks: launch with torchrun (--nproc_per_node=1 for one GPU)")
     return args

@@ -313,8 +313,11 @@ def test_a_tiger_group_that_lost_a_candidate_is_skipped_not_ranked_as_a_smaller_
     rows, d_rows = tiger_rows([four]), [n for n, ct in enumerate(tiger_rows([four])["comparison_type"]) if "D" in ct]
     for n in d_rows:
         rows["candidate_2"][n] = {"bytes": b"not an image", "path": None}
+    whole = tiger_rows([("g5",) + four[1:]])  # a second group, whole
+    rows = {k: col + whole[k] for k, col in rows.items()}
     groups = data.load_groups(to_parquet(tmp_path / "d.parquet", rows, images=TIGER_IMAGES), skip_bad=True)
-    assert list(groups) == [] and len(groups.skipped) == 3 + 1 and groups.skipped[-1][0] == "group '4pair/g4'"
+    assert [g.id for g in groups] == ["4pair/g5"] and len(groups.skipped) == 3 + 1
+    assert groups.skipped[-1][0] == "group '4pair/g4'"
     absent = {k: [v for n, v in enumerate(col) if n not in d_rows] for k, col in tiger_rows([four]).items()}
     with pytest.raises(DataError, match="group '4pair/g4' .3 comparisons.*unordered"):
         data.load_groups(to_parquet(tmp_path / "a.parquet", absent, images=TIGER_IMAGES))
@@ -493,7 +496,7 @@ def corpus(tmp_path):
     (5, r"one.jsonl:5: missing column 'source'"),
     (6, r"one.jsonl:6: column 'instruction' must be a non-empty string"),
     (7, r"one.jsonl:7: 'prefs' must map dimensions to -1, 0 or 1"),  # a wrong type is a DataError, never a traceback
-    (8, r"one.jsonl:8: ValueError: .*'first'")])
+    (8, r"one.jsonl:8: 'ranks' must be 2 integers, got \['first', 0\]")])
 def test_bad_rows_stop_with_file_and_row(corpus, tmp_path, line, pattern):
     src = open(corpus).read().splitlines()  # good rows up to `line`, which is the one broken row
     path = write_jsonl(tmp_path / "one.jsonl", [src[0]] * (line - 1) + [src[line - 1]])
@@ -506,7 +509,7 @@ def test_skip_bad_counts_and_names_every_skipped_row(corpus, capsys):
     assert len(pairs) == 1
     assert [o.rsplit(":", 1)[1] for o, _ in pairs.skipped] == ["2", "3", "4", "5", "6", "7", "8"]
     err = capsys.readouterr().err
-    assert "skipped 7 bad row(s)" in err and "bad.jsonl:6" in err and "bad.jsonl:8: ValueError" in err
+    assert "skipped 7 bad row(s)" in err and "bad.jsonl:6" in err and "bad.jsonl:8: 'ranks'" in err
 
 
 @pytest.mark.parametrize("field, value", [("prefs", {"overall": 5}), ("prefs", {"overall": 0.5}),
@@ -519,6 +522,40 @@ def test_a_pairs_prefs_are_minus_one_zero_or_one_and_its_tie_a_boolean(tmp_path,
     assert ok[0].prefs == {"overall": -1, "vq": 0} and ok[0].tie is False
     with pytest.raises(DataError, match=rf"p.jsonl:1: 'prefs' must map dimensions to -1, 0 or 1 .*{value!r}"):
         data.load_pairs(write_jsonl(tmp_path / "p.jsonl", [{**row, field: value}]))
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("ranks", [0.9, 1.5], r"'ranks' must be 2 integers, got \[0.9, 1.5\]"),  # int() would truncate them to 0, 1
+    ("ranks", [0, 1, 2], r"'ranks' must be 2 integers"),
+    ("scores", [{"overall": 3}], r"'scores' must be 2 dicts of the same dimensions"),
+    ("scores", [{"overall": 3}, {"if": 2}], r"'scores' must be 2 dicts of the same dimensions"),
+    ("scores", ["high", "low"], r"'scores' must be 2 dicts"),
+    ("scores", [{"overall": 3}, {"overall": "2"}], r"scores\[1\]: column 'overall' must be a finite number")])
+def test_a_groups_ranks_and_scores_are_checked_where_the_row_is_read(tmp_path, field, value, pattern):
+    """A bad group row fails with its file and row at load time, not later in to_pairs with a raw IndexError."""
+    write_png(tmp_path / "s.png", (1, 2, 3))
+    row = {"id": "g", "instruction": "i", "source": "s.png", "candidates": ["s.png"] * 2, "ranks": [1, 0],
+           "scores": [{"overall": 2}, {"overall": 5}]}
+    assert [p.scores for p in data.load_pairs(write_jsonl(tmp_path / "ok.jsonl", [row]))] == \
+        [{"preferred": {"overall": 5.0}, "rejected": {"overall": 2.0}}]
+    with pytest.raises(DataError, match=rf"g.jsonl:1: {pattern}"):
+        data.load_pairs(write_jsonl(tmp_path / "g.jsonl", [{**row, field: value}]))
+
+
+def test_an_empty_or_missing_source_and_a_missing_image_column_are_named(tmp_path, capsys):
+    write_png(tmp_path / "s.png", (1, 2, 3))
+    with pytest.raises(DataError, match=r"empty.jsonl: no PreferencePairs in it \(0 bad rows skipped\)"):
+        data.load_pairs(write_jsonl(tmp_path / "empty.jsonl", []))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "p", "instruction": "i", "source": "gone.png",
+                                               "preferred": "s.png", "rejected": "s.png"}])
+    with pytest.raises(DataError, match=r"bad.jsonl: no PreferencePairs in it \(1 bad rows skipped\)"):
+        data.load_pairs(bad, skip_bad=True)
+    assert "gone.png" in capsys.readouterr().err  # what was skipped is listed before the error
+    with pytest.raises(DataError, match=r"nowhere.jsonl: cannot open \(no such local path\)"):
+        data.load_pairs(str(tmp_path / "nowhere.jsonl"))  # not "Couldn't reach ... on the Hub" alone
+    triple = data.load_prompts(write_jsonl(tmp_path / "p.jsonl", [{"id": "e", "instruction": "i", "source": "s.png"}]))
+    with pytest.raises(DataError, match=r"p.jsonl:1: no image"):  # a warm-up triple without its target
+        data.load_image(triple[0].target, triple[0].origin)
 
 
 def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch, capsys):

@@ -203,6 +203,21 @@ def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, 
     assert grpo.parse_args(FAST + ["--fsdp"]).fsdp
 
 
+@pytest.mark.parametrize("flag, value", [("--group_size", "1"), ("--micro_batch", "0"), ("--prompts_per_step", "0"),
+                                         ("--steps", "-3"), ("--eval_prompts", "0")])
+def test_flags_out_of_range_are_flag_errors_not_a_run_that_trains_nothing(capsys, flag, value):
+    """A group of one has zero advantage (a run of zero-std 1.00 and gnorm 0); the others fail late or run nothing."""
+    with pytest.raises(SystemExit):
+        grpo.parse_args(FAST + [flag, value])
+    assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+def test_a_reward_dimension_the_reward_model_lacks_is_an_error_at_load_naming_its_dimensions():
+    assert grpo.make_reward("rm:tiny@visual_quality", CPU) is not None
+    with pytest.raises(ValueError, match=r"rm:tiny@quality'.*instruction_following, visual_quality, overall, not 'q"):
+        grpo.make_reward("rm:tiny@quality", CPU)
+
+
 def test_a_t5_prompt_longer_than_512_tokens_is_a_flag_error_as_in_the_kontext_pipeline(capsys):
     assert grpo.parse_args(FAST + ["--max_sequence_length", "512"]).max_sequence_length == 512
     with pytest.raises(SystemExit):
