@@ -585,11 +585,11 @@ class RewardModel(nn.Module):
         """Processor batches (CPU) of B prompts: the instruction, the source image(s), the edit and what to rate,
         ending in the reward token; one batch for all dimensions, or with per_dim (or a --prompt_file, whose templates
         replace this text) one per dimension (EditReward)."""
-        batches = []
+        pics, batches = [[load_image(s) for s in as_list(src)] + [load_image(ed)]
+                         for src, ed in zip(sources, edited, strict=True)], []
         for what in self.dims if per_dim or self.prompts else [", ".join(self.dims)]:
             texts, images = [], []
-            for src, instr, ed in zip(sources, instructions, edited, strict=True):
-                src = [load_image(s) for s in as_list(src)] + [load_image(ed)]
+            for src, instr in zip(pics, instructions, strict=True):  # each image decoded once, for every dimension
                 if self.prompts:  # a --prompt_file template (as EditReward's): the images, then its text
                     content = [{"type": "image"}] * len(src) + [
                         {"type": "text", "text": self.prompts[what].replace("{instruction}", instr)}]
@@ -951,17 +951,21 @@ def held_out_line(res, sep=" "):
     return sep.join(f"{d} {a:.3f}" for d, a in res.items() if not d.startswith("sigma_")) + (sig and " | sigma " + sig)
 
 # --- gaussian training --------------------------------------------------------------------------------------------
-def train_step(model, rm, optimizer, micro_batches, args):
-    """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one).
-    -> the mean loss over every (pair, dimension) term of all ranks."""
+def encode_pairs(rm, pairs, per_dim=False):
+    """The processor batches of B pairs: the preferred and the rejected edits as one batch of 2B."""
+    return rm.encode([p.sources for p in pairs] * 2, [p.instruction for p in pairs] * 2,
+                     [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim)
+
+def train_step(model, rm, optimizer, micro_batches, args, encoded=None):
+    """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one); encoded:
+    their encode_pairs() batches if made ahead. -> the mean loss over every (pair, dimension) term of all ranks."""
     weights = torch.ones(len(rm.dims) + 1, device=rm.device)  # each dimension and the fused overall count once
     total = torch.zeros(2, device=rm.device)
     for i, pairs in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else nullcontext():
             # the preferred and the rejected edits as one batch of 2B; the fused overall is the last column (B, D + 1)
-            mu, ls = model(rm.encode([p.sources for p in pairs] * 2, [p.instruction for p in pairs] * 2,
-                                     [p.preferred for p in pairs] + [p.rejected for p in pairs], args.per_dim_prompts))
+            mu, ls = model(encoded[i] if encoded else encode_pairs(rm, pairs, args.per_dim_prompts))
             mu, ls = (torch.cat([x, o[:, None]], -1).chunk(2) for x, o in zip((mu, ls), fuse_gaussians(mu, ls)))
             prefs = pair_prefs(pairs, rm.dims).to(rm.device)
             loss_sum, n = preference_loss(mu[0], ls[0], mu[1], ls[1], prefs, weights, args.loss)
@@ -990,7 +994,18 @@ def train_gaussian(args, d):
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None).train()
     model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
     mbs = lambda pairs: [pairs[j:j + args.micro_batch] for j in range(0, len(pairs), args.micro_batch)]  # noqa: E731
-    step_fn = lambda pairs, ids, step, opt: (f"loss {train_step(model, rm, opt, mbs(pairs), args):.6f}", {})  # noqa
+    def prompts(step):  # step's micro-batches, encoded (images decoded, processor run) in the worker process below
+        ids = step_indices(step, len(train_pairs), args.batch_size, d.rank, d.world, args.seed)
+        return step, [encode_pairs(rm, mb, args.per_dim_prompts) for mb in mbs([train_pairs[i] for i in ids])]
+    # a DataLoader worker builds the next steps' prompts on the CPU while this process trains: forked, it inherits the
+    # processor and the pairs and never touches the accelerator (no fork, as on Windows: built here, in turn)
+    ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+    ahead = iter(torch.utils.data.DataLoader(range(state["step"] if state else 0, args.max_steps), collate_fn=prompts,
+                                             batch_size=None, num_workers=int(bool(ctx)), multiprocessing_context=ctx))
+    def step_fn(pairs, ids, step, opt):
+        built, encoded = next(ahead)
+        assert built == step, f"the prompt worker built step {built}, the loop is at step {step}"
+        return f"loss {train_step(model, rm, opt, mbs(pairs), args, encoded):.6f}", {}
     res = train_loop(args, d, rm, train_pairs, step_fn, "pairs", val_pairs, state)
     acc = res.get("val") or evaluate(rm, val_pairs, 2 * args.micro_batch, d.rank, d.world)
     print0("final held-out accuracy | " + held_out_line(acc, " | ") + f" | train time {res['time']:.0f}s")

@@ -203,6 +203,30 @@ def test_a_ranks_share_below_micro_batch_is_one_forward_not_an_error(tmp_path):
         assert ok or "must split into" in str(e.value)
 
 
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_the_prompt_worker_builds_each_steps_own_micro_batches(toy, tmp_path, monkeypatch, per_dim):
+    """A DataLoader worker encodes the next steps' micro-batches (images decoded, processor run) while a step trains:
+    every step trains on exactly the prompts this process would build for its own pairs, from step 0 and on resume."""
+    from data import Dist
+    seen, real = [], R.train_step
+
+    def check(model, rm, opt, micro_batches, args, encoded=None):
+        assert encoded is not None and len(encoded) == len(micro_batches)
+        for mb, enc in zip(micro_batches, encoded):
+            here = R.encode_pairs(rm, mb, args.per_dim_prompts)
+            assert len(here) == len(enc) == 1 + per_dim and all(torch.equal(a[k], b[k]) for a, b in zip(here, enc)
+                                                                 for k in a)
+        seen.append([p.id for mb in micro_batches for p in mb])
+        return real(model, rm, opt, micro_batches, args, encoded)
+    monkeypatch.setattr(R, "train_step", check)
+    flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
+             "--micro_batch=2", "--eval_interval=2", "--lora_rank=4", "--head_hidden=32", "--val_max=4",
+             f"--out_dir={tmp_path}/rm"] + ["--per_dim_prompts"] * per_dim
+    R.train_gaussian(R.parser.parse_args(flags + ["--max_steps=2"]), Dist(device=torch.device("cpu")))
+    R.train_gaussian(R.parser.parse_args(flags + ["--max_steps=3", "--resume"]), Dist(device=torch.device("cpu")))
+    assert len(seen) == 3 and len({tuple(s) for s in seen}) == 3 and all(len(s) == 4 for s in seen)
+
+
 def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
     flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
              "--micro_batch=2", "--log_interval=1", "--eval_interval=3", "--warmup_steps=2", "--lr_decay_steps=6",
