@@ -998,7 +998,8 @@ def train_gaussian(args, d):
         ids = step_indices(step, len(train_pairs), args.batch_size, d.rank, d.world, args.seed)
         return step, [encode_pairs(rm, mb, args.per_dim_prompts) for mb in mbs([train_pairs[i] for i in ids])]
     # a DataLoader worker builds the next steps' prompts on the CPU while this process trains: forked, it inherits the
-    # processor and the pairs and never touches the accelerator (no fork, as on Windows: built here, in turn)
+    # processor and the pairs, never touches the accelerator and hands the batches over in /dev/shm (in a container:
+    # --ipc=host or a --shm-size of a few GB); without fork (Windows) they are built here, in turn
     ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
     ahead = iter(torch.utils.data.DataLoader(range(state["step"] if state else 0, args.max_steps), collate_fn=prompts,
                                              batch_size=None, num_workers=int(bool(ctx)), multiprocessing_context=ctx))
