@@ -472,7 +472,7 @@ class Dist:
 
 
 def setup_distributed(device="auto"):
-    """Under torchrun (RANK set) join the process group: NCCL on CUDA, gloo on CPU. Seed with seed + dist.rank."""
+    """Under torchrun (RANK set) join the process group: NCCL on CUDA, gloo on CPU. -> Dist (rank, world, device)."""
     import torch
     import torch.distributed as tdist
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or str(device).startswith("cuda")

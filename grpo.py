@@ -27,9 +27,9 @@ the LoRA targets. Unlike it: the step at sigma = 1, each group's own std (its ed
       --fsdp --grad_checkpointing
 
 A log line a step (stdout). In --out_dir: eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
-latest checkpoint): pytorch_lora_weights.safetensors for `pipeline.load_lora_weights(ckpt)`, trainable.safetensors
-(every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt, state.json and, under
---algo nft, old_policy.safetensors (--resume).
+latest checkpoint): pytorch_lora_weights.safetensors (with LoRA) for `pipeline.load_lora_weights(ckpt)`,
+trainable.safetensors (every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt,
+state.json and, under --algo nft, old_policy.safetensors (--resume).
 """
 import argparse
 import contextlib
@@ -665,7 +665,7 @@ def parse_args(argv=None):
     p.add_argument("--editor", default="tiny", help="tiny (Kontext), tiny-qwen or a pipeline path")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="compute dtype (trained weights stay fp32)")
     p.add_argument("--resolution", type=int, default=512, help="square output side in pixels (Flow-GRPO's 512)")
-    p.add_argument("--guidance", type=float, default=None, help="Kontext's guidance (2.5), Qwen's true CFG (4)")
+    p.add_argument("--guidance", type=float, default=None, help="Kontext's guidance (2.5), Qwen's true CFG (4; nft: 1)")
     p.add_argument("--cond_pixels", type=int, default=0, help="Qwen's VL view of sources; 0: output's (Plus 384^2)")
     p.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens of Kontext prompts")
     p.add_argument("--grad_checkpointing", action="store_true", help="recompute transformer blocks in backward")

@@ -63,7 +63,7 @@ arg("--lora_rank", type=int, default=16, help="LoRA rank")
 arg("--lora_alpha", type=int, default=32, help="LoRA alpha (scale = alpha / rank)")
 arg("--lora_dropout", type=float, default=0.05, help="dropout on the LoRA input")
 arg("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", help="adapted layers")
-arg("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower: frozen, LoRA, trained")
+arg("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower (full: lora = frozen)")
 # --- verifier: stages, GCPO, scoring
 arg("--stage", default="sft", choices=["sft", "gcpo"], help="SFT cold start or GCPO (evaluation: bench.py --k K)")
 arg("--init", default=None, help="gcpo: the SFT checkpoint to start from")
