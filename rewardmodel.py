@@ -527,8 +527,9 @@ class RewardModel(nn.Module):
                 os.path.join(weights, "backbone") if weights and full else None)
         self.dims = list(RUBRIC_DIMS) if verifier and flags["rubric"] == "editscore" else [
             d for d in self.flags["dims"].split(",") if d]
-        if len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims):
-            raise ValueError(f"--dims must be distinct, not {RESERVED} and not sigma_* (score()'s keys): {self.dims}")
+        bad = len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims)
+        if bad or not (self.dims or verifier):  # a Gaussian head needs a dimension: the overall fuses them
+            raise ValueError(f"--dims must be distinct names, 1 or more, not {RESERVED} nor sigma_*: {self.dims}")
         self.prompts = json.load(open(flags["prompt_file"], encoding="utf-8")) if flags["prompt_file"] else None
         if self.prompts and (missing := [k for k in ["SC", "PQ"] * verifier or self.dims if k not in self.prompts]):
             raise ValueError(f"{flags['prompt_file']}: no template for {missing} (it has {list(self.prompts)})")

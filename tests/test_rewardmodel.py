@@ -140,7 +140,8 @@ def test_tiny_scores_every_key_and_padding_side_does_not_matter(tiny, toy):
         tiny.processor.tokenizer.padding_side = "left"
 
 
-@pytest.mark.parametrize("dims", ["overall,visual_quality", "visual_quality,visual_quality", "sigma_x,visual_quality"])
+@pytest.mark.parametrize("dims", ["overall,visual_quality", "visual_quality,visual_quality", "sigma_x,visual_quality",
+                                  ""])  # none: the fused overall of no dimension would be a math domain error
 def test_dimension_names_that_would_collide_with_score_keys_are_refused(dims):
     with pytest.raises(ValueError, match="--dims must be distinct"):
         R.RewardModel({**vars(R.parser.parse_args([])), "dims": dims})
