@@ -884,10 +884,10 @@ def optimizer_step(optimizer, grad_clip, sum_ranks=False):
     optimizer.zero_grad(set_to_none=True)
     return norm.item()
 
-def train_loop(args, d, rm, items, step_fn, unit, val=None, state=None):
-    """The loop both modes share: step_fn(this rank's items, their ids, step, optimizer) -> (log fields, metrics);
-    every eval_interval steps a checkpoint, after a held-out eval on `val` if given; from `state` (resume_state's)
-    if given. -> last metrics + "time"."""
+def train_loop(args, d, rm, items, step_fn, unit, val=None, state=None, build=None):
+    """The loop both modes share: step_fn(this rank's items, their ids, step, optimizer, build(those items)) -> (log
+    fields, metrics); every eval_interval steps a checkpoint, after a held-out eval on `val` if given; from `state`
+    (resume_state's) if given. -> last metrics + "time". build: the step's prompts (images decoded, processor run)."""
     optimizer = make_optimizer(rm, args)
     state = state or {"step": 0, "optimizer": optimizer.state_dict()}
     optimizer.load_state_dict(state["optimizer"])
@@ -895,14 +895,24 @@ def train_loop(args, d, rm, items, step_fn, unit, val=None, state=None):
     trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     print0(f"model {rm.flags['model']} | {args.finetune} | trainable {trainable / 1e6:.3f}M | {len(items)} {unit} "
            f"| world {d.world} | grad accum {-(-args.batch_size // d.world // args.micro_batch)} | from step {step}")
+    # a DataLoader worker builds the next steps' prompts on the CPU while this process trains: forked, it inherits the
+    # processor and the items, never touches the accelerator and hands the batches over in /dev/shm (in a container:
+    # --ipc=host or a --shm-size of a few GB); without fork (Windows) they are built here, in turn
+    ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+    ids_at = lambda s: step_indices(s, len(items), args.batch_size, d.rank, d.world, args.seed)  # noqa: E731
+    made = lambda s: (s, build([items[i] for i in ids_at(s)]))  # noqa: E731
+    ahead = build and iter(torch.utils.data.DataLoader(range(step, args.max_steps), collate_fn=made, batch_size=None,
+                                                       num_workers=int(bool(ctx)), multiprocessing_context=ctx))
     res, train_time = {}, 0.0
     while step < args.max_steps:
         t0 = time.perf_counter()
         for g in optimizer.param_groups:  # warmup, then cosine over --lr_decay_steps (default: the whole run)
             g["lr"] = g["peak"] * lr_factor(step, args.warmup_steps, args.lr_decay_steps or args.max_steps, MIN_LR)
         torch.manual_seed(args.seed + STEP_SEED_STRIDE * step + d.rank)  # a function of (step, rank): exact resume
-        ids = step_indices(step, len(items), args.batch_size, d.rank, d.world, args.seed)
-        fields, res = step_fn([items[i] for i in ids], ids, step, optimizer)
+        ids = ids_at(step)
+        built, prompts = next(ahead) if ahead else (step, None)
+        assert built == step, f"the prompt worker built step {built}, the loop is at step {step}"
+        fields, res = step_fn([items[i] for i in ids], ids, step, optimizer, prompts)
         step, train_time = step + 1, train_time + time.perf_counter() - t0
         line = (f"step {step}/{args.max_steps} | {fields} | lr {optimizer.param_groups[0]['lr']:.2e} "
                 f"| {(step - first) * args.batch_size / train_time:.1f} {unit}/s | train {train_time:.0f}s")
@@ -995,35 +1005,31 @@ def train_gaussian(args, d):
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None).train()
     model = nn.parallel.DistributedDataParallel(rm) if d.ddp else rm
     mbs = lambda pairs: [pairs[j:j + args.micro_batch] for j in range(0, len(pairs), args.micro_batch)]  # noqa: E731
-    def prompts(step):  # step's micro-batches, encoded (images decoded, processor run) in the worker process below
-        ids = step_indices(step, len(train_pairs), args.batch_size, d.rank, d.world, args.seed)
-        return step, [encode_pairs(rm, mb, args.per_dim_prompts) for mb in mbs([train_pairs[i] for i in ids])]
-    # a DataLoader worker builds the next steps' prompts on the CPU while this process trains: forked, it inherits the
-    # processor and the pairs, never touches the accelerator and hands the batches over in /dev/shm (in a container:
-    # --ipc=host or a --shm-size of a few GB); without fork (Windows) they are built here, in turn
-    ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
-    ahead = iter(torch.utils.data.DataLoader(range(state["step"] if state else 0, args.max_steps), collate_fn=prompts,
-                                             batch_size=None, num_workers=int(bool(ctx)), multiprocessing_context=ctx))
-    def step_fn(pairs, ids, step, opt):
-        built, encoded = next(ahead)
-        assert built == step, f"the prompt worker built step {built}, the loop is at step {step}"
-        return f"loss {train_step(model, rm, opt, mbs(pairs), args, encoded):.6f}", {}
-    res = train_loop(args, d, rm, train_pairs, step_fn, "pairs", val_pairs, state)
+    build = lambda pairs: [encode_pairs(rm, mb, args.per_dim_prompts) for mb in mbs(pairs)]  # noqa: E731
+    def step_fn(pairs, ids, step, opt, built):
+        return f"loss {train_step(model, rm, opt, mbs(pairs), args, built):.6f}", {}
+    res = train_loop(args, d, rm, train_pairs, step_fn, "pairs", val_pairs, state, build)
     acc = res.get("val") or evaluate(rm, val_pairs, 2 * args.micro_batch, d.rank, d.world)
     print0("final held-out accuracy | " + held_out_line(acc, " | ") + f" | train time {res['time']:.0f}s")
     return rm
 
 # --- verifier training: SFT cold start and GCPO -------------------------------------------------------------------
-def sft_step(rm, items, micro_batch):
+def sft_prompts(rm, traces):
+    """The verifier prompts (processor batches) of CoT traces: source image(s), instruction and edit, errors naming
+    the trace's row."""
+    return [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
+                            load_image(t.edited, t.origin)) for t in traces]
+
+def sft_step(rm, items, micro_batch, prompts=None):
     """One SFT step on CoT traces in micro-batches, loss on response tokens only (prompt and padding masked out);
-    the response ends in <|im_end|> so the model learns to stop. -> (loss, global response tokens)."""
+    the response ends in <|im_end|> so the model learns to stop; prompts: sft_prompts(items) if built ahead.
+    -> (loss, global response tokens)."""
     tok = rm.train().processor.tokenizer
     resps = [tok(t.response).input_ids + [tok.convert_tokens_to_ids("<|im_end|>")] for t in items]
     mine, total = sum(map(len, resps)), 0.0
     ntok = all_sum(torch.tensor(float(mine)))  # the loss is the mean over every rank's response tokens
     for i in range(0, len(items), micro_batch):
-        encs = [verifier_prompt(rm.processor, [load_image(s, t.origin) for s in t.sources], t.instruction,
-                                load_image(t.edited, t.origin)) for t in items[i:i + micro_batch]]
+        encs = prompts[i:i + micro_batch] if prompts else sft_prompts(rm, items[i:i + micro_batch])
         inputs, resp, rmask = collate(encs, resps[i:i + micro_batch], tok.pad_token_id)
         with rm.autocast():
             logp = response_logprobs(rm.backbone, inputs, resp)
@@ -1091,10 +1097,11 @@ def gcpo_update(rm, rows, optimizer, args):
     tot = all_sum(tot)
     return tot[0].item(), tot[1].item() / ntok.item(), tot[2].item() / ntok.item(), norm
 
-def verifier_step(rm, args, items, ids, step, optimizer):
-    """One SFT or GCPO step (train_loop's step_fn) -> (log fields, metrics)."""
+def verifier_step(rm, args, items, ids, step, optimizer, prompts=None):
+    """One SFT or GCPO step (train_loop's step_fn; prompts: sft_prompts of the SFT step's traces) -> (log fields,
+    metrics)."""
     if args.stage == "sft":
-        loss, ntok = sft_step(rm, items, args.micro_batch)
+        loss, ntok = sft_step(rm, items, args.micro_batch, prompts)
         norm = optimizer_step(optimizer, args.grad_clip, sum_ranks=True)
         return f"loss {loss:.4f} | grad {norm:.2f} | {int(ntok)} tok", {"loss": loss}
     t0 = time.perf_counter()
@@ -1120,7 +1127,8 @@ def train_verifier(args, d):
     else:  # a tied pair says nothing about which trace is right
         items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", disentangle=False) if not p.tie]
     unit = "traces" if args.stage == "sft" else "pairs"
-    return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit, state=state)
+    build = functools.partial(sft_prompts, rm) if args.stage == "sft" else None  # GCPO: generation dominates
+    return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit, state=state, build=build)
 
 def run_toy(args, d):
     """The verifier's CPU demo: SFT, then GCPO from the SFT model, each evaluated on the same held-out pairs with

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from data import Dist, load_pairs, load_traces
 from rewardmodel import (KL_CAP, RewardModel, collate, editscore_aggregate, evaluate, filter_logits, gcpo_loss,
                          gcpo_rewards, group_advantages, k3_kl, load_backbone, parse_editscore_output,
-                         parse_verifier_output, parser, preset, response_logprobs, sample_shared_prefill, sft_step,
-                         verifier_prompt)
+                         parse_verifier_output, parser, preset, response_logprobs, sample_shared_prefill, sft_prompts,
+                         sft_step, verifier_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "rewardmodel.py")
@@ -304,15 +304,17 @@ def test_sft_step_runs_checkpointed_layers(toy_files):
 
 
 def test_sft_micro_batches_give_the_whole_batch_gradient(toy_files):
-    """SFT accumulates micro-batches: 4 traces in micro-batches of 1 give the gradient of one forward of 4."""
+    """SFT accumulates micro-batches: 4 traces in micro-batches of 1 give the gradient of one forward of 4, and so do
+    prompts built ahead (train_loop's worker), sliced per micro-batch."""
     items = load_traces(str(toy_files / "traces.jsonl"))[:4]
     grads = []
-    for micro in (4, 1):
+    for micro, ahead in ((4, False), (1, False), (1, True)):
         rm = RewardModel(verifier_flags())
-        loss, ntok = sft_step(rm, items, micro)
+        loss, ntok = sft_step(rm, items, micro, sft_prompts(rm, items) if ahead else None)
         grads.append((loss, ntok, [p.grad.clone() for p in rm.parameters() if p.requires_grad]))
-    assert grads[0][:2] == pytest.approx(grads[1][:2], rel=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][2], grads[1][2]))
+    for other in grads[1:]:
+        assert grads[0][:2] == pytest.approx(other[:2], rel=1e-5)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][2], other[2]))
 
 
 def test_the_verifier_toys_stage_recipes_yield_to_flags_given_on_the_command_line(monkeypatch):
