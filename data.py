@@ -303,7 +303,7 @@ def _parse_jsonl(c):
         ranks, sc = c.get("ranks") or parse_ranking(c.req("ranking"), k, c.origin), c.get("scores")
         len(ranks) == k and all(type(r) is int for r in ranks) or c.fail(f"'ranks' must be {k} integers, got {ranks!r}")
         same = sc is None or type(sc) is list and all(type(s) is dict and s.keys() == sc[0].keys() for s in sc)
-        same and len(sc or ranks) == k or c.fail(f"'scores' must be {k} dicts of the same dimensions")
+        same and (not sc or len(sc) == k) or c.fail(f"'scores' must be {k} dicts of the same dimensions")
         sc = sc and [{d: _Row(s, f"{c.origin}: scores[{j}]", "").num(d) for d in s} for j, s in enumerate(sc)]
         return CandidateGroup(id, instruction, sources, c.images("candidates"), ranks, cat, sc, c.origin, meta)
     if "preferred" in c.row or "rejected" in c.row:
