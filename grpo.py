@@ -646,7 +646,7 @@ def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
 def optimizer_step(opt, params, grad_clip, reduce=True):
     """Average the gradients over ranks (not under FSDP: it reduces them itself), clip their norm, step -> the norm."""
     allreduce_grads(params) if reduce else None
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # 0: off (a clip to 0 would zero them)
     opt.step()
     return float(grad_norm)
 
@@ -701,7 +701,7 @@ def parse_args(argv=None):
     p.add_argument("--lora_targets", default="", help="comma-separated LoRA modules; empty: Flow-GRPO's")
     p.add_argument("--train_modules", default="", help="comma-separated modules trained in full")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (also the warm-up's)")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
     # --- reward, logging and checkpoints
     p.add_argument("--reward", default="oracle", help="'oracle' (toy world) or 'rm:PATH' / 'rm:PATH@dim'")
     p.add_argument("--reward_prompts", default=None, help="rm: the reward model's --prompt_file (published models)")
@@ -713,12 +713,12 @@ def parse_args(argv=None):
     p.set_defaults(**TOY) if p.parse_args(argv).toy else None  # the toy's recipe, under any flag given
     args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
-    for k, least in dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1).items():
-        p.error(f"--{k} must be >= {least}, got {getattr(args, k)}") if getattr(args, k) < least else None
+    for k, least in dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1, grad_clip=0,
+                         clip_range=0, beta=0, noise_level=0).items():  # not >=: NaN is refused too
+        p.error(f"--{k} must be >= {least}, got {getattr(args, k)}") if not getattr(args, k) >= least else None
     if args.max_sequence_length > 512:  # T5's training length; FluxKontextPipeline refuses more
         p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
-    if args.sde_window >= args.num_steps:
-        p.error(f"--sde_window {args.sde_window} must be below --num_steps {args.num_steps} (the last step is ODE)")
+    p.error("--sde_window must be < --num_steps (the last step is ODE)") if args.sde_window >= args.num_steps else None
     p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks") if n % world else None
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards over torchrun's ranks: launch with torchrun (--nproc_per_node=1 for one GPU)")

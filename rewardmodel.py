@@ -96,6 +96,7 @@ arg("--seed", type=int, default=0, help="random seed (data order, init, dropout,
 arg("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 arg("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
 POSITIVE = "batch_size micro_batch max_steps log_interval eval_interval num_traces ppo_epochs max_new_tokens".split()
+NON_NEGATIVE = "val_max lr_decay_steps warmup_steps lr head_lr grad_clip kl_beta clip_eps lora_dropout".split()
 
 # Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
 # The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
@@ -530,12 +531,9 @@ class RewardModel(nn.Module):
         bad = len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims)
         if bad or not (self.dims or verifier):  # a Gaussian head needs a dimension: the overall fuses them
             raise ValueError(f"--dims must be distinct names, 1 or more, not {RESERVED} nor sigma_*: {self.dims}")
-        self.prompts = json.load(open(flags["prompt_file"], encoding="utf-8")) if flags["prompt_file"] else None
+        self.prompts = read_prompts(flags["prompt_file"]) if flags["prompt_file"] else None
         if self.prompts and (missing := [k for k in ["SC", "PQ"] * verifier or self.dims if k not in self.prompts]):
             raise ValueError(f"{flags['prompt_file']}: no template for {missing} (it has {list(self.prompts)})")
-        if self.prompts and not any("{instruction}" in v for v in self.prompts.values()):
-            raise ValueError(f"{flags['prompt_file']}: no template says {{instruction}} (write it for the authors' "
-                             "{text_prompt} or <instruction>, or the edits are scored without their instruction)")
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])
             self.reward_id = None if verifier else self._add_reward_token(backbone)
@@ -720,6 +718,19 @@ class RewardModel(nn.Module):
 def as_list(src):
     return list(src) if isinstance(src, (list, tuple)) else [src]
 
+def read_prompts(path):
+    """A --prompt_file: a JSON object of templates (name -> text), one of which says {instruction}."""
+    try:
+        prompts = json.load(open(path, encoding="utf-8"))
+    except (OSError, ValueError) as e:  # a bad file names itself: JSON's own message does not
+        raise ValueError(f"{path}: not a readable JSON --prompt_file: {e}") from None
+    if not isinstance(prompts, dict) or not prompts or not all(isinstance(v, str) for v in prompts.values()):
+        raise ValueError(f"{path}: a --prompt_file is a JSON object of templates, name -> text")
+    if not any("{instruction}" in v for v in prompts.values()):
+        raise ValueError(f"{path}: no template says {{instruction}} (write it for the authors' {{text_prompt}} or "
+                         "<instruction>, or the edits are scored without their instruction)")
+    return prompts
+
 # --- the published reward models: EditScore's LoRA adapters and EditReward's checkpoints -------------------------
 EDITREWARD_TOKEN, EDITREWARD_BASE = "<|Reward|>", "Qwen/Qwen2.5-VL-7B-Instruct"  # its token; its 7B model's base
 EDITREWARD_PIXELS = 256 * 28 * 28  # its Qwen2.5-VL inferencer gives every image exactly this area (min = max pixels)
@@ -808,7 +819,7 @@ def load_editreward(cls, file, defaults, overrides, device):
     state = torch.load(file, map_location="cpu", weights_only=True) if file.endswith(".pth") else load_file(file)
     state, folder = state.get("model", state), os.path.dirname(file)
     head = EditRewardHead(state)
-    names = json.load(open(overrides["prompt_file"], encoding="utf-8")) if overrides.get("prompt_file") else DIMS
+    names = read_prompts(overrides["prompt_file"]) if overrides.get("prompt_file") else DIMS
     base = overrides.get("model") or (folder if os.path.exists(f"{folder}/config.json") else EDITREWARD_BASE)
     pixels = None if model_type(base).startswith("qwen3") else EDITREWARD_PIXELS  # None: the processor's own
     rm = cls({**defaults, "stage": "eval", "min_pixels": pixels, "max_pixels": pixels,
@@ -1167,6 +1178,6 @@ if __name__ == "__main__":
     args, _ = parser.parse_known_args()
     parser.set_defaults(**preset(args.mode, args.toy))
     args = parser.parse_args()
-    if bad := [n for n in POSITIVE if getattr(args, n) < 1]:
-        parser.error(f"--{bad[0]} must be >= 1, got {getattr(args, bad[0])}")
+    if bad := [n for n in POSITIVE + NON_NEGATIVE if not getattr(args, n) >= (n in POSITIVE)]:  # NaN fails too
+        parser.error(f"--{bad[0]} must be >= {int(bad[0] in POSITIVE)}, got {getattr(args, bad[0])}")
     main(args)

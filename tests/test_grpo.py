@@ -204,12 +204,20 @@ def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, 
 
 
 @pytest.mark.parametrize("flag, value", [("--group_size", "1"), ("--micro_batch", "0"), ("--prompts_per_step", "0"),
-                                         ("--steps", "-3"), ("--eval_prompts", "0")])
+                                         ("--steps", "-3"), ("--eval_prompts", "0"), ("--grad_clip", "-1"),
+                                         ("--beta", "nan"), ("--clip_range", "-0.1"), ("--noise_level", "-0.7")])
 def test_flags_out_of_range_are_flag_errors_not_a_run_that_trains_nothing(capsys, flag, value):
     """A group of one has zero advantage (a run of zero-std 1.00 and gnorm 0); the others fail late or run nothing."""
     with pytest.raises(SystemExit):
         grpo.parse_args(FAST + [flag, value])
     assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+def test_grad_clip_0_is_off_as_in_rewardmodel_not_a_clip_that_zeroes_the_gradients():
+    w = torch.nn.Parameter(torch.ones(3))
+    w.grad, opt = torch.full((3,), 2.0), torch.optim.SGD([w], lr=0.5)
+    assert grpo.optimizer_step(opt, [w], 0.0, reduce=False) == pytest.approx(12 ** 0.5)
+    assert torch.allclose(w.detach(), torch.zeros(3))  # 1 - 0.5 * 2: the whole gradient
 
 
 def test_a_reward_dimension_the_reward_model_lacks_is_an_error_at_load_naming_its_dimensions():

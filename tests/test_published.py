@@ -240,12 +240,21 @@ def test_not_a_reward_model_names_what_is_missing(base, tmp_path):
     save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="rm_heads"):
         R.RewardModel.from_pretrained(str(tmp_path))  # a state dict without EditReward's heads
-    (tmp_path / "p.json").write_text('{"SC": "x"}')
+    (tmp_path / "p.json").write_text('{"SC": "Instruction: {instruction}"}')
     with pytest.raises(ValueError, match=r"no template for \['PQ'\]"):
         R.RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", prompt_file=str(tmp_path / "p.json"))
     (tmp_path / "p.json").write_text('{"SC": "Instruction: <instruction>", "PQ": "Quality?"}')  # the authors' text
     with pytest.raises(ValueError, match=r"p.json: no template says \{instruction\}"):
         R.RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", prompt_file=str(tmp_path / "p.json"))
+
+
+@pytest.mark.parametrize("text,why", [('{"SC": "Instruction: {instruction}",}', "not a readable JSON"),  # a trailing ,
+                                      ('["Instruction: {instruction}"]', "is a JSON object of templates"),
+                                      ('{"SC": ["Instruction: {instruction}"]}', "is a JSON object of templates")])
+def test_a_prompt_file_that_is_not_a_json_object_of_templates_is_an_error_naming_it(tmp_path, text, why):
+    (tmp_path / "p.json").write_text(text)
+    with pytest.raises(ValueError, match=f"p.json: .*{why}"):
+        R.read_prompts(str(tmp_path / "p.json"))
 
 
 def test_zero_shot_scoring_keeps_the_weights_in_their_dtype():

@@ -330,10 +330,13 @@ def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
         R.RewardModel(flags)
 
 
-def test_bad_flag_values_are_refused():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), "--micro_batch=0"],
+@pytest.mark.parametrize("flag,why", [("--micro_batch=0", "--micro_batch must be >= 1, got 0"),
+                                      ("--lr=nan", "--lr must be >= 0, got nan"),  # else NaN weights from step 1
+                                      ("--val_max=-3", "--val_max must be >= 0, got -3")])  # else [:-3] drops 3 pairs
+def test_bad_flag_values_are_refused(flag, why):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), flag],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--micro_batch must be >= 1, got 0" in proc.stderr
+    assert proc.returncode == 2 and why in proc.stderr
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
