@@ -374,7 +374,7 @@ def collate(encs, responses, pad_id):
 def response_logprobs(model, inputs, resp, temperature=1.0):
     """Teacher-forced log-probs of the response tokens (collate layout). -> (B, R)."""
     dev = next(model.parameters()).device
-    out = model(**{k: v.to(dev) for k, v in inputs.items()}, logits_to_keep=resp.shape[1] + 1)
+    out = model(**{k: v.to(dev) for k, v in inputs.items()}, logits_to_keep=resp.shape[1] + 1, use_cache=False)
     logits = answer_logits(model, out.logits[:, :-1]) / temperature             # position t predicts t+1
     return logits.log_softmax(-1).gather(2, resp.to(dev)[..., None])[..., 0]
 

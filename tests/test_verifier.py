@@ -184,7 +184,7 @@ def test_shared_prefill_same_tokens_as_independent(tiny):
         assert torch.allclose(l1[0], logp[i], atol=1e-5)
 
 
-def test_old_logprobs_match_teacher_forcing_with_padding(tiny):
+def test_old_logprobs_match_teacher_forcing_with_padding_and_no_kv_cache(tiny):
     """The sampler's log-probs equal the trainer's on left/right-padded batches, so GCPO's first ratio is 1."""
     model, processor = tiny
     eos = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -198,8 +198,12 @@ def test_old_logprobs_match_teacher_forcing_with_padding(tiny):
             rows.append((enc, t[:n].tolist()))
             olds.append(o[:n])
     inputs, resp, rmask = collate([r[0] for r in rows], [r[1] for r in rows], processor.tokenizer.pad_token_id)
+    caches = []  # a training forward keeps no KV cache (at 7B: memory beside the activations, for nothing)
+    hook = model.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
     with torch.no_grad():
         lp = response_logprobs(model, inputs, resp)
+    hook.remove()
+    assert caches == [None]
     for b, o in enumerate(olds):
         assert torch.allclose(lp[b, :len(o)], o, atol=1e-4)
         assert rmask[b].sum() == len(o)
