@@ -580,12 +580,12 @@ class RewardModel(nn.Module):
 
     device = property(lambda self: next(self.parameters()).device)
 
-    def encode(self, sources, instructions, edited, per_dim=False):
+    def encode(self, sources, instructions, edited, per_dim=False, origins=None):
         """Processor batches (CPU) of B prompts: the instruction, the source image(s), the edit and what to rate,
         ending in the reward token; one batch for all dimensions, or with per_dim (or a --prompt_file, whose templates
-        replace this text) one per dimension (EditReward)."""
-        pics, batches = [[load_image(s) for s in as_list(src)] + [load_image(ed)]
-                         for src, ed in zip(sources, edited, strict=True)], []
+        replace this text) one per dimension (EditReward). origins: each edit's file and row, for decode errors."""
+        pics, batches = [[load_image(s, o) for s in as_list(src)] + [load_image(ed, o)] for src, ed, o in
+                         zip(sources, edited, origins or [""] * len(edited), strict=True)], []
         for what in self.dims if per_dim or self.prompts else [", ".join(self.dims)]:
             texts, images = [], []
             for src, instr in zip(pics, instructions, strict=True):  # each image decoded once, for every dimension
@@ -976,7 +976,7 @@ def held_out_line(res, sep=" "):
 def encode_pairs(rm, pairs, per_dim=False):
     """The processor batches of B pairs: the preferred and the rejected edits as one batch of 2B."""
     return rm.encode([p.sources for p in pairs] * 2, [p.instruction for p in pairs] * 2,
-                     [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim)
+                     [p.preferred for p in pairs] + [p.rejected for p in pairs], per_dim, [p.origin for p in pairs] * 2)
 
 def train_step(model, rm, optimizer, micro_batches, args, encoded=None):
     """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one); encoded:

@@ -403,3 +403,14 @@ def test_each_family_scores_trains_and_generates(toy, name):
     inputs, resp, _ = R.collate([enc, enc], toks.tolist(), processor.tokenizer.pad_token_id)
     with torch.no_grad():
         assert torch.allclose(R.response_logprobs(model, inputs, resp, 0.7), logp, atol=1e-4)
+
+
+def test_an_image_that_fails_to_decode_mid_run_is_named_by_its_file_and_row():
+    from PIL import Image
+
+    from data import DataError, PreferencePair
+    rm = R.RewardModel.from_pretrained("tiny")
+    img = Image.new("RGB", (56, 56), "white")
+    pair = PreferencePair("0", "make it red", [img], img, b"\x89PNG cut short", {"overall": 1}, origin="pairs.jsonl:7")
+    with pytest.raises(DataError, match="pairs.jsonl:7: cannot decode image"):
+        R.encode_pairs(rm, [pair])
