@@ -36,9 +36,8 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from data import (CandidateGroup, PreferencePair, atomic_write, image_sheet, leave_distributed, load_image, load_items,
-                  load_sources, print0, regroup, setup_distributed, shard)
-
+from data import (CandidateGroup, PreferencePair, atomic_write, check_least, image_sheet, leave_distributed, load_image,
+                  load_items, load_sources, print0, regroup, setup_distributed, shard)
 
 # ----------------------------------------------------------------------------- metrics (pure functions)
 def pairwise_accuracy(human, model_diff, include_ties=True):
@@ -49,7 +48,6 @@ def pairwise_accuracy(human, model_diff, include_ties=True):
     if not include_ties:
         h, d = h[h != 0], d[h != 0]
     return float(np.mean(np.sign(d) == h)) if len(h) else float("nan")
-
 
 def tie_calibrated_accuracy(human, model_diff):
     """Tie-calibrated pairwise accuracy (Deutsch et al. 2023, arXiv 2305.14324) -> (accuracy, epsilon).
@@ -72,7 +70,6 @@ def tie_calibrated_accuracy(human, model_diff):
     best = int(np.argmax(right))                              # first max = smallest eps
     return float(right[best] / len(h)), float(eps[best])
 
-
 def group_accuracy(ranks, scores, eps=0.0):
     """EditReward-Bench's strict ranking accuracy (TIGER-AI-Lab/EditReward evaluate/eval_bench.py): the fraction of
     groups whose every pair is right. ranks: per group, human ranks (0 = best, equal = tie); scores: per group, model
@@ -88,14 +85,13 @@ def group_accuracy(ranks, scores, eps=0.0):
         hits += bool(ok.all())
     return hits / len(ranks)
 
-
 # The four groups EditScore's evaluation scripts average its 13 task types into.
 EDITSCORE_GROUPS = {"object": ("subject_add", "subject_remove", "subject_replace"),
                     "appearance": ("color_alter", "material_alter", "style", "tone_transfer"),
                     "scene": ("background_change", "extract"),
                     "advanced": ("ps_human", "text_change", "motion_change", "compose")}
 EDITSCORE_DIMS = ("prompt_following", "consistency", "overall")
-
+SCORER_CODE = Path(__file__).with_name("rewardmodel.py")  # its text keys the score cache too
 
 def editscore_bench_table(tasks, dimensions, model_diff):
     """EditScore/EditReward-Bench aggregation. One entry per benchmark row: task type, dimension and
@@ -116,7 +112,6 @@ def editscore_bench_table(tasks, dimensions, model_diff):
               if any(t in table for t in ts)}
     return {"tasks": table, "groups": groups, "overall": mean_over(list(table))}
 
-
 # ----------------------------------------------------------------------------- what gets scored
 # One human verdict on two scored images in one benchmark dimension (e.g. "overall", EditScore's "consistency"):
 # human = 1 (a is better), -1 (b is better) or 0 (a tie); a, b = the images' unit keys, a the preferred one (or
@@ -124,7 +119,6 @@ def editscore_bench_table(tasks, dimensions, model_diff):
 Comparison = NamedTuple("Comparison", [("dim", str), ("human", int), ("a", str), ("b", str), ("task", str),
                                        ("by", str)])
 Unit = NamedTuple("Unit", [("item", object), ("edited", object)])  # one image to score: its pair or group, its ref
-
 
 def image_hash(ref, memo):
     """Content hash of an image reference (path, encoded bytes, PIL image, lazy cell). The encoded bytes are hashed,
@@ -137,7 +131,6 @@ def image_hash(ref, memo):
         memo[k] = hashlib.sha1(data).hexdigest()
     return memo[k]
 
-
 def scorer_id(model, skip=None):
     """The scorer's name in the cache key: its path + its files' sizes and mtimes (a retrained one is new), but not
     those under `skip` (bench.py's own --out_dir), and a GCPO checkpoint's SFT model (its --init) the same way."""
@@ -148,7 +141,6 @@ def scorer_id(model, skip=None):
     return f"{os.path.abspath(model)}:{hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]}" + (
         f" on {scorer_id(init, skip)}" if init else "") if files else model
 
-
 def by_label(pair, column, human):
     """The --by label of one comparison: the pair's meta entry or field `column`. A per-candidate value
     ({"preferred": x, "rejected": y}, e.g. the toy's outcomes) reads "winner > loser", with no label on a tie."""
@@ -156,7 +148,6 @@ def by_label(pair, column, human):
     if isinstance(v, dict):  # human = 1 or -1 reads the pair forwards or backwards
         return " > ".join(map(str, [v["preferred"], v["rejected"]][::human])) if human else ""
     return "" if v is None else str(v)
-
 
 def plan(items, scorer, k, seed, by=""):
     """Benchmark items -> ({key: Unit}, [Comparison], [(ranks, keys)] per candidate group).
@@ -184,7 +175,6 @@ def plan(items, scorer, k, seed, by=""):
                       for dim, h in prefs.items()]
     return units, comps, groups
 
-
 # ----------------------------------------------------------------------------- scoring, with a cache per rank
 def read_cache(cache_dir):
     """All cached scores {key: {name: value}} from every rank's JSONL file in cache_dir."""
@@ -197,7 +187,6 @@ def read_cache(cache_dir):
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a torn line (killed mid-write) or a blank one: that unit is scored again
     return cache
-
 
 def score_all(args, dist, units, scorer_flags):
     """Every unit's scores: the cached ones read back, this rank's share of the rest scored batch by batch and
@@ -234,7 +223,6 @@ def score_all(args, dist, units, scorer_flags):
         new = {key: s for part in gathered for key, s in part.items()}
     return {key: new[key] if key in new else cache[key] for key in units}, len(new)
 
-
 # ----------------------------------------------------------------------------- reporting
 # Benchmark dimension -> scorer output names that measure it, best match first; anything else falls back to
 # "overall" (e.g. EditScore's consistency on a Gaussian head trained on instruction following + quality).
@@ -242,13 +230,11 @@ SCORE_ALIASES = {"prompt_following": ("prompt_following", "instruction_following
                  "instruction_following": ("instruction_following", "prompt_following"),
                  "visual_quality": ("visual_quality", "perceptual_quality")}
 
-
 def pairwise_metrics(h, d):
     """EditReward's numbers for one set of pairs: human labels h (n,), model differences d (n,)."""
     acc, eps = tie_calibrated_accuracy(h, d)
     return {"pairs": len(h), "human_ties": int(np.sum(h == 0)), "tie_calibrated": acc, "epsilon": eps,
             "with_ties": pairwise_accuracy(h, d), "without_ties": pairwise_accuracy(h, d, include_ties=False)}
-
 
 def evaluate(comps, groups, scores, editscore):
     """Every number of the report, from the comparisons and the units' scores. With --by, each label's pairs
@@ -280,15 +266,12 @@ def evaluate(comps, groups, scores, editscore):
     report["unparsed"] = {"passes": int(sum(unparsed)), "images": int(sum(u > 0 for u in unparsed))}
     return report
 
-
 def fmt(x):
     return "n/a" if x is None or x != x else f"{x:.4f}"  # x != x: nan
-
 
 def table(head, rows):
     """A markdown table: a header row, then rows of cells."""
     return ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
-
 
 def markdown(report, by=""):
     """The report as markdown tables in the papers' layouts: EditScore's per task group, or EditReward's per
@@ -315,7 +298,6 @@ def markdown(report, by=""):
     lines += ["", f"unparseable passes: {u['passes']} (on {u['images']} images)"]
     return "\n".join(lines)
 
-
 # ----------------------------------------------------------------------------- the run
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -340,11 +322,8 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", default="out/bench", help="report.json, the score cache (cache/) and worst.png")
     p.add_argument("--worst", type=int, default=0, help="draw the N most confident misses into worst.png; 0 = none")
     args = p.parse_args(argv)
-    for name, low in (("k", 1), ("batch_size", 1), ("limit", 0), ("max_new_tokens", 0), ("worst", 0)):
-        if getattr(args, name) < low:
-            p.error(f"--{name} must be >= {low}, got {getattr(args, name)}")
+    check_least(p, args, dict(k=1, batch_size=1, limit=0, max_new_tokens=0, worst=0))
     return args
-
 
 def write_report(args, info, comps, groups, units, scores, editscore):
     """Rank 0: print the tables, draw the misses, and write report.json atomically."""
@@ -365,7 +344,6 @@ def write_report(args, info, comps, groups, units, scores, editscore):
     atomic_write(path, lambda f: json.dump(clean, f, indent=1))
     print(f"report: {path}")
 
-
 def main(argv=None):
     args = parse_args(argv)
     dist = setup_distributed(args.device)  # one script for python and torchrun: ranks split the images
@@ -379,11 +357,13 @@ def main(argv=None):
     if any(not isinstance(it, (PreferencePair, CandidateGroup)) for it in items):
         raise SystemExit(f"{args.bench}: bench.py evaluates preference pairs and candidate groups, not edit prompts")
     skipped, items = len(items.skipped), (items[:args.limit] if args.limit else list(items))
-    # the flags that change the scores and the templates' text (an edited file: new scores) key the score cache
+    # the score cache's key: the scorer's files, the flags that change its scores, the templates' text (an edited file:
+    # new scores) and the code that scores (a changed default, sampler or prompt in it: new scores)
     flags = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens),
                                ("prompt_file", args.prompt_file)) if v}
-    units, comps, groups = plan(items, scorer_id(args.model, args.out_dir) + (json.dumps(flags) if flags else "") + (
-        Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else ""), args.k, args.seed, args.by)
+    scorer = [scorer_id(args.model, args.out_dir), flags, hashlib.sha1(SCORER_CODE.read_bytes()).hexdigest(),
+              Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else ""]
+    units, comps, groups = plan(items, scorer, args.k, args.seed, args.by)
     if args.by and not any(c.by for c in comps):
         raise SystemExit(f"--by {args.by}: no item of {args.bench} has a value in that column")
     scores, scored_now = score_all(args, dist, units, {**flags, "mode": "verifier"} if args.rubric else flags)
@@ -394,7 +374,6 @@ def main(argv=None):
         write_report(args, info, comps, groups, units, scores, any("dimension" in it.meta for it in items))
     if dist.ddp:
         leave_distributed()
-
 
 if __name__ == "__main__":
     main()

@@ -23,11 +23,13 @@ import argparse
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import sys
 from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
 from functools import partial
 
 import numpy as np
@@ -36,10 +38,8 @@ from tqdm import tqdm
 
 DIMS = ("instruction_following", "visual_quality")  # the default reward dimensions
 
-
 class DataError(ValueError):
     """Bad input. The message always names the source and the row (or the group)."""
-
 
 # ---------------------------------------------------------------------------------- the things the project moves
 @dataclass
@@ -47,7 +47,6 @@ class _Item:  # what every item has
     id: str
     instruction: str
     sources: list          # source image(s): PIL.Image | path | bytes | a lazy dataset cell
-
 
 @dataclass
 class PreferencePair(_Item):
@@ -59,7 +58,6 @@ class PreferencePair(_Item):
     scores: dict = None    # raw human scores {"preferred": {dim: x}, "rejected": {dim: x}} when known
     origin: str = ""       # "source:row", for error messages
     meta: dict = field(default_factory=dict)  # e.g. "outcomes" / "models": {"preferred": .., "rejected": ..}
-
 
 @dataclass
 class CandidateGroup(_Item):
@@ -85,14 +83,12 @@ class CandidateGroup(_Item):
                                         _sides(sc[a], sc[b]) if sc else None, self.origin, meta))
         return pairs
 
-
 @dataclass
 class EditPrompt(_Item):
     category: str = ""
     target: object = None  # a reference edit (editor warm-up data); None for RL prompts
     origin: str = ""
     meta: dict = field(default_factory=dict)
-
 
 @dataclass
 class CotTrace(_Item):
@@ -101,18 +97,14 @@ class CotTrace(_Item):
     scores: dict = None
     origin: str = ""
 
-
 class Loaded(list):
     skipped: list = ()  # under skip_bad, what was skipped: [(origin, reason)]
 
-
 _sides = lambda preferred, rejected: {"preferred": preferred, "rejected": rejected}  # noqa: E731
-
 
 # ---------------------------------------------------------------------------------- images and rows
 def _cell(table, col, i, j=None):  # a lazy ref (see _rows): row i's image (list element j) in a column -> bytes or path
     return (cell := (table[i][col] if j is None else table[i][col][j]) or {}).get("bytes") or cell.get("path")
-
 
 def load_image(ref, origin="", verify=False):
     """An image ref (PIL image, path, bytes or a lazy dataset cell) -> RGB, EXIF-rotated; verify: only check it."""
@@ -128,7 +120,6 @@ def load_image(ref, origin="", verify=False):
     except Exception as e:
         what = "corrupt" if verify else "cannot decode"
         raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
-
 
 def _rows(path, split=None, config=None):
     """Yield (origin, row) from a .json(l) file or, via `datasets`, parquet, a save_to_disk folder or a hub name."""
@@ -175,7 +166,6 @@ def _rows(path, split=None, config=None):
                     [partial(_cell, t, name, i, j) for j in range(n[i])] for name, (t, n) in cells.items()})
         yield path + "".join(f"[{x}]" for x in (config, split) if x) + f":{i}", row
 
-
 class _Row:
     """Column access for one row, with errors that name the source, the row and the column."""
 
@@ -214,7 +204,6 @@ class _Row:
         vs = self.req(col) if isinstance(self.req(col), (list, tuple)) else [self.req(col)]
         return [self.image(col, x) for x in vs] if vs else self.fail(f"column '{col}' is an empty list of images")
 
-
 # ---------------------------------------------------------------------------------- one parser per format
 def _parse_editreward_json(c):
     # TIGER-AI-Lab/EditReward: path1 is preferred, tie_case marks ties (EditReward/TRAIN_README.md); files without
@@ -229,7 +218,6 @@ def _parse_editreward_json(c):
     return PreferencePair(c.id("id"), c.text("prompt"), [c.image("path_src")], *(c.image(f"path{n}") for n in k),
                           prefs, o == 0, "", _sides(*s), c.origin, {"models": _sides(*(c.get(f"model{n}") for n in k))})
 
-
 def _parse_editreward_data(c):
     # TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score (1..4 per
     # dimension, overall their sum; the higher overall is preferred, equal is a tie), key / unique_key the row's id
@@ -242,7 +230,6 @@ def _parse_editreward_data(c):
                           prefs["overall"] == 0, "", _sides(*s), c.origin,
                           {"vote_type": c.get("vote_type"), "models": _sides(*models)})
 
-
 def _parse_editscore_bench(c):
     # EditScore/EditReward-Bench card, VectorSpaceLab/EditScore evaluation.py: key [2] and output_images [2], element 0
     # the one humans preferred on `dimension` (prompt_following | consistency | overall)
@@ -251,7 +238,6 @@ def _parse_editscore_bench(c):
     id = "~".join(map(str, key)) if isinstance(key, (list, tuple)) else str(key)
     return PreferencePair(f"{id}~{dim}", c.text("instruction"), c.images("input_image"), *outs, {dim: 1}, False,
                           c.text("task_type"), None, c.origin, {"dimension": dim})
-
 
 def _parse_genai_bench(c):
     # TIGER-AI-Lab/GenAI-Bench inference.py (parse_response) and results/image_edition/*/pairwise.jsonl: vote_type is
@@ -263,7 +249,6 @@ def _parse_genai_bench(c):
     return PreferencePair(c.id("id"), c.text("instruct_prompt"), [c.image("source_image")], *imgs,
                           {"overall": int(not tie)}, tie, "", None, c.origin,
                           {"vote_type": vote, "models": _sides(*models)})
-
 
 def _parse_tiger_bench(c):
     # TIGER-AI-Lab/EditReward evaluate/inference_{2,3,4}pair_hf.py and evaluate/README.md: a row compares candidate_1
@@ -283,14 +268,12 @@ def _parse_tiger_bench(c):
                           None if None in scores else _sides(*({"overall": x} for x in scores)), c.origin,
                           {"group": group, "positions": list(pos), "comparison_type": m[0], "models": _sides(*models)})
 
-
 def _parse_prompts(c):
     # EditScore-RL-Data card: instruction, input_images (relative paths), task_type, meta_data; stepfun-ai/GEdit-Bench
     # card: key, task_type, instruction, instruction_language, input_image
     meta = {k: c.get(k) for k in ("meta_data", "instruction_language") if k in c.row}
     return EditPrompt(c.id("id", "key"), c.text("instruction"), c.images("input_images" if "input_images" in c.row
                       else "input_image"), str(c.get("task_type") or ""), None, c.origin, meta)
-
 
 def _parse_jsonl(c):
     id, instruction, cat, sources = c.id("id"), c.text("instruction"), str(c.get("category") or ""), c.images("source")
@@ -317,7 +300,6 @@ def _parse_jsonl(c):
     return EditPrompt(id, instruction, sources, cat, c.image("target") if c.get("target") else None, c.origin,
                       {"correct": c.get("correct")})
 
-
 # format -> (the columns that tell it, its parser); the first match wins
 PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward_json),
            "editreward_data": ({"left_output_image", "source_img"}, _parse_editreward_data),
@@ -327,7 +309,6 @@ PARSERS = {"editreward_json": ({"path1", "path2", "path_src"}, _parse_editreward
            "editscore_rl": ({"input_images"}, _parse_prompts),
            "gedit": ({"input_image", "instruction"}, _parse_prompts),
            "jsonl": ({"source", "instruction"}, _parse_jsonl)}
-
 
 def parse_ranking(ranking, k, origin=""):
     """Ranking text -> ranks (0 = best): a chain "A>B=C" or relations "A>B, B=C" (or their list), complete, no cycle."""
@@ -351,7 +332,6 @@ def parse_ranking(ranking, k, origin=""):
         raise DataError(f"{origin}: ranking {ranking!r} leaves some candidates unordered")
     first = [int(np.flatnonzero(ge[j] & ge[:, j])[0]) for j in range(k)]  # the first of each tied class
     return [len({first[j] for j in np.flatnonzero(gt[:, i])}) for i in range(k)]  # tied classes above i
-
 
 def regroup(items, skipped=None):
     """TIGER comparisons (meta "group", "positions") -> their groups, ranked by all their comparisons together; a
@@ -379,23 +359,30 @@ def regroup(items, skipped=None):
                                   None if None in scores else list(scores), comps[0].origin, {"models": list(models)}))
     return out
 
-
 # ---------------------------------------------------------------------------------- loading: one path for all kinds
 def _image_refs(item):
     edits = (zip(item.candidates, (f"rank {r}" for r in item.ranks)) if isinstance(item, CandidateGroup) else
              ((getattr(item, a, None), a) for a in ("preferred", "rejected", "edited", "target")))
     return [(x, "source") for x in item.sources] + [(x, a) for x, a in edits if x is not None]
 
+CHECK_POOL_MIN = 2000  # images a load checks in forked processes when it has more (few: forking costs more)
+_to_check = []  # the images being checked: forked workers inherit it (a lazy dataset cell does not pickle)
+
+def _image_error(j):  # why image _to_check[j] cannot be used (a DataError's text after its row's origin), or None
+    try:
+        load_image(_to_check[j], verify=True)
+    except DataError as e:
+        return str(e)
 
 def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_images=True, want=None,
                disentangle=False):
     """The one loading path: every row as a dataclass, as parsed or as `want` (groups -> pairs, TIGER comparisons ->
     groups). A bad row is a DataError naming source and row; skip_bad skips it, keeps it in .skipped, reports it."""
-    items, skipped, checked = [], [], set()
-    # torchrun: a rank verifies every world-th image (a bad one stops the job); skip_bad: all, so all skip alike
+    items, rows, skipped, uses = [], [], [], {}  # rows: each item's (row number, origin); uses: image -> its items
     rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1)))
     base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.path.abspath(path)
-    for origin, row in tqdm(_rows(path, split, config), f"reading {path}", unit=" rows", delay=5, disable=rank > 0):
+    for n, (origin, row) in enumerate(tqdm(_rows(path, split, config), f"reading {path}", unit=" rows", delay=5,
+                                           disable=rank > 0)):
         try:
             if not isinstance(row, dict):
                 raise row if isinstance(row, Exception) else DataError(f"{origin}: a row must be an object")
@@ -404,16 +391,30 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
             if fmt not in PARSERS:
                 raise DataError(f"{origin}: cannot read the columns {sorted(row)} as {fmt!r} ({', '.join(PARSERS)})")
             item = PARSERS[fmt][1](_Row(row, origin, base))
-            for ref in dict.fromkeys(x for x, _ in _image_refs(item) if x not in checked) if check_images else ():
-                if skip_bad or len(checked) % world == rank:  # each file or blob once, in the same order on every rank
-                    load_image(ref, origin, verify=True)
-                checked.add(ref)
-            items.append(item)
+            for ref in dict.fromkeys(x for x, _ in _image_refs(item)) if check_images else ():
+                uses.setdefault(ref, []).append(len(items))
+            items.append(item), rows.append((n, origin))
         except (ValueError, TypeError) as e:  # a DataError names its row; any other bad value is given its row here
             e = e if isinstance(e, DataError) else DataError(f"{origin}: {type(e).__name__}: {e}")
             if not skip_bad:
                 raise e
-            skipped.append((origin, str(e)))
+            skipped.append((n, origin, str(e)))
+    # each image once, a share of the CPUs each in forked processes; torchrun: a rank checks every world-th image (a
+    # bad one stops the job), skip_bad: all of them, so that every rank skips the same rows
+    global _to_check
+    share = [(ref, its) for j, (ref, its) in enumerate(uses.items()) if skip_bad or j % world == rank]
+    _to_check, broken, procs = [ref for ref, _ in share], {}, (os.cpu_count() or 1) // world
+    fork = procs > 1 and len(share) >= CHECK_POOL_MIN and "fork" in multiprocessing.get_all_start_methods()
+    with multiprocessing.get_context("fork").Pool(procs) if fork else nullcontext() as pool:  # leaving: terminated
+        errors = pool.imap(_image_error, range(len(share)), 64) if fork else map(_image_error, range(len(share)))
+        for (_, its), err in zip(share, tqdm(errors, f"checking {path}", len(share), unit=" images", delay=5,
+                                             disable=rank > 0)):
+            if err and not skip_bad:  # the first bad image in row order stops the load
+                raise DataError(rows[its[0]][1] + err)
+            broken.update({i: rows[i][1] + err for i in its if err and i not in broken})
+    _to_check = []
+    skipped = [(o, why) for _, o, why in sorted(skipped + [(*rows[i], why) for i, why in broken.items()])]
+    items = [it for i, it in enumerate(items) if i not in broken]
     if want is CandidateGroup:
         items = regroup(items, skipped if skip_bad else None)
     elif want is PreferencePair:
@@ -428,14 +429,12 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
         raise DataError(f"{path}: no {want.__name__ if want else 'item'}s in it ({len(skipped)} bad rows skipped)")
     return out
 
-
 # Each kind of item from any format that holds it: pairs from group formats too (all of a group's pairs), and
 # tie-disentangled unless disentangle=False; groups from TIGER's comparisons too, rebuilt.
 load_pairs = partial(load_items, want=PreferencePair, disentangle=True)
 load_groups = partial(load_items, want=CandidateGroup)
 load_prompts = partial(load_items, want=EditPrompt)  # RL prompts, and editor warm-up triples (they carry a target)
 load_traces = partial(load_items, want=CotTrace)  # chain-of-thought traces for verifier SFT
-
 
 def disentangle_ties(pairs):
     """EditReward's tie-disentanglement: a pair tied overall whose dimensions disagree becomes one strict sample per
@@ -455,13 +454,21 @@ def disentangle_ties(pairs):
                                scores=sc, meta=meta))
     return out
 
-
 def shard(items, rank, world_size):
     """Rank's strided slice: the shards of all ranks partition the items exactly (sizes differ by <= 1)."""
     return list(items)[rank::world_size]
 
-
 # ---------------------------------------------------------------------------------- the ground every script shares
+def check_resume(where, saved, now, free):
+    """--resume goes on as the run began: SystemExit if a flag outside `free` differs from the saved run's (a dict)."""
+    if diff := [f"--{k} {v}->{now[k]}" for k, v in saved.items() if now.get(k, v) != v and k not in free]:
+        raise SystemExit(f"{where} was trained with other flags ({', '.join(diff)}): --resume goes on as the run began")
+
+def check_least(parser, args, least):
+    """parser.error on the first flag below its least value (least: {flag: value}); a NaN is refused too."""
+    if bad := next((k for k, v in least.items() if not getattr(args, k) >= v), None):
+        parser.error(f"--{bad} must be >= {least[bad]}, got {getattr(args, bad)}")
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -469,7 +476,6 @@ class Dist:
     device: object = "cpu"  # a torch.device
     master = property(lambda self: self.rank == 0)
     ddp = property(lambda self: self.world > 1 or "RANK" in os.environ)
-
 
 def setup_distributed(device="auto"):
     """Under torchrun (RANK set) join the process group: NCCL on CUDA, gloo on CPU. -> Dist (rank, world, device)."""
@@ -486,11 +492,9 @@ def setup_distributed(device="auto"):
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return Dist(tdist.get_rank(), tdist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 
-
 def print0(*args, **kwargs):
     """print on rank 0 only (torchrun's RANK), flushed (torchrun interleaves the ranks' buffered output)."""
     print(*args, **kwargs, flush=True) if int(os.environ.get("RANK", 0)) == 0 else None
-
 
 def leave_distributed():
     """End a finished worker: destroy the process group, exit without the shutdown where gloo threads can abort."""
@@ -499,14 +503,12 @@ def leave_distributed():
     print(end="", flush=True)
     os._exit(0)
 
-
 def atomic_write(path, write, mode="w"):
     """write(f) into a temporary sibling, then rename it over `path`: a kill never leaves a half-written file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, mode) as f:
         write(f)
     os.replace(tmp, path)
-
 
 def atomic_dir(final, write, link=None):
     """write(folder) into a sibling swapped in for `final` (which keeps its other files), then `link` pointed at it."""
@@ -528,7 +530,6 @@ def atomic_dir(final, write, link=None):
         if prev and prev != os.path.realpath(final):
             shutil.rmtree(prev, ignore_errors=True)
 
-
 def image_sheet(rows, path, cell=128):
     """One PNG of rows (title, [(image ref or PIL, caption), ...]) for --inspect, bench.py and grpo.py."""
     ncol = max([len(pics) for _, pics in rows] + [1])
@@ -541,11 +542,9 @@ def image_sheet(rows, path, cell=128):
             draw.text((c * cell + 2, y + cell + 1), str(caption), fill="black")
     atomic_write(path, lambda f: sheet.save(f, format="PNG"), "wb")
 
-
 def load_sources(item):
     """The source image(s) of any item as RGB PIL images, errors naming the item's file and row."""
     return [load_image(s, item.origin) for s in item.sources]
-
 
 # ---------------------------------------------------------------------------------- the toy world
 SHAPE_COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (240, 220, 30),
@@ -563,7 +562,6 @@ _INSTR = [("recolor", f"make the {_C} {_S} {_C}"), ("remove", f"remove the {_C} 
           ("add", f"add a {_C} {_S} at the {_P}"), ("move", f"move the {_C} {_S} to the {_P}"),
           ("background", f"change the background to {_B}")]
 
-
 def _shape_mask(kind, cell, size):
     """Boolean (size, size) mask of a shape drawn in one of the 3x3 cells."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
@@ -572,14 +570,12 @@ def _shape_mask(kind, cell, size):
             "square": lambda: (abs(x - cx) <= 0.85 * r) & (abs(y - cy) <= 0.85 * r),
             "triangle": lambda: (y <= cy + 0.8 * r) & (abs(x - cx) <= (y - (cy - r)) / 1.8)}[kind]()  # apex up
 
-
 def render_scene(scene, size=56):
     """scene = {"bg": name, "shapes": [(kind, color, cell name)]} -> uint8 (size, size, 3)."""
     img = np.full((size, size, 3), BG_COLORS[scene["bg"]], np.uint8)
     for kind, color, cell in scene["shapes"]:
         img[_shape_mask(kind, CELLS[cell], size)] = SHAPE_COLORS[color]
     return img
-
 
 def classify(img, smooth=True):
     """uint8 (H, W, 3) -> (H, W) nearest palette colour index; smooth: 3x3 median first, so noise hides no content."""
@@ -589,11 +585,9 @@ def classify(img, smooth=True):
         a = np.median(np.stack([pad[i:i + h, j:j + w] for i in range(3) for j in range(3)]), axis=0)
     return ((a[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)
 
-
 def parse_toy_instruction(instruction):
     """'make the red circle blue' -> ("recolor", ("red", "circle", "blue")); None if not a toy instruction."""
     return next(((k, m.groups()) for k, pat in _INSTR if (m := re.fullmatch(pat, instruction.strip().lower()))), None)
-
 
 def toy_target(source, instruction):
     """The correct edit of `source` as pixels, worked out from the source pixels and the instruction alone."""
@@ -608,7 +602,6 @@ def toy_target(source, instruction):
     if kind == "background":
         out[cls == bg] = BG_COLORS[args[0]]
     return out
-
 
 def toy_oracle(source, instruction, edited):
     """Ground-truth scores in [0, 1] of an edit, from pixels (PIL or uint8 arrays of any equal-aspect size).
@@ -630,11 +623,9 @@ def toy_oracle(source, instruction, edited):
                     "keep": float(1.0 - (did & ~should).sum() / max(union, 1)), "overall": (f + q) / 2})
     return out if edits is edited else out[0]
 
-
 def toy_level(x):
     """A 0..1 score -> a 1..4 rating, the scale of EditReward-Data's human scores."""
     return 1 + (x >= 0.2) + (x >= 0.45) + (x >= 0.8)
-
 
 def toy_cot_response(instruction, scores):
     """A teacher's chain of thought for verifier SFT: a 1..4 verdict per principle, then a JSON score, round(10 *
@@ -644,12 +635,10 @@ def toy_cot_response(instruction, scores):
     return (f"{kind}: follow {f}/4; keep {k}/4; quality {q}/4\n"
             f'{{"follow": {f}, "keep": {k}, "quality": {q}, "score": {round(10 * scores["instruction_following"])}}}')
 
-
 def _random_scene(rng):
     cells = rng.sample(list(CELLS), rng.randint(1, 3))
     colors = rng.sample(list(SHAPE_COLORS), len(cells))
     return {"bg": rng.choice(list(BG_COLORS)), "shapes": [(rng.choice(SHAPES), c, p) for c, p in zip(colors, cells)]}
-
 
 def _random_instruction(rng, scene, kind=None):
     """A valid instruction for the scene (unique colours, free cells), optionally of a given kind."""
@@ -664,7 +653,6 @@ def _random_instruction(rng, scene, kind=None):
             "move": lambda: f"move the {color} {form} to the {rng.choice(free_cells)}",
             "background": lambda: "change the background to " + rng.choice([b for b in BG_COLORS if b != scene["bg"]])
             }[kind]()
-
 
 def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
     """One candidate edit: what it does (outcome) x its noise level, drawn apart, so content does not tell quality."""
@@ -687,7 +675,6 @@ def toy_candidate(rng, scene, instruction, outcome, noise_level, size):
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, sigma, img.shape) if sigma else 0.0
     return np.clip(img.astype(np.float32) + noise, 0, 255).round().astype(np.uint8)
 
-
 def _save(out, name, content):
     """Write an image array as images/<name>.png (-> that path) or rows as the JSONL file out/<name> (-> its path)."""
     if isinstance(content, np.ndarray):
@@ -696,7 +683,6 @@ def _save(out, name, content):
         return rel
     atomic_write(os.path.join(out, name), lambda f: f.writelines(json.dumps(r) + "\n" for r in content))
     return os.path.join(out, name)
-
 
 def _toy_group(rng, gid, k, size, out):
     """k candidates of outcome x noise level drawn independently, rated 1..4 per dimension from the oracle (+ sum)."""
@@ -712,13 +698,11 @@ def _toy_group(rng, gid, k, size, out):
             "ranks": [sorted({-h["overall"] for h in human}).index(-h["overall"]) for h in human],  # equal: a tie
             "category": parse_toy_instruction(instruction)[0], "scores": human, "outcomes": outcomes, "oracle": oracle}
 
-
 def _toy_pairs(groups):
     cols = ("id", "instruction", "preferred", "rejected", "prefs", "tie", "category", "scores")
     return [{**{c: getattr(p, c) for c in cols}, "source": g["source"], "outcomes": p.meta["outcomes"]} for g in groups
             for p in CandidateGroup(g["id"], g["instruction"], [g["source"]], g["candidates"], g["ranks"],
                                     g["category"], g["scores"], meta={"outcomes": g["outcomes"]}).to_pairs()]
-
 
 def _toy_prompt(rng, pid, size, out, editor_wrong=None):
     """An RL prompt; with editor_wrong, an editor warm-up triple whose target is, that often, another edit."""
@@ -730,7 +714,6 @@ def _toy_prompt(rng, pid, size, out, editor_wrong=None):
         tgt = toy_candidate(rng, scene, instruction, "correct" if correct else "wrong", 0, size)
         row.update(target=_save(out, pid + "_tgt", tgt), correct=correct)
     return row
-
 
 def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=48, n_editor=1000, k=4,
              editor_wrong=0.65):
@@ -752,7 +735,6 @@ def make_toy(out, seed=0, size=56, n_train=2400, n_val=120, n_rl=200, n_rl_test=
     _save(out, "toy.json", [dict(seed=seed, size=size, n_train=n_train, n_val=n_val, k=k, editor_wrong=editor_wrong)])
     return {name: _save(out, name, rows) for name, rows in files.items()}
 
-
 # ---------------------------------------------------------------------------------- looking at data
 def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=None, rows=6):
     """Print counts and tie shares of any source and draw its first rows; skip_bad skips rows with bad images too."""
@@ -768,7 +750,6 @@ def inspect(path, fmt="auto", split=None, config=None, skip_bad=False, sheet=Non
     sheet = sheet or os.path.splitext(os.path.basename(path.rstrip("/")))[0].replace("/", "_") + "_sheet.png"
     image_sheet([(it.instruction, _image_refs(it)) for it in items[:rows]], sheet)
     print(f"contact sheet: {sheet}")
-
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

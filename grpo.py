@@ -49,8 +49,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from data import (atomic_dir, atomic_write, image_sheet, leave_distributed, load_image, load_prompts, load_sources,
-                  parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
+from data import (atomic_dir, atomic_write, check_least, check_resume, image_sheet, leave_distributed, load_image,
+                  load_prompts, load_sources, parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -577,9 +577,8 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
 
 def load_checkpoint(ckpt, named, args, old=None):
     """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
-    meta, now = json.loads(open(os.path.join(ckpt, "state.json")).read()), vars(args)
-    if diff := [f"--{k} {v}->{now[k]}" for k, v in meta["args"].items() if now.get(k, v) != v and k not in RESUME_FREE]:
-        raise SystemExit(f"{ckpt} was trained with other flags ({', '.join(diff)}): --resume goes on as the run began")
+    meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
+    check_resume(ckpt, meta["args"], vars(args), RESUME_FREE)
     saved = load_file(os.path.join(ckpt, "trainable.safetensors"))
     with torch.no_grad():
         for n, q in named:
@@ -713,9 +712,8 @@ def parse_args(argv=None):
     p.set_defaults(**TOY) if p.parse_args(argv).toy else None  # the toy's recipe, under any flag given
     args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
-    for k, least in dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1, grad_clip=0,
-                         clip_range=0, beta=0, noise_level=0).items():  # not >=: NaN is refused too
-        p.error(f"--{k} must be >= {least}, got {getattr(args, k)}") if not getattr(args, k) >= least else None
+    check_least(p, args, dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1, grad_clip=0,
+                              clip_range=0, beta=0, noise_level=0))
     if args.max_sequence_length > 512:  # T5's training length; FluxKontextPipeline refuses more
         p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
     p.error("--sde_window must be < --num_steps (the last step is ODE)") if args.sde_window >= args.num_steps else None

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, leave_distributed, load_image,
-                  load_pairs, load_traces, make_toy, print0, setup_distributed)
+from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, check_least, check_resume,
+                  leave_distributed, load_image, load_pairs, load_traces, make_toy, print0, setup_distributed)
 
 # --- flags --------------------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -95,8 +95,9 @@ arg("--eval_interval", type=int, default=250, help="steps between checkpoints (g
 arg("--seed", type=int, default=0, help="random seed (data order, init, dropout, GCPO sampling)")
 arg("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 arg("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
-POSITIVE = "batch_size micro_batch max_steps log_interval eval_interval num_traces ppo_epochs max_new_tokens".split()
-NON_NEGATIVE = "val_max lr_decay_steps warmup_steps lr head_lr grad_clip kl_beta clip_eps lora_dropout".split()
+LEAST = dict(batch_size=1, micro_batch=1, max_steps=1, log_interval=1, eval_interval=1, num_traces=1, ppo_epochs=1,
+             max_new_tokens=1, val_max=0, lr_decay_steps=0, warmup_steps=0, lr=0, head_lr=0, grad_clip=0, kl_beta=0,
+             clip_eps=0, lora_dropout=0)  # each number flag's least value
 
 # Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
 # The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
@@ -861,10 +862,8 @@ def resume_state(args, device="cpu"):
     if not (args.resume and os.path.exists(path)):
         print0(f"--resume: no checkpoint in {args.out_dir} yet, from step 0") if args.resume else None
         return None
-    state, now = torch.load(path, map_location=device, weights_only=True), vars(args)  # on the device: GBs of AdamW
-    if diff := [f"--{k} {v}->{now[k]}" for k, v in state.get("args", {}).items()  # an older checkpoint: none saved
-                if now.get(k, v) != v and k not in RESUME_FREE]:
-        raise SystemExit(f"{args.out_dir} was trained with other flags ({', '.join(diff)}): --resume goes on as begun")
+    state = torch.load(path, map_location=device, weights_only=True)  # on the device: GBs of AdamW
+    check_resume(args.out_dir, state.get("args", {}), vars(args), RESUME_FREE)
     return state
 
 epoch_order = functools.lru_cache(maxsize=4)(lambda n, seed, epoch: np.random.default_rng([seed, epoch]).permutation(n))
@@ -1178,6 +1177,5 @@ if __name__ == "__main__":
     args, _ = parser.parse_known_args()
     parser.set_defaults(**preset(args.mode, args.toy))
     args = parser.parse_args()
-    if bad := [n for n in POSITIVE + NON_NEGATIVE if not getattr(args, n) >= (n in POSITIVE)]:  # NaN fails too
-        parser.error(f"--{bad[0]} must be >= {int(bad[0] in POSITIVE)}, got {getattr(args, bad[0])}")
+    check_least(parser, args, LEAST)
     main(args)

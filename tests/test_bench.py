@@ -373,6 +373,16 @@ def test_cache_shares_images_and_skips_rescoring(tmp_path):
     assert first["editscore"] == second["editscore"]
 
 
+def test_the_cache_key_follows_the_scoring_code(tmp_path, monkeypatch):
+    """A changed default, sampler or prompt in rewardmodel.py changes the scores: a run after it scores anew."""
+    data, code = editscore_bench(tmp_path), tmp_path / "rewardmodel.py"
+    code.write_text(bench.SCORER_CODE.read_text())
+    monkeypatch.setattr(bench, "SCORER_CODE", code)
+    assert [run_bench(tmp_path, data)["scored_now"] for _ in range(2)] == [8, 0]
+    code.write_text(code.read_text() + "# an edit\n")
+    assert run_bench(tmp_path, data)["scored_now"] == 8
+
+
 def cached_keys(cache):
     keys = []
     for p in cache.glob("*.jsonl"):

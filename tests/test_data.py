@@ -605,6 +605,29 @@ def test_under_torchrun_each_rank_verifies_its_share_of_the_images(tmp_path, mon
         assert len(pairs) == 2 and [o for o, _ in pairs.skipped] == [f"{path}:2"] and len(seen) == 9
 
 
+@pytest.mark.parametrize("forked", [False, True])
+def test_a_bad_image_skips_every_row_that_shows_it_in_row_order(tmp_path, monkeypatch, forked):
+    """The same rows are skipped whether the images are checked here or, for many of them, in forked processes."""
+    seen, real = [], data.load_image
+    monkeypatch.setattr(data, "load_image", lambda ref, origin="", verify=False: seen.append(ref) or real(ref, origin,
+                                                                                                           verify))
+    monkeypatch.setattr(data, "CHECK_POOL_MIN", 0 if forked else 10 ** 9)
+    monkeypatch.setattr(data.os, "cpu_count", lambda: 2)
+    for name in ("s", "p", "r"):
+        write_png(tmp_path / f"{name}.png", (1, 2, 3))
+    (tmp_path / "bad.png").write_bytes(png_bytes((1, 2, 3), (64, 64))[:60])
+    rows = [{"id": str(i), "instruction": "x", "source": "s.png", "preferred": "p.png", "rejected": r}
+            for i, r in enumerate(["r.png", "bad.png", "r.png", "bad.png"])]
+    path = write_jsonl(tmp_path / "d.jsonl", rows[:2] + [{"id": "2", "source": "s.png"}] + rows[2:])
+    pairs = data.load_pairs(path, skip_bad=True)  # rows 2 and 5 show the bad image, row 3 lacks columns
+    assert [p.id for p in pairs] == ["0", "2"]
+    assert [o for o, _ in pairs.skipped] == [f"{path}:{i}" for i in (2, 3, 5)]
+    assert "corrupt image" in pairs.skipped[0][1] and "corrupt image" in pairs.skipped[2][1]
+    assert len(seen) == (0 if forked else 4)  # forked: checked in the children (their calls are not seen here)
+    with pytest.raises(DataError, match=r"e.jsonl:2: corrupt image"):  # without skip_bad: the first bad image's row
+        data.load_pairs(write_jsonl(tmp_path / "e.jsonl", rows))
+
+
 @pytest.mark.parametrize("value, pattern", [
     (float("nan"), "must be a finite number, got nan"), (float("inf"), "must be a finite number, got inf"),
     (True, "must be a finite number, got True"), (None, "column 'model2_dim1_score' is null"),
