@@ -726,13 +726,15 @@ def main(args):
     ddp = setup_distributed()
     torch.set_num_threads(TOY["threads"]) if args.toy else None
     os.makedirs(args.out_dir, exist_ok=True)
+    if os.path.isdir(ckpt := os.path.join(args.out_dir, "ckpt")) and not args.resume:  # said before it is lost
+        print0(f"warning: {ckpt} holds another run's checkpoint; without --resume this run writes over it")
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
     if args.reward == "oracle" and (bad := [p for p in train + test if not parse_toy_instruction(p.instruction)]):
         raise SystemExit(f"{bad[0].origin}: not a toy-world edit, which --reward oracle needs: {bad[0].instruction!r}")
     editor = load_editor(args, ddp.device)
     torch.manual_seed(args.seed)  # the same on every rank: the LoRA starts identical everywhere, as under DDP
     sigmas, eval_sigmas = editor.sigmas(args.num_steps), editor.sigmas(args.eval_num_steps)
-    ckpt, start, history, opt_state = os.path.join(args.out_dir, "ckpt"), 0, None, None
+    start, history, opt_state = 0, None, None
     warmup(editor, args, ddp)
     named, ref = setup_trainable(editor, args)
     old = {n: q.detach().clone() for n, q in named} if args.algo == "nft" else {}  # NFT's old policy starts as theta

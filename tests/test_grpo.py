@@ -581,6 +581,19 @@ def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_pat
             grpo.load_checkpoint(str(ckpt), [], grpo.parse_args(FAST + [flag, value]))
 
 
+def test_a_new_run_into_an_old_runs_folder_says_so_before_anything_loads(tmp_path, monkeypatch, capsys):
+    Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
+                                                  "s.png"}))
+    (tmp_path / "o" / "ckpt").mkdir(parents=True)
+    monkeypatch.setattr(grpo, "load_editor", lambda *a: pytest.fail("stop here"))
+    for resume, warned in (([], True), (["--resume"], False)):
+        with pytest.raises(pytest.fail.Exception):
+            grpo.main(grpo.parse_args(FAST + resume + ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts",
+                                                       str(tmp_path / "p.jsonl"), "--out_dir", str(tmp_path / "o")]))
+        assert ("without --resume this run writes over it" in capsys.readouterr().out) == warned
+
+
 def test_the_toy_oracle_on_prompts_outside_the_toy_world_stops_before_the_editor_loads(tmp_path, monkeypatch):
     Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
     row = {"id": "a", "instruction": "make the sky a sunset", "source": "s.png"}

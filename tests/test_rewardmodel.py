@@ -251,6 +251,7 @@ def test_resume_goes_on_with_the_runs_own_flags_and_starts_fresh_before_a_checkp
     opt = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad])
     R.save_checkpoint(f"{tmp_path}/rm", tiny, opt, 3, first := R.parser.parse_args(flags[:2]))
     assert R.resume_state(R.parser.parse_args(flags + ["--max_steps=9", "--eval_interval=1"]))["step"] == 3
+    assert R.resume_state(first) is None and "without --resume this run replaces it" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=rf"other flags \(--lr {first.lr}->0.5\)"):
         R.resume_state(R.parser.parse_args(flags + ["--lr=0.5"]))
 
