@@ -405,14 +405,16 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     share = [(ref, its) for j, (ref, its) in enumerate(uses.items()) if skip_bad or j % world == rank]
     _to_check, broken, procs = [ref for ref, _ in share], {}, (os.cpu_count() or 1) // world
     fork = procs > 1 and len(share) >= CHECK_POOL_MIN and "fork" in multiprocessing.get_all_start_methods()
-    with multiprocessing.get_context("fork").Pool(procs) if fork else nullcontext() as pool:  # leaving: terminated
-        errors = pool.imap(_image_error, range(len(share)), 64) if fork else map(_image_error, range(len(share)))
-        for (_, its), err in zip(share, tqdm(errors, f"checking {path}", len(share), unit=" images", delay=5,
-                                             disable=rank > 0)):
-            if err and not skip_bad:  # the first bad image in row order stops the load
-                raise DataError(rows[its[0]][1] + err)
-            broken.update({i: rows[i][1] + err for i in its if err and i not in broken})
-    _to_check = []
+    try:
+        with multiprocessing.get_context("fork").Pool(procs) if fork else nullcontext() as pool:  # leaving: terminated
+            errors = pool.imap(_image_error, range(len(share)), 64) if fork else map(_image_error, range(len(share)))
+            for (_, its), err in zip(share, tqdm(errors, f"checking {path}", len(share), unit=" images", delay=5,
+                                                 disable=rank > 0)):
+                if err and not skip_bad:  # the first bad image in row order stops the load
+                    raise DataError(rows[its[0]][1] + err)
+                broken.update({i: rows[i][1] + err for i in its if err and i not in broken})
+    finally:
+        _to_check = []  # the refs are not kept past the load, bad or not
     skipped = [(o, why) for _, o, why in sorted(skipped + [(*rows[i], why) for i, why in broken.items()])]
     items = [it for i, it in enumerate(items) if i not in broken]
     if want is CandidateGroup:
