@@ -1128,16 +1128,16 @@ def train_verifier(args, d):
     """--stage sft | gcpo of the verifier mode -> train_loop's metrics."""
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
-    state = resume_state(args, d.device)
-    rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
-    if args.stage == "sft":
+    if args.stage == "sft":  # the data first: a bad row stops the run before the model loads
         items = load_traces(args.train or "data/toy/cot_train.jsonl")
-        if not rm.dims:  # the principles the traces teach become the score keys
-            parsed = [parse_verifier_output(t.response) for t in items[:200]]
-            rm.dims = list(dict.fromkeys(k for r in parsed if r for k in r["principles"]))
-            rm.flags["dims"] = ",".join(rm.dims)
     else:  # a tied pair says nothing about which trace is right
         items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", disentangle=False) if not p.tie]
+    state = resume_state(args, d.device)
+    rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
+    if args.stage == "sft" and not rm.dims:  # the principles the traces teach become the score keys
+        parsed = [parse_verifier_output(t.response) for t in items[:200]]
+        rm.dims = list(dict.fromkeys(k for r in parsed if r for k in r["principles"]))
+        rm.flags["dims"] = ",".join(rm.dims)
     unit = "traces" if args.stage == "sft" else "pairs"
     build = functools.partial(sft_prompts, rm) if args.stage == "sft" else None  # GCPO: generation dominates
     return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit, state=state, build=build)

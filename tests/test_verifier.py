@@ -422,3 +422,13 @@ def test_torchrun_gcpo_matches_one_process(toy_files, gcpo_run):
     assert "step 2/2 | win" in log
     a, b = _adapter(straight), _adapter(out)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("stage", ["sft", "gcpo"])
+def test_bad_training_data_stops_the_verifier_before_its_model_loads(tmp_path, monkeypatch, stage):
+    import rewardmodel
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "instruction": "x"}\n')
+    monkeypatch.setattr(rewardmodel, "RewardModel", lambda *a, **k: pytest.fail("the model loaded first"))
+    args = parser.parse_args(["--mode", "verifier", "--stage", stage, "--train", str(tmp_path / "bad.jsonl")])
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: "):
+        rewardmodel.train_verifier(args, Dist())
