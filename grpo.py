@@ -411,8 +411,6 @@ def make_reward(spec, device, prompt_file=None):
     A reward model (any RewardModel.from_pretrained loads, with prompt_file) loads in-process on every rank."""
     if spec == "oracle":
         return lambda ps, ims: torch.tensor([oracle_score(p, im) for p, im in zip(ps, ims)], dtype=torch.float64)
-    if not spec.startswith("rm:"):
-        raise ValueError(f"--reward {spec!r}: use 'oracle', 'rm:PATH' or 'rm:PATH@dim'")
     from rewardmodel import RewardModel
     path, _, dim = spec[3:].partition("@")
     rm = RewardModel.from_pretrained(path, device=device, prompt_file=prompt_file)
@@ -718,6 +716,8 @@ def parse_args(argv=None):
         p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
     p.error("--sde_window must be < --num_steps (the last step is ODE)") if args.sde_window >= args.num_steps else None
     p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks") if n % world else None
+    if args.reward != "oracle" and not args.reward.startswith("rm:"):  # said before minutes of loading the editor
+        p.error(f"--reward {args.reward!r}: use 'oracle', 'rm:PATH' or 'rm:PATH@dim'")
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards over torchrun's ranks: launch with torchrun (--nproc_per_node=1 for one GPU)")
     return args

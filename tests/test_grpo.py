@@ -581,6 +581,12 @@ def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_pat
             grpo.load_checkpoint(str(ckpt), [], grpo.parse_args(FAST + [flag, value]))
 
 
+def test_a_reward_that_is_neither_the_oracle_nor_a_model_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit):
+        grpo.parse_args(FAST + ["--reward", "orcale"])
+    assert "--reward 'orcale': use 'oracle', 'rm:PATH' or 'rm:PATH@dim'" in capsys.readouterr().err
+
+
 def test_a_new_run_into_an_old_runs_folder_says_so_before_anything_loads(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
