@@ -257,6 +257,13 @@ def test_a_prompt_file_that_is_not_a_json_object_of_templates_is_an_error_naming
         R.read_prompts(str(tmp_path / "p.json"))
 
 
+def test_a_bad_prompt_file_stops_the_reward_model_before_its_backbone_loads(tmp_path, monkeypatch):
+    (tmp_path / "p.json").write_text('{"SC": "Instruction: <instruction>"}')
+    monkeypatch.setattr(R, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded first"))
+    with pytest.raises(ValueError, match=r"p.json: no template says \{instruction\}"):
+        R.RewardModel.from_pretrained("tiny", mode="verifier", prompt_file=str(tmp_path / "p.json"))
+
+
 def test_zero_shot_scoring_keeps_the_weights_in_their_dtype():
     rm = R.RewardModel.from_pretrained("tiny", mode="verifier", dtype="bfloat16")
     assert not any(p.requires_grad for p in rm.parameters())
