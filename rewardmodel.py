@@ -860,9 +860,9 @@ def resume_state(args, device="cpu"):
     before the run's first checkpoint (a fresh start)."""
     path = os.path.join(args.out_dir, "train_state.pt")
     if not (args.resume and os.path.exists(path)):
-        if args.resume or os.path.exists(path):  # a new run's first checkpoint replaces the old run's: said up front
-            print0(f"--resume: no checkpoint in {args.out_dir} yet, from step 0" if args.resume else f"warning: "
-                   f"{args.out_dir} holds another run's checkpoint; without --resume this run replaces it")
+        if os.path.exists(path):  # a new run's first checkpoint replaces the old run's: said up front
+            print0(f"warning: {args.out_dir} holds another run's checkpoint; without --resume this run replaces it")
+        print0(f"--resume: no checkpoint in {args.out_dir} yet, from step 0") if args.resume else None
         return None
     state = torch.load(path, map_location=device, weights_only=True)  # on the device: GBs of AdamW
     check_resume(args.out_dir, state.get("args", {}), vars(args), RESUME_FREE)
