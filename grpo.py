@@ -51,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from data import (atomic_dir, atomic_write, check_least, check_resume, image_sheet, leave_distributed, load_image,
                   load_prompts, load_sources, parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
+from rewardmodel import RewardModel, build_tiny_vlm, load_processor
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -174,7 +175,6 @@ def tiny_qwen_edit(seed=0, patch=2, width=64, plus=False):
     """QwenImageEdit(Plus)Pipeline with a tiny random QwenImageTransformer2DModel and the reward model's offline
     tiny Qwen2.5-VL as text encoder (it sees the condition images too), pixel-space latents as above."""
     import diffusers
-    from rewardmodel import build_tiny_vlm
     vlm, processor = build_tiny_vlm()
     torch.manual_seed(seed)
     transformer = diffusers.QwenImageTransformer2DModel(
@@ -350,7 +350,10 @@ def load_editor(args, device):
         pipe.transformer.to(device, DTYPES[args.dtype])
         return Editor(pipe, args, device, pixel_patch=2)
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(args.editor, torch_dtype=DTYPES[args.dtype])
+    # Qwen's pipelines hold a Qwen2-VL processor, whose video part needs torchvision: without it, its image-only part
+    qwen = "QwenImage" in DiffusionPipeline.load_config(args.editor)["_class_name"]
+    kw = {"processor": load_processor(args.editor, "qwen2_vl", subfolder="processor")} if qwen else {}
+    pipe = DiffusionPipeline.from_pretrained(args.editor, dtype=DTYPES[args.dtype], **kw)
     if not any(k in type(pipe).__name__ for k in ("FluxKontext", "QwenImageEdit")):
         raise ValueError(f"--editor {args.editor}: {type(pipe).__name__} is not a Kontext or Qwen-Image-Edit pipeline")
     pipe.transformer.to(device)
@@ -411,7 +414,6 @@ def make_reward(spec, device, prompt_file=None):
     A reward model (any RewardModel.from_pretrained loads, with prompt_file) loads in-process on every rank."""
     if spec == "oracle":
         return lambda ps, ims: torch.tensor([oracle_score(p, im) for p, im in zip(ps, ims)], dtype=torch.float64)
-    from rewardmodel import RewardModel
     path, _, dim = spec[3:].partition("@")
     rm = RewardModel.from_pretrained(path, device=device, prompt_file=prompt_file)
     if (dim := dim or "overall") not in rm.dims + ["overall"]:
@@ -556,7 +558,6 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
     old = {n: (w.full_tensor() if hasattr(w, "full_tensor") else w).cpu().contiguous() for n, w in old.items()}
     # the whole optimizer state keyed by parameter name (gathered under FSDP, where each rank holds a shard)
     opt_state = get_optimizer_state_dict(tr, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
     def write(d):
         if args.lora_rank > 0:
             lora = get_peft_model_state_dict(tr, state_dict={n: v for n, v in state.items() if "lora_" in n})
@@ -568,7 +569,6 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
         torch.save(opt_state, os.path.join(d, "optimizer.pt"))
         with open(os.path.join(d, "state.json"), "w") as f:
             json.dump({"step": step, "history": history, "args": vars(args)}, f)
-
     if ddp.master:
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
         atomic_write(os.path.join(out_dir, "history.json"), lambda f: json.dump(history, f))  # to follow a long run

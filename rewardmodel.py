@@ -401,6 +401,19 @@ def image_only_processor(model_type, image_processor, tokenizer):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
     return ImageOnlyProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
 
+def load_processor(name, model_type, **kw):
+    """AutoProcessor.from_pretrained(name, **kw); without torchvision, which the Qwen-VL video processors need (a
+    README install has none), the same processor without its video part."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    try:
+        processor = AutoProcessor.from_pretrained(name, **kw)
+    except ImportError:
+        processor = None
+    if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor may give a bare tokenizer
+        processor = image_only_processor(model_type, AutoImageProcessor.from_pretrained(name, **kw),
+                                         AutoTokenizer.from_pretrained(name, **kw))
+    return processor
+
 def tiny_tokenizer():
     """A byte-level BPE (the `tokenizers` library) with each of TINY_WORDS one token, + Qwen's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -453,7 +466,7 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
     """(model, processor) of a hub name, a folder or a TINY_MODELS name, images within min/max_pixels, left padding.
     weights: a save_pretrained folder that replaces the base weights (full fine-tunes), loaded in fp32 as training
     keeps them (a bf16 load would round the updates away; RewardModel casts the frozen rest to the compute dtype)."""
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import AutoModelForImageTextToText
     if name in TINY_MODELS:
         model, processor = build_tiny_vlm(name)
         model = AutoModelForImageTextToText.from_pretrained(weights, dtype=torch.float32) if weights else model
@@ -461,13 +474,7 @@ def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, w
             p.data = p.data.to(dtype)  # not the rope's inv_freq buffers (fp32; bf16 would blur long-range positions)
     else:
         model = AutoModelForImageTextToText.from_pretrained(weights or name, dtype=torch.float32 if weights else dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(name)
-        except ImportError:  # the video processor needs torchvision (absent on CPU installs)
-            processor = None
-        if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor may give a bare tokenizer
-            processor = image_only_processor(model.config.model_type, AutoImageProcessor.from_pretrained(name),
-                                             AutoTokenizer.from_pretrained(name))
+        processor = load_processor(name, model.config.model_type)
     processor.image_processor.size = dict(processor.image_processor.size) | {
         k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v}
     processor.tokenizer.padding_side = "left"

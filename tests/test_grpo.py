@@ -375,6 +375,42 @@ def test_the_qwen_editors_ode_sample_with_true_cfg_is_the_pipelines_own(toy, mon
     assert_samples_as_the_pipeline(editor, pipe, cond, x, sigmas, kw)
 
 
+@pytest.mark.parametrize("kind", ["kontext", "qwen"])
+def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp_path, kind):
+    """The real editors load by name or folder through DiffusionPipeline.from_pretrained. A tiny pipeline with a real
+    VAE, saved as the hub's repos are (Qwen's processor a Qwen2VLProcessor, whose video part needs torchvision, which
+    a README install lacks), loads without torchvision, samples as the pipeline it was saved from, and trains a step
+    end to end: VAE encode, SDE rollout, reward, LoRA update, ODE eval, checkpoint."""
+    folder, out = str(tmp_path / kind), str(tmp_path / "run")
+    built = kontext_with_a_vae(48) if kind == "kontext" else qwen_with_a_vae(False)
+    type(built)(**built.components).save_pretrained(folder)  # components, so the VAE set above is saved too
+    if kind == "qwen":  # the hub's layout (Qwen/Qwen-Image-Edit): a Qwen2VLProcessor with a video processor
+        for file, key in (("model_index.json", "processor"), ("processor/processor_config.json", "processor_class")):
+            with open(os.path.join(folder, file)) as f:
+                cfg = json.load(f)
+            cfg[key] = ["transformers", "Qwen2VLProcessor"] if key == "processor" else "Qwen2VLProcessor"
+            with open(os.path.join(folder, file), "w") as f:
+                json.dump(cfg, f)
+        with open(os.path.join(folder, "processor", "video_preprocessor_config.json"), "w") as f:
+            json.dump({"video_processor_type": "Qwen2VLVideoProcessor", "patch_size": 14, "merge_size": 2}, f)
+    flags = FAST + paths(toy) + ["--editor", folder, "--resolution", "32", "--steps", "1", "--lora_rank", "4",
+                                 "--lora_alpha", "8", "--sft_steps", "0", "--out_dir", out]
+    args = grpo.parse_args(flags)
+    editor = grpo.load_editor(args, CPU)
+    assert type(editor.pipe) is type(built) and editor.patch == 0 and editor.down == built.vae_scale_factor
+    if kind == "qwen":
+        import transformers
+        assert isinstance(editor.pipe.processor, transformers.Qwen2VLProcessor)
+    prompts, x = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2], grpo.initial_noise(editor, [1, 2], CPU)
+    as_built = grpo.Editor(built, args, CPU)
+    sigmas = editor.sigmas(2)
+    torch.testing.assert_close(grpo.sample(editor, editor.condition(prompts), x, sigmas, set(), 0.0, None)[0],
+                               grpo.sample(as_built, as_built.condition(prompts), x, sigmas, set(), 0.0, None)[0])
+    grpo.main(args)
+    assert [e["step"] for e in history(out)["eval"]] == [0, 1] and len(history(out)["train"]) == 1
+    assert os.path.exists(os.path.join(out, "ckpt", "pytorch_lora_weights.safetensors"))
+
+
 def test_sources_are_resized_as_the_pipelines_resize_them(toy):
     editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "1")
     proc = editor.pipe.image_processor  # diffusers' VaeImageProcessor, as the pipelines' __call__ uses it (Lanczos)

@@ -143,16 +143,16 @@ def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
     assert bench()["scored_now"] == 2  # the same file name with other templates: scored anew
 
 
-def write_editreward(folder, family="tiny"):
-    """An EditReward-layout checkpoint: the VLM with <|Reward|> added and its embeddings resized to the tokenizer,
-    plus rm_heads.head_0 / head_1 (1024 -> 16 -> 2 here 32 -> 8 -> 2) whose last layers are set by hand, in model.pth
+def write_editreward(folder, family="tiny", extra_rows=0):
+    """An EditReward-layout checkpoint: the VLM with <|Reward|> added and its embeddings resized to the tokenizer
+    (+ extra_rows, as a checkpoint whose vocabulary was padded), plus rm_heads.head_0 / head_1 (1024 -> 16 -> 2 here 32 -> 8 -> 2) whose last layers are set by hand, in model.pth
     with old keys; no config.json beside it (the authors' inferencer builds the base from its hub name)."""
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)
     model, processor = R.build_tiny_vlm(family)
     width = model.config.text_config.hidden_size
     processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<|Reward|>"]})
-    model.resize_token_embeddings(len(processor.tokenizer))
+    model.resize_token_embeddings(len(processor.tokenizer) + extra_rows)
     state = {old_key(k): v for k, v in model.state_dict().items()}
     for d, (mu, log_sigma) in enumerate([(1.5, -1.0), (-0.5, 0.25)]):
         torch.manual_seed(d)
@@ -184,6 +184,19 @@ def test_editreward_checkpoint_maps_heads_onto_dimensions(base, editreward):
     assert torch.allclose(out["sigma_visual_quality"], torch.tensor(0.25).exp().repeat(2))
     batch = rm.encode([images(1)[0]], ["add a square"], images(1), per_dim=True)
     assert len(batch) == 2 and all((b["input_ids"] == rm.reward_id).sum() == 1 for b in batch)
+
+
+def test_editreward_checkpoint_with_more_embedding_rows_than_the_tokenizer_loads_them_all(base, tmp_path):
+    """A checkpoint whose embedding matrix is not the size the reward token gives the base (a padded vocabulary, as
+    the 7B bases' 152,064 rows for 151,666 tokens): the backbone takes the checkpoint's rows, every weight loads."""
+    folder, model = write_editreward(tmp_path, extra_rows=7)
+    rm = R.RewardModel.from_pretrained(folder, model=base)
+    assert rm.backbone.get_input_embeddings().num_embeddings == len(rm.processor.tokenizer) + 7
+    loaded = rm.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rm.reward_row.data, model.get_input_embeddings().weight[rm.reward_id])
+    out = rm.score([images(1)[0]], ["add a square"], images(1))
+    assert torch.allclose(out["instruction_following"], torch.tensor([1.5]))
 
 
 def test_editreward_qwen3_checkpoints_keep_the_processors_image_bounds(tmp_path):
