@@ -392,26 +392,27 @@ TINY_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['c
                  "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY_MODELS = {"tiny": "qwen2_5_vl", "tiny-qwen3-vl": "qwen3_vl"}  # --model names of the tiny random backbones
 
-def image_only_processor(model_type, image_processor, tokenizer):
-    """A Qwen-VL family's processor without the video processor, which needs torchvision (absent on CPU installs)."""
+def image_only_processor(model_type):
+    """A Qwen-VL family's processor class without the video processor, which needs torchvision (a README install has
+    none): its attributes are those its __init__ names."""
     import transformers
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
     class ImageOnlyProcessor(getattr(transformers, PROCESSOR_MAPPING_NAMES[model_type])):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
-    return ImageOnlyProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template or tokenizer.chat_template)
+    return ImageOnlyProcessor
 
 def load_processor(name, model_type, **kw):
-    """AutoProcessor.from_pretrained(name, **kw); without torchvision, which the Qwen-VL video processors need (a
-    README install has none), the same processor without its video part."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-    try:
-        processor = AutoProcessor.from_pretrained(name, **kw)
-    except ImportError:
+    """AutoProcessor.from_pretrained(name, **kw), or without torchvision the same processor without its video part,
+    loaded as AutoProcessor loads (the chat template may live in the processor's own file, not the tokenizer's)."""
+    from transformers import AutoProcessor
+    from transformers.utils import is_torchvision_available
+    try:  # the video processor's config, if any, fails in several ways without torchvision: not tried then
+        processor = AutoProcessor.from_pretrained(name, **kw) if is_torchvision_available() else None
+    except ImportError:  # torchvision installed but not importable
         processor = None
-    if not hasattr(processor, "image_processor"):  # without torchvision AutoProcessor may give a bare tokenizer
-        processor = image_only_processor(model_type, AutoImageProcessor.from_pretrained(name, **kw),
-                                         AutoTokenizer.from_pretrained(name, **kw))
+    if not hasattr(processor, "image_processor"):  # AutoProcessor gives a bare tokenizer if no processor is named
+        processor = image_only_processor(model_type).from_pretrained(name, **kw)
     return processor
 
 def tiny_tokenizer():
@@ -460,7 +461,7 @@ def build_tiny_vlm(name="tiny", init_std=0.1):
         torch.manual_seed(0)
         model = cls(config)
     model.generation_config.update(pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"))
-    return model, image_only_processor(family, Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2), tok)
+    return model, image_only_processor(family)(Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2), tok)
 
 def load_backbone(name, dtype=torch.float32, min_pixels=None, max_pixels=None, weights=None):
     """(model, processor) of a hub name, a folder or a TINY_MODELS name, images within min/max_pixels, left padding.

@@ -406,6 +406,7 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     sigmas = editor.sigmas(2)
     torch.testing.assert_close(grpo.sample(editor, editor.condition(prompts), x, sigmas, set(), 0.0, None)[0],
                                grpo.sample(as_built, as_built.condition(prompts), x, sigmas, set(), 0.0, None)[0])
+    assert grpo.load_editor(grpo.parse_args(flags + ["--dtype", "bf16"]), CPU).tr.dtype == torch.bfloat16
     grpo.main(args)
     assert [e["step"] for e in history(out)["eval"]] == [0, 1] and len(history(out)["train"]) == 1
     assert os.path.exists(os.path.join(out, "ckpt", "pytorch_lora_weights.safetensors"))

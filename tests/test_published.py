@@ -145,8 +145,9 @@ def test_editscore_adapter_in_bench_with_prompt_file(base, editscore, tmp_path):
 
 def write_editreward(folder, family="tiny", extra_rows=0):
     """An EditReward-layout checkpoint: the VLM with <|Reward|> added and its embeddings resized to the tokenizer
-    (+ extra_rows, as a checkpoint whose vocabulary was padded), plus rm_heads.head_0 / head_1 (1024 -> 16 -> 2 here 32 -> 8 -> 2) whose last layers are set by hand, in model.pth
-    with old keys; no config.json beside it (the authors' inferencer builds the base from its hub name)."""
+    (+ extra_rows, as a checkpoint whose vocabulary was padded), plus rm_heads.head_0 / head_1 (1024 -> 16 -> 2
+    here 32 -> 8 -> 2) whose last layers are set by hand, in model.pth with old keys; no config.json beside it (the
+    authors' inferencer builds the base from its hub name)."""
     folder = str(folder)
     os.makedirs(folder, exist_ok=True)
     model, processor = R.build_tiny_vlm(family)

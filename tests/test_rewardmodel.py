@@ -1,5 +1,6 @@
 """rewardmodel.py (Gaussian mode): losses against closed forms and reference values, pooling under left and
 right padding, checkpoint round trips, a resumed run that matches an uninterrupted one exactly, torchrun."""
+import json
 import math
 import os
 import re
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -365,6 +367,29 @@ def test_a_bf16_backbone_keeps_its_rope_frequencies_fp32_as_from_pretrained_does
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         rope = {n: b.dtype for n, b in model.named_buffers() if n.endswith("inv_freq")}
         assert len(rope) >= 2 and set(rope.values()) == {torch.float32}, (source, rope)  # the text's and the tower's
+
+
+@pytest.mark.parametrize("name", list(R.TINY_MODELS))
+def test_a_hub_folder_loads_its_processor_without_torchvision_chat_template_and_all(name, tmp_path):
+    """A hub VLM as Qwen's repos lay it out: the processor class named in preprocessor_config.json, the chat template
+    in the processor's chat_template.json (not the tokenizer's config), Qwen3-VL with a video processor config too.
+    AutoProcessor needs torchvision for the video processor; the image-only processor then loads from the same files,
+    chat template included, and a prompt encodes with its image tokens."""
+    model, processor = R.build_tiny_vlm(name)
+    template, processor.tokenizer.chat_template = processor.tokenizer.chat_template, None
+    model.save_pretrained(tmp_path), processor.tokenizer.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    family = "Qwen3VLProcessor" if name == "tiny-qwen3-vl" else "Qwen2_5_VLProcessor"
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "processor_class": family}))
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    if name == "tiny-qwen3-vl":
+        video = {"video_processor_type": "Qwen3VLVideoProcessor", "processor_class": family}
+        (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(video))
+    _, loaded = R.load_backbone(str(tmp_path), max_pixels=56 * 56)
+    assert loaded.chat_template == template and loaded.image_processor.size["longest_edge"] == 56 * 56
+    enc = R.encode_prompt(loaded, [Image.new("RGB", (56, 56))] * 2, "add a square")
+    assert (enc["input_ids"] == model.config.image_token_id).sum() > 0 and enc["pixel_values"].shape[0] > 0
 
 
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))
