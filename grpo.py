@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from data import (atomic_dir, atomic_write, check_least, check_resume, image_sheet, leave_distributed, load_image,
                   load_prompts, load_sources, parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
-from rewardmodel import RewardModel, build_tiny_vlm, load_processor
+from rewardmodel import RewardModel, build_tiny_vlm, load_processor, read_prompts
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -113,10 +113,6 @@ def nft_loss(v, v_old, target, t, r, beta=1.0, scale=5.0):
     err = [t * (beta * v + (1 - beta) * v_old - target), t * ((1 + beta) * v_old - beta * v - target)]  # (B, tokens, D)
     pos, neg = ((e**2).mean(dims) / e.detach().double().abs().mean(dims).clamp(min=1e-5).float() for e in err)
     return (scale / beta * (r * pos + (1 - r) * neg)).mean()
-
-def flow_matching_loss(v_pred, x0, noise):
-    """Supervised flow matching (the warm-up): x_s = (1 - s) x0 + s eps has velocity eps - x0."""
-    return F.mse_loss(v_pred.float(), noise - x0)
 
 # ----------------------------------------------------------------------------- editors
 def pack(lat):
@@ -490,8 +486,8 @@ def warmup(editor, args, ddp):
         gen = torch.Generator().manual_seed(seed_of(args.seed, SFT_NOISE, step, ddp.rank))
         noise = torch.randn(x0.shape, generator=gen).to(editor.device)
         s = torch.rand(len(batch), generator=gen).to(editor.device)[:, None, None]
-        loss = flow_matching_loss(editor.velocity((1 - s) * x0 + s * noise, s[:, 0, 0], editor.condition(batch)), x0,
-                                  noise)
+        v = editor.velocity((1 - s) * x0 + s * noise, s[:, 0, 0], editor.condition(batch))
+        loss = F.mse_loss(v.float(), noise - x0)  # flow matching: x_s = (1 - s) x0 + s eps moves at eps - x0
         opt.zero_grad(set_to_none=False)
         loss.backward()
         optimizer_step(opt, params, args.grad_clip)
@@ -718,6 +714,10 @@ def parse_args(argv=None):
     p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks") if n % world else None
     if args.reward != "oracle" and not args.reward.startswith("rm:"):  # said before minutes of loading the editor
         p.error(f"--reward {args.reward!r}: use 'oracle', 'rm:PATH' or 'rm:PATH@dim'")
+    try:  # a bad --reward_prompts file, too, is said before minutes of loading the editor
+        read_prompts(args.reward_prompts) if args.reward_prompts else None
+    except ValueError as e:
+        p.error(str(e))
     if args.fsdp and "RANK" not in os.environ:
         p.error("--fsdp shards over torchrun's ranks: launch with torchrun (--nproc_per_node=1 for one GPU)")
     return args

@@ -624,6 +624,17 @@ def test_a_reward_that_is_neither_the_oracle_nor_a_model_is_a_flag_error(capsys)
     assert "--reward 'orcale': use 'oracle', 'rm:PATH' or 'rm:PATH@dim'" in capsys.readouterr().err
 
 
+def test_a_bad_reward_prompts_file_is_a_flag_error_naming_it(tmp_path, capsys):
+    """Said by parse_args, before minutes of loading the editor (and then the reward model)."""
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps({"instruction_following": "Rate: {instruction}"}))
+    bad.write_text("{not json")
+    assert grpo.parse_args(FAST + ["--reward", "rm:x", "--reward_prompts", str(good)]).reward_prompts == str(good)
+    with pytest.raises(SystemExit):
+        grpo.parse_args(FAST + ["--reward", "rm:x", "--reward_prompts", str(bad)])
+    assert f"{bad}: not a readable JSON --prompt_file" in capsys.readouterr().err
+
+
 def test_a_new_run_into_an_old_runs_folder_says_so_before_anything_loads(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
