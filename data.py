@@ -20,6 +20,7 @@ blue", "remove / add / move ...", "change the background to ..."); toy_oracle() 
   python data.py --inspect TIGER-Lab/EditReward-Bench --config 3pair --skip_bad
 """
 import argparse
+import datetime
 import io
 import json
 import math
@@ -479,6 +480,8 @@ class Dist:
     master = property(lambda self: self.rank == 0)
     ddp = property(lambda self: self.world > 1 or "RANK" in os.environ)
 
+COLLECTIVE_TIMEOUT_S = 2 * 3600  # how long a rank waits for the others at a collective before the run stops
+
 def setup_distributed(device="auto"):
     """Under torchrun (RANK set) join the process group: NCCL on CUDA, gloo on CPU. -> Dist (rank, world, device)."""
     import torch
@@ -487,7 +490,9 @@ def setup_distributed(device="auto"):
     if "RANK" not in os.environ:
         return Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    tdist.init_process_group("nccl" if cuda else "gloo")
+    # ranks may wait long at a collective: rank 0 writing a 7B full fine-tune's checkpoint (~84 GB with AdamW), bench
+    # ranks whose shards generate for different times; NCCL's default 10 minutes would kill the run there
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     if cuda:
         torch.cuda.set_device(local)
     else:  # CPU ranks on one machine share its cores

@@ -574,6 +574,25 @@ def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch,
         assert (f"reading {path}: " in capsys.readouterr().err) is shown
 
 
+def test_ranks_wait_hours_not_nccls_10_minutes_at_a_collective(monkeypatch):
+    """Rank 0 writing a 7B full fine-tune's checkpoint, or bench ranks with slower shards, keep the others at a
+    barrier for longer than NCCL's default timeout (10 minutes), which would stop the run; the group waits hours."""
+    import datetime
+
+    import torch
+    import torch.distributed as tdist
+    called = {}
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: called.update(kw, backend=backend))
+    monkeypatch.setattr(tdist, "get_rank", lambda: 1)
+    monkeypatch.setattr(tdist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    d = data.setup_distributed("cpu")
+    assert (d.rank, d.world, called["backend"]) == (1, 2, "gloo")
+    assert called["timeout"] >= datetime.timedelta(hours=1)
+
+
 def test_under_torchrun_each_rank_verifies_its_share_of_the_images(tmp_path, monkeypatch):
     for i in range(3):
         for side in "spr":
