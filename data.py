@@ -490,12 +490,12 @@ def setup_distributed(device="auto"):
     if "RANK" not in os.environ:
         return Dist(device=torch.device(("cuda" if cuda else "cpu") if device == "auto" else device))
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:  # before the group, so that NCCL's communicator is made on this rank's GPU, not on GPU 0
+        torch.cuda.set_device(local)
     # ranks may wait long at a collective: rank 0 writing a 7B full fine-tune's checkpoint (~84 GB with AdamW), bench
     # ranks whose shards generate for different times; NCCL's default 10 minutes would kill the run there
     tdist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    if cuda:
-        torch.cuda.set_device(local)
-    else:  # CPU ranks on one machine share its cores
+    if not cuda:  # CPU ranks on one machine share its cores
         torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return Dist(tdist.get_rank(), tdist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 

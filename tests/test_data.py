@@ -576,7 +576,8 @@ def test_a_long_load_shows_its_progress_on_rank_zero_only(tmp_path, monkeypatch,
 
 def test_ranks_wait_hours_not_nccls_10_minutes_at_a_collective(monkeypatch):
     """Rank 0 writing a 7B full fine-tune's checkpoint, or bench ranks with slower shards, keep the others at a
-    barrier for longer than NCCL's default timeout (10 minutes), which would stop the run; the group waits hours."""
+    barrier for longer than NCCL's default timeout (10 minutes), which would stop the run; the group waits hours.
+    On GPUs each rank sets its device before it joins the group."""
     import datetime
 
     import torch
@@ -591,6 +592,13 @@ def test_ranks_wait_hours_not_nccls_10_minutes_at_a_collective(monkeypatch):
     d = data.setup_distributed("cpu")
     assert (d.rank, d.world, called["backend"]) == (1, 2, "gloo")
     assert called["timeout"] >= datetime.timedelta(hours=1)
+    # on GPUs: NCCL, and each rank's device is set before the group is made (its communicator lives there)
+    order = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: order.append(f"set_device {i}"))
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, **kw: order.append(f"{backend} group"))
+    assert data.setup_distributed("auto").device == torch.device("cuda:1")
+    assert order == ["set_device 1", "nccl group"]
 
 
 def test_under_torchrun_each_rank_verifies_its_share_of_the_images(tmp_path, monkeypatch):
