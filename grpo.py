@@ -347,7 +347,7 @@ def load_editor(args, device):
         return Editor(pipe, args, device, pixel_patch=2)
     from diffusers import DiffusionPipeline
     # Qwen's pipelines hold a Qwen2-VL processor, whose video part needs torchvision: without it, its image-only part
-    qwen = "QwenImage" in DiffusionPipeline.load_config(args.editor)["_class_name"]
+    qwen = "QwenImage" in DiffusionPipeline.load_config(args.editor).get("_class_name", "")
     kw = {"processor": load_processor(args.editor, "qwen2_vl", subfolder="processor")} if qwen else {}
     pipe = DiffusionPipeline.from_pretrained(args.editor, dtype=DTYPES[args.dtype], **kw)
     if not any(k in type(pipe).__name__ for k in ("FluxKontext", "QwenImageEdit")):
