@@ -346,12 +346,12 @@ def load_editor(args, device):
         pipe.transformer.to(device, DTYPES[args.dtype])
         return Editor(pipe, args, device, pixel_patch=2)
     from diffusers import DiffusionPipeline
+    kind = DiffusionPipeline.load_config(args.editor).get("_class_name", "no pipeline class")  # before the weights
+    if not any(k in kind for k in ("FluxKontext", "QwenImageEdit")):
+        raise ValueError(f"--editor {args.editor}: {kind} is not a Kontext or Qwen-Image-Edit pipeline")
     # Qwen's pipelines hold a Qwen2-VL processor, whose video part needs torchvision: without it, its image-only part
-    qwen = "QwenImage" in DiffusionPipeline.load_config(args.editor).get("_class_name", "")
-    kw = {"processor": load_processor(args.editor, "qwen2_vl", subfolder="processor")} if qwen else {}
+    kw = {"processor": load_processor(args.editor, "qwen2_vl", subfolder="processor")} if "Qwen" in kind else {}
     pipe = DiffusionPipeline.from_pretrained(args.editor, dtype=DTYPES[args.dtype], **kw)
-    if not any(k in type(pipe).__name__ for k in ("FluxKontext", "QwenImageEdit")):
-        raise ValueError(f"--editor {args.editor}: {type(pipe).__name__} is not a Kontext or Qwen-Image-Edit pipeline")
     pipe.transformer.to(device)
     pipe.vae.enable_slicing()  # one image at a time inside the VAE: decode's batches stay small
     for m in filter(None, (pipe.text_encoder, getattr(pipe, "text_encoder_2", None))):  # the cache keeps them idle

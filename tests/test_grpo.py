@@ -407,6 +407,11 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     torch.testing.assert_close(grpo.sample(editor, editor.condition(prompts), x, sigmas, set(), 0.0, None)[0],
                                grpo.sample(as_built, as_built.condition(prompts), x, sigmas, set(), 0.0, None)[0])
     assert grpo.load_editor(grpo.parse_args(flags + ["--dtype", "bf16"]), CPU).tr.dtype == torch.bfloat16
+    other = tmp_path / "flux"  # another pipeline is refused from its model_index.json, before any weight loads
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ValueError, match="FluxPipeline is not a Kontext or Qwen-Image-Edit pipeline"):
+        grpo.load_editor(grpo.parse_args(flags + ["--editor", str(other)]), CPU)
     grpo.main(args)
     assert [e["step"] for e in history(out)["eval"]] == [0, 1] and len(history(out)["train"]) == 1
     assert os.path.exists(os.path.join(out, "ckpt", "pytorch_lora_weights.safetensors"))
