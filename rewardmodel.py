@@ -855,8 +855,11 @@ RESUME_FREE = ("resume", "max_steps", "eval_interval", "log_interval", "micro_ba
 def save_checkpoint(out_dir, rm, optimizer, step, args=None):
     """Weights, the model's flags as JSON, the optimizer state and the run's flags (for --resume), written
     atomically: a killed save leaves the last one."""
-    def write(tmp):
+    from transformers.utils import logging as hf_logging
+    def write(tmp):  # without a "Writing model shards" bar in the log at every checkpoint (downloads keep theirs)
+        hf_logging.disable_progress_bar()
         rm.save_weights(tmp)
+        hf_logging.enable_progress_bar()
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(rm.flags, f, indent=1)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args) if args else {}},
@@ -1172,8 +1175,6 @@ def run_toy(args, d):
 # --- run -----------------------------------------------------------------------------------------------------------
 def main(args):
     d = setup_distributed(args.device)
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # "Writing model shards" bars would litter the log at every checkpoint
     if args.toy:
         torch.set_num_threads(TOY_THREADS)
         if d.master and not os.path.exists(args.val) and args.val == parser.get_default("val"):  # not a typo's

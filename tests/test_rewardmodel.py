@@ -369,6 +369,20 @@ def test_a_bf16_backbone_keeps_its_rope_frequencies_fp32_as_from_pretrained_does
         assert len(rope) >= 2 and set(rope.values()) == {torch.float32}, (source, rope)  # the text's and the tower's
 
 
+def test_a_checkpoint_writes_no_progress_bar_and_leaves_download_bars_on(tmp_path, capfd):
+    """A full fine-tune's save_pretrained draws a "Writing model shards" bar; at every checkpoint it would litter the
+    log, so the save hides it. Only the save: a 7B model's first download (15 GB) keeps its progress bars."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+    rm = R.RewardModel.from_pretrained("tiny")
+    assert rm.flags["finetune"] == "full"
+    capfd.readouterr()
+    R.save_checkpoint(str(tmp_path / "ck"), rm, torch.optim.AdamW(rm.head.parameters()), 1)
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert os.path.exists(tmp_path / "ck" / "backbone" / "model.safetensors")
+    assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+
+
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))
 def test_a_hub_folder_loads_its_processor_without_torchvision_chat_template_and_all(name, tmp_path):
     """A hub VLM as Qwen's repos lay it out: the processor class named in preprocessor_config.json, the chat template
