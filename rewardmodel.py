@@ -856,10 +856,10 @@ def save_checkpoint(out_dir, rm, optimizer, step, args=None):
     """Weights, the model's flags as JSON, the optimizer state and the run's flags (for --resume), written
     atomically: a killed save leaves the last one."""
     from transformers.utils import logging as hf_logging
-    def write(tmp):  # without a "Writing model shards" bar in the log at every checkpoint (downloads keep theirs)
-        hf_logging.disable_progress_bar()
+    def write(tmp):  # no "Writing model shards" bar at every checkpoint; other bars (downloads) and settings stay
+        previous = hf_logging.set_tqdm_hook(lambda factory, a, kw: factory(*a, **{**kw, "disable": True}))
         rm.save_weights(tmp)
-        hf_logging.enable_progress_bar()
+        hf_logging.set_tqdm_hook(previous)
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(rm.flags, f, indent=1)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args) if args else {}},

@@ -381,6 +381,8 @@ def test_a_checkpoint_writes_no_progress_bar_and_leaves_download_bars_on(tmp_pat
     assert "Writing model shards" not in capfd.readouterr().err
     assert os.path.exists(tmp_path / "ck" / "backbone" / "model.safetensors")
     assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    with hf_logging.tqdm(range(1), desc="a later load") as bar:  # the save's switch is gone with it
+        assert not bar.disable
 
 
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))
