@@ -380,7 +380,8 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     """The real editors load by name or folder through DiffusionPipeline.from_pretrained. A tiny pipeline with a real
     VAE, saved as the hub's repos are (Qwen's processor a Qwen2VLProcessor, whose video part needs torchvision, which
     a README install lacks), loads without torchvision, samples as the pipeline it was saved from, and trains a step
-    end to end: VAE encode, SDE rollout, reward, LoRA update, ODE eval, checkpoint."""
+    end to end: VAE encode, SDE rollout, reward, LoRA update, ODE eval, checkpoint. The saved LoRA then loads into
+    the pipeline through diffusers' own load_lora_weights (Qwen-Image's loader as well as Flux's) as trained."""
     folder, out = str(tmp_path / kind), str(tmp_path / "run")
     built = kontext_with_a_vae(48) if kind == "kontext" else qwen_with_a_vae(False)
     type(built)(**built.components).save_pretrained(folder)  # components, so the VAE set above is saved too
@@ -414,7 +415,16 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
         grpo.load_editor(grpo.parse_args(flags + ["--editor", str(other)]), CPU)
     grpo.main(args)
     assert [e["step"] for e in history(out)["eval"]] == [0, 1] and len(history(out)["train"]) == 1
-    assert os.path.exists(os.path.join(out, "ckpt", "pytorch_lora_weights.safetensors"))
+    # the trained LoRA (rank 4, alpha 8) loads into the pipeline with diffusers' own loader at full strength
+    trained = grpo.load_editor(args, CPU)
+    grpo.load_checkpoint(os.path.join(out, "ckpt"), grpo.setup_trainable(trained, args)[0], args)
+    with torch.no_grad():
+        v0 = editor.velocity(x, 0.6, editor.condition(prompts))
+        v1 = trained.velocity(x, 0.6, trained.condition(prompts))
+        editor.pipe.load_lora_weights(os.path.join(out, "ckpt"))
+        v2 = editor.velocity(x, 0.6, editor.condition(prompts))
+    assert (v1 - v0).norm() > 0 and abs(float((v2 - v0).norm() / (v1 - v0).norm()) - 1) < 1e-4
+    torch.testing.assert_close(v2, v1, atol=1e-5, rtol=1e-5)
 
 
 def test_sources_are_resized_as_the_pipelines_resize_them(toy):
