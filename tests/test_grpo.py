@@ -375,7 +375,7 @@ def test_the_qwen_editors_ode_sample_with_true_cfg_is_the_pipelines_own(toy, mon
     assert_samples_as_the_pipeline(editor, pipe, cond, x, sigmas, kw)
 
 
-@pytest.mark.parametrize("kind", ["kontext", "qwen"])
+@pytest.mark.parametrize("kind", ["kontext", "qwen", "qwen-plus"])
 def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp_path, kind):
     """The real editors load by name or folder through DiffusionPipeline.from_pretrained. A tiny pipeline with a real
     VAE, saved as the hub's repos are (Qwen's processor a Qwen2VLProcessor, whose video part needs torchvision, which
@@ -383,9 +383,9 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     end to end: VAE encode, SDE rollout, reward, LoRA update, ODE eval, checkpoint. The saved LoRA then loads into
     the pipeline through diffusers' own load_lora_weights (Qwen-Image's loader as well as Flux's) as trained."""
     folder, out = str(tmp_path / kind), str(tmp_path / "run")
-    built = kontext_with_a_vae(48) if kind == "kontext" else qwen_with_a_vae(False)
+    built = kontext_with_a_vae(48) if kind == "kontext" else qwen_with_a_vae(kind == "qwen-plus")
     type(built)(**built.components).save_pretrained(folder)  # components, so the VAE set above is saved too
-    if kind == "qwen":  # the hub's layout (Qwen/Qwen-Image-Edit): a Qwen2VLProcessor with a video processor
+    if kind != "kontext":  # the hub's layout (Qwen/Qwen-Image-Edit[-2509]): a Qwen2VLProcessor with a video processor
         for file, key in (("model_index.json", "processor"), ("processor/processor_config.json", "processor_class")):
             with open(os.path.join(folder, file)) as f:
                 cfg = json.load(f)
@@ -399,7 +399,7 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     args = grpo.parse_args(flags)
     editor = grpo.load_editor(args, CPU)
     assert type(editor.pipe) is type(built) and editor.patch == 0 and editor.down == built.vae_scale_factor
-    if kind == "qwen":
+    if kind != "kontext":
         import transformers
         assert isinstance(editor.pipe.processor, transformers.Qwen2VLProcessor)
     prompts, x = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2], grpo.initial_noise(editor, [1, 2], CPU)
