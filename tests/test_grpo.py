@@ -261,6 +261,35 @@ def test_ratio_is_exactly_one_at_the_first_update(toy):
         assert torch.equal(ratio, torch.ones(3))
 
 
+@pytest.mark.parametrize("algo", ["grpo", "nft"])
+def test_grad_checkpointing_recomputes_the_blocks_and_gives_the_same_update(toy, algo):
+    """--grad_checkpointing (the README's 8-GPU command): the blocks run again in backward, and the update equals the
+    one without it, with the KL's reference swap (grpo, beta > 0) and NFT's old-policy swap in the step."""
+    prompts = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2]
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        editor, args = editor_for(toy, "--beta", "0.04", "--algo", algo)
+        named, ref = grpo.setup_trainable(editor, args)
+        old = {n: q.detach().clone() for n, q in named}
+        editor.tr.enable_gradient_checkpointing() if checkpointing else None
+        sigmas, gen = editor.sigmas(args.num_steps), torch.Generator().manual_seed(0)
+        edits, batches = grpo.rollout(editor, prompts, [1, 2], sigmas, {0, 1}, args, gen)
+        block, n = editor.tr.transformer_blocks[0], [0]
+        forward = block.forward  # counted by a wrapper: a forward hook does not fire in the recomputation
+        block.forward = lambda *a, **k: n.__setitem__(0, n[0] + 1) or forward(*a, **k)
+        opt = torch.optim.SGD([q for _, q in named], lr=0.0)  # the gradients, not a step
+        adv = torch.tensor([1.0, -1.0])
+        if algo == "grpo":
+            grpo.update(editor, opt, named, ref, batches, adv, sigmas, {0, 1}, args)
+        else:
+            grpo.nft_update(editor, opt, named, old, batches, adv, sigmas, args, torch.Generator().manual_seed(1))
+        del block.forward
+        grads[checkpointing], calls[checkpointing] = {k: q.grad.clone() for k, q in named}, n[0]
+    assert calls[True] > calls[False] > 0  # the recomputation in backward
+    assert all(torch.allclose(grads[True][k], g, atol=1e-6) for k, g in grads[False].items())
+    assert any(g.abs().sum() > 0 for g in grads[False].values())
+
+
 def test_qwen_edit_path_true_cfg_and_small_condition(toy):
     editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "4")
     cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2])
