@@ -149,6 +149,29 @@ def test_dimension_names_that_would_collide_with_score_keys_are_refused(dims):
         R.RewardModel({**vars(R.parser.parse_args([])), "dims": dims})
 
 
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_gaussian_step_with_grad_checkpointing_recomputes_and_updates_as_without(toy, finetune):
+    """On CUDA --grad_checkpointing auto is on, so every real Gaussian run trains checkpointed: each checkpointed
+    layer (text and vision) runs through its checkpoint function, and the step's weights equal those without it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    args = R.parser.parse_args(["--toy", f"--finetune={finetune}", "--micro_batch=2", "--batch_size=2"])
+    pairs, after, calls = load_pairs(str(toy / "pairs_train.jsonl"))[:2], {}, []
+    for mode in ("off", "on"):
+        rm = R.RewardModel({**vars(args), "model": "tiny", "head_hidden": 32, "grad_checkpointing": mode}).train()
+        layers = [m for m in rm.backbone.modules() if isinstance(m, GradientCheckpointingLayer)
+                  and m.gradient_checkpointing]
+        for m in layers:
+            f = m._gradient_checkpointing_func
+            m._gradient_checkpointing_func = lambda *a, f=f, **k: calls.append(1) or f(*a, **k)
+        opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=1e-3)
+        torch.manual_seed(0)  # the same dropout draws in both runs
+        R.train_step(rm, rm, opt, [pairs], args)
+        after[mode] = {k: v.detach().clone() for k, v in rm.named_parameters() if v.requires_grad}
+        assert (len(layers) >= 4) == (mode == "on")  # 2 text layers, 2 vision blocks
+    assert len(calls) >= 4
+    assert all(torch.allclose(after["on"][k], v, atol=1e-6) for k, v in after["off"].items())
+
+
 @pytest.mark.parametrize("finetune, dtype", [("lora", "auto"), ("full", "auto"), ("lora", "bfloat16"),
                                              ("full", "bfloat16")])
 def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune, dtype):
