@@ -307,6 +307,40 @@ def test_sft_step_runs_checkpointed_layers(toy_files):
     assert any(p.grad is not None for p in rm.parameters() if p.requires_grad)
 
 
+def test_gcpo_update_with_grad_checkpointing_recomputes_and_updates_as_without(toy_files):
+    """GCPO's update under --grad_checkpointing on (auto on CUDA): the layers run checkpointed, the KL's reference
+    forward (adapter off, no gradient) comes between the policy's forward and its backward's recomputation, and the
+    updated adapter equals the one trained without checkpointing."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from rewardmodel import gcpo_update, make_optimizer
+    pair = load_pairs(str(toy_files / "pairs.jsonl"))[0]
+    after, calls = {}, []
+    for mode in ("off", "on"):
+        flags = verifier_flags(grad_checkpointing=mode, kl_beta=0.04, micro_batch=2, ppo_epochs=1, lr=1e-3)
+        rm, args = RewardModel(flags), argparse.Namespace(**flags)
+        for m in rm.backbone.modules():
+            if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                f = m._gradient_checkpointing_func
+                m._gradient_checkpointing_func = lambda *a, f=f, **k: calls.append(mode) or f(*a, **k)
+        tok = rm.processor.tokenizer
+        enc = verifier_prompt(rm.processor, [Image.open(toy_files / "im0.png")], pair.instruction,
+                              Image.open(toy_files / "im1.png"))
+        resps = [tok("follow: 7").input_ids, tok('{"score": 3}').input_ids]
+        inputs, resp, _ = collate([enc, enc], resps, tok.pad_token_id)
+        with torch.no_grad():
+            old = response_logprobs(rm.backbone, inputs, resp)
+        rows = [(enc, r, old[i, :len(r)], torch.tensor(a)) for i, (r, a) in enumerate(zip(resps, (1.0, -1.0)))]
+        optimizer = make_optimizer(rm, args)
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak"]
+        gcpo_update(rm, rows, optimizer, args)
+        after[mode] = {k: v.detach().clone() for k, v in rm.named_parameters() if v.requires_grad}
+    assert "on" in calls and "off" not in calls
+    assert all(torch.allclose(after["on"][k], v, atol=1e-6) for k, v in after["off"].items())
+    assert any(v.abs().sum() > 0 for k, v in after["off"].items() if "lora_B" in k)  # LoRA B starts at zero
+
+
 def test_sft_micro_batches_give_the_whole_batch_gradient(toy_files):
     """SFT accumulates micro-batches: 4 traces in micro-batches of 1 give the gradient of one forward of 4, and so do
     prompts built ahead (train_loop's worker), sliced per micro-batch."""
