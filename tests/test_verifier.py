@@ -341,6 +341,25 @@ def test_gcpo_update_with_grad_checkpointing_recomputes_and_updates_as_without(t
     assert any(v.abs().sum() > 0 for k, v in after["off"].items() if "lora_B" in k)  # LoRA B starts at zero
 
 
+def test_the_verifier_trains_in_bf16_as_dtype_auto_does_on_cuda(toy_files):
+    """--dtype auto is bf16 on CUDA: the adapter stays fp32 under autocast, the base bf16; an SFT step, a GCPO rollout
+    (shared-prefill sampling with a bf16 KV cache) and its update run, and at the first update the teacher-forced
+    log-probs agree with the sampler's within the PPO clip (no token clipped), as they must on policy."""
+    from rewardmodel import gcpo_rollout, gcpo_update, make_optimizer, optimizer_step
+    flags = verifier_flags(dtype="bfloat16", kl_beta=0.04, max_new_tokens=8, num_traces=2, micro_batch=2)
+    rm, args = RewardModel(flags), argparse.Namespace(**flags)
+    assert {p.dtype for p in rm.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in rm.parameters() if not p.requires_grad} == {torch.bfloat16}
+    optimizer = make_optimizer(rm, args)
+    loss, _ = sft_step(rm, load_traces(str(toy_files / "traces.jsonl"))[:2], 2)
+    assert math.isfinite(loss) and math.isfinite(optimizer_step(optimizer, 1.0, sum_ranks=True))
+    pairs = load_pairs(str(toy_files / "pairs.jsonl"), disentangle=False)[:2]
+    rows, stats = gcpo_rollout(rm, pairs, [0, 1], 0, args)
+    assert len(rows) == 2 * 2 * args.num_traces and stats[2] == 2 * 2 * args.num_traces
+    loss, clipped, kl, norm = gcpo_update(rm, rows, optimizer, args)
+    assert all(math.isfinite(v) for v in (loss, kl, norm)) and clipped == 0
+
+
 def test_sft_micro_batches_give_the_whole_batch_gradient(toy_files):
     """SFT accumulates micro-batches: 4 traces in micro-batches of 1 give the gradient of one forward of 4, and so do
     prompts built ahead (train_loop's worker), sliced per micro-batch."""
