@@ -290,6 +290,21 @@ def test_grad_checkpointing_recomputes_the_blocks_and_gives_the_same_update(toy,
     assert any(g.abs().sum() > 0 for g in grads[False].values())
 
 
+@pytest.mark.parametrize("editor_name", ["tiny", "tiny-qwen"])
+def test_in_bf16_with_checkpointing_the_first_updates_ratios_are_exactly_one(toy, editor_name):
+    """Flow-GRPO clips the ratio at 1 +- 1e-4, so the training forward must reproduce the rollout's log-probs to
+    far better than bf16's resolution: in the README's settings (bf16, LoRA, checkpointed blocks) it repeats the
+    rollout's arithmetic exactly, and no sample is clipped."""
+    editor, args = editor_for(toy, "--editor", editor_name, "--dtype", "bf16", "--guidance", "1")
+    named, ref = grpo.setup_trainable(editor, args)
+    editor.tr.enable_gradient_checkpointing()
+    prompts, sigmas = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2], editor.sigmas(args.num_steps)
+    _, batches = grpo.rollout(editor, prompts, [1, 2], sigmas, {0, 1, 2}, args, torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([q for _, q in named], lr=1e-3)
+    stats = grpo.update(editor, opt, named, ref, batches, torch.tensor([1.0, -1.0]), sigmas, {0, 1, 2}, args)
+    assert stats["ratio_min"] == stats["ratio_max"] == 1.0 and stats["clip"] == 0 and stats["grad_norm"] > 0
+
+
 def test_qwen_edit_path_true_cfg_and_small_condition(toy):
     editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "4")
     cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2])
