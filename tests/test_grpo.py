@@ -419,6 +419,29 @@ def test_the_qwen_editors_ode_sample_with_true_cfg_is_the_pipelines_own(toy, mon
     assert_samples_as_the_pipeline(editor, pipe, cond, x, sigmas, kw)
 
 
+def kontext_as_on_the_hub():
+    """kontext_with_a_vae with the tokenizer classes of black-forest-labs/FLUX.1-Kontext-dev: a CLIPTokenizer (77
+    tokens) and a T5 tokenizer (a one-character-per-piece Unigram here), each with a text encoder of its size."""
+    import string
+
+    from diffusers import FluxKontextPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    pipe, chars = kontext_with_a_vae(48), [c for c in string.printable[:95] if c != " "]
+    letters = sorted({c.lower() for c in chars})
+    clip_tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + letters +
+                                                                [c + "</w>" for c in letters])}, merges=[],
+                             model_max_length=77)
+    t5_tok = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)] +
+                         [(c, -2.0) for c in chars], extra_ids=0)
+    torch.manual_seed(2)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                        projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    return FluxKontextPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=clip.eval(), tokenizer=clip_tok,
+                               text_encoder_2=t5.eval(), tokenizer_2=t5_tok, transformer=pipe.transformer)
+
+
 @pytest.mark.parametrize("kind", ["kontext", "qwen", "qwen-plus"])
 def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp_path, kind):
     """The real editors load by name or folder through DiffusionPipeline.from_pretrained. A tiny pipeline with a real
@@ -427,8 +450,14 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     end to end: VAE encode, SDE rollout, reward, LoRA update, ODE eval, checkpoint. The saved LoRA then loads into
     the pipeline through diffusers' own load_lora_weights (Qwen-Image's loader as well as Flux's) as trained."""
     folder, out = str(tmp_path / kind), str(tmp_path / "run")
-    built = kontext_with_a_vae(48) if kind == "kontext" else qwen_with_a_vae(kind == "qwen-plus")
+    built = kontext_as_on_the_hub() if kind == "kontext" else qwen_with_a_vae(kind == "qwen-plus")
     type(built)(**built.components).save_pretrained(folder)  # components, so the VAE set above is saved too
+    if kind == "kontext":  # the hub repo names its T5 tokenizer by the class's fast name
+        with open(os.path.join(folder, "model_index.json")) as f:
+            cfg = json.load(f)
+        assert cfg["tokenizer"] == ["transformers", "CLIPTokenizer"]
+        with open(os.path.join(folder, "model_index.json"), "w") as f:
+            json.dump({**cfg, "tokenizer_2": ["transformers", "T5TokenizerFast"]}, f)
     if kind != "kontext":  # the hub's layout (Qwen/Qwen-Image-Edit[-2509]): a Qwen2VLProcessor with a video processor
         for file, key in (("model_index.json", "processor"), ("processor/processor_config.json", "processor_class")):
             with open(os.path.join(folder, file)) as f:
