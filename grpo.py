@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimi
 
 from data import (atomic_dir, atomic_write, check_least, check_resume, image_sheet, leave_distributed, load_image,
                   load_prompts, load_sources, parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
-from rewardmodel import RewardModel, build_tiny_vlm, load_processor, read_prompts
+from rewardmodel import TINY_MODELS, RewardModel, build_tiny_vlm, load_processor, published_layout, read_prompts
 
 # ----------------------------------------------------------------------------- the math
 def sde_step(x, v, sigma, sigma_next, noise_level, prev_sample=None, generator=None):
@@ -464,9 +464,8 @@ def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
            "unscored": int(len(r) - ok.sum())}
     print0(f"eval {step} | " + " | ".join(f"{k} {round(v, 4)}" for k, v in list(out.items())[1:]) + f" | "
            f"{len(prompts)} held-out prompts, {len(sigmas) - 1} ODE steps")
-    if ddp.master:
-        image_sheet([(q.instruction, [(load_sources(q)[0], "source"), (im, f"{v:.3f}")]) for q, im, v in firsts],
-                    os.path.join(args.out_dir, f"eval_{step:05d}.png"))
+    image_sheet([(q.instruction, [(load_sources(q)[0], "source"), (im, f"{v:.3f}")]) for q, im, v in firsts],
+                os.path.join(args.out_dir, f"eval_{step:05d}.png")) if ddp.master else None
     return out
 
 def warmup(editor, args, ddp):
@@ -560,8 +559,7 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
             type(editor.pipe).save_lora_weights(d, transformer_lora_layers=lora,
                                                 transformer_lora_adapter_metadata=tr.peft_config["default"].to_dict())
         save_file(state, os.path.join(d, "trainable.safetensors"))
-        if old:  # NFT's old policy, for an exact --resume
-            save_file(old, os.path.join(d, "old_policy.safetensors"))
+        save_file(old, os.path.join(d, "old_policy.safetensors")) if old else None  # NFT's, for an exact --resume
         torch.save(opt_state, os.path.join(d, "optimizer.pt"))
         with open(os.path.join(d, "state.json"), "w") as f:
             json.dump({"step": step, "history": history, "args": vars(args)}, f)
@@ -714,6 +712,10 @@ def parse_args(argv=None):
     p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks") if n % world else None
     if args.reward != "oracle" and not args.reward.startswith("rm:"):  # said before minutes of loading the editor
         p.error(f"--reward {args.reward!r}: use 'oracle', 'rm:PATH' or 'rm:PATH@dim'")
+    path = args.reward[3:].partition("@")[0]  # a typo'd path, too (what RewardModel.from_pretrained recognises)
+    if args.reward != "oracle" and not (path in TINY_MODELS or os.path.isfile(f"{path}/args.json")
+                                        or published_layout(path)):
+        p.error(f"--reward {args.reward!r}: {path} holds no reward model (args.json, EditScore or EditReward weights)")
     try:  # a bad --reward_prompts file, too, is said before minutes of loading the editor
         read_prompts(args.reward_prompts) if args.reward_prompts else None
     except ValueError as e:
@@ -734,12 +736,11 @@ def main(args):
     editor = load_editor(args, ddp.device)
     torch.manual_seed(args.seed)  # the same on every rank: the LoRA starts identical everywhere, as under DDP
     sigmas, eval_sigmas = editor.sigmas(args.num_steps), editor.sigmas(args.eval_num_steps)
-    start, history, opt_state = 0, None, None
     warmup(editor, args, ddp)
     named, ref = setup_trainable(editor, args)
     old = {n: q.detach().clone() for n, q in named} if args.algo == "nft" else {}  # NFT's old policy starts as theta
-    if args.resume and os.path.isdir(ckpt):  # weights go in before FSDP shards them
-        start, history, opt_state = load_checkpoint(ckpt, named, args, old)
+    resumed = args.resume and os.path.isdir(ckpt)  # the weights go in before FSDP shards them
+    start, history, opt_state = load_checkpoint(ckpt, named, args, old) if resumed else (0, None, None)
     editor.tr.enable_gradient_checkpointing() if args.grad_checkpointing else None
     if args.fsdp:
         named, ref, old = shard_transformer(editor.tr, ref, old)
@@ -792,9 +793,8 @@ def main(args):
     ev = history["eval"]
     print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
            f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")
-    if ddp.ddp:
-        dist.barrier()  # no rank tears the group down while another still writes or reads
-        leave_distributed()
+    dist.barrier() if ddp.ddp else None  # no rank tears the group down while another still writes or reads
+    leave_distributed() if ddp.ddp else None
 
 if __name__ == "__main__":
     main(parse_args())

@@ -712,14 +712,30 @@ def test_a_reward_that_is_neither_the_oracle_nor_a_model_is_a_flag_error(capsys)
     assert "--reward 'orcale': use 'oracle', 'rm:PATH' or 'rm:PATH@dim'" in capsys.readouterr().err
 
 
+def test_a_reward_model_path_that_holds_none_is_a_flag_error_naming_it(tmp_path, capsys):
+    """A typo in --reward rm:PATH is said by parse_args, not after the editor has loaded. A folder with this script's
+    args.json, the tiny model and a published layout (EditScore's adapter_config.json) pass, with or without @dim."""
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "args.json").write_text("{}")
+    (tmp_path / "es").mkdir()
+    (tmp_path / "es" / "adapter_config.json").write_text("{}")
+    for ok in (f"rm:{tmp_path}/rm", f"rm:{tmp_path}/rm@visual_quality", "rm:tiny@overall", f"rm:{tmp_path}/es"):
+        assert grpo.parse_args(FAST + ["--reward", ok]).reward == ok
+    for bad in (f"rm:{tmp_path}/rn", f"rm:{tmp_path}", "rm:nobody/no-such-model@overall"):  # offline: not in the cache
+        with pytest.raises(SystemExit):
+            grpo.parse_args(FAST + ["--reward", bad])
+        path = bad[3:].partition("@")[0]
+        assert f"--reward {bad!r}: {path} holds no reward model" in capsys.readouterr().err
+
+
 def test_a_bad_reward_prompts_file_is_a_flag_error_naming_it(tmp_path, capsys):
     """Said by parse_args, before minutes of loading the editor (and then the reward model)."""
     good, bad = tmp_path / "good.json", tmp_path / "bad.json"
     good.write_text(json.dumps({"instruction_following": "Rate: {instruction}"}))
     bad.write_text("{not json")
-    assert grpo.parse_args(FAST + ["--reward", "rm:x", "--reward_prompts", str(good)]).reward_prompts == str(good)
+    assert grpo.parse_args(FAST + ["--reward", "rm:tiny", "--reward_prompts", str(good)]).reward_prompts == str(good)
     with pytest.raises(SystemExit):
-        grpo.parse_args(FAST + ["--reward", "rm:x", "--reward_prompts", str(bad)])
+        grpo.parse_args(FAST + ["--reward", "rm:tiny", "--reward_prompts", str(bad)])
     assert f"{bad}: not a readable JSON --prompt_file" in capsys.readouterr().err
 
 
