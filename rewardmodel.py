@@ -858,8 +858,10 @@ def save_checkpoint(out_dir, rm, optimizer, step, args=None):
     from transformers.utils import logging as hf_logging
     def write(tmp):  # no "Writing model shards" bar at every checkpoint; other bars (downloads) and settings stay
         previous = hf_logging.set_tqdm_hook(lambda factory, a, kw: factory(*a, **{**kw, "disable": True}))
-        rm.save_weights(tmp)
-        hf_logging.set_tqdm_hook(previous)
+        try:
+            rm.save_weights(tmp)
+        finally:  # a save that raises in a process that goes on (a notebook) leaves its bars as they were
+            hf_logging.set_tqdm_hook(previous)
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(rm.flags, f, indent=1)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args) if args else {}},

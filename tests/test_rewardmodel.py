@@ -406,6 +406,11 @@ def test_a_checkpoint_writes_no_progress_bar_and_leaves_download_bars_on(tmp_pat
     assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
     with hf_logging.tqdm(range(1), desc="a later load") as bar:  # the save's switch is gone with it
         assert not bar.disable
+    rm.save_weights = lambda path: (_ for _ in ()).throw(OSError("disk full"))  # a save that fails, in a process
+    with pytest.raises(OSError, match="disk full"):                            # that goes on (a notebook)
+        R.save_checkpoint(str(tmp_path / "ck2"), rm, torch.optim.AdamW(rm.head.parameters()), 2)
+    with hf_logging.tqdm(range(1), desc="after a failed save") as bar:
+        assert not bar.disable
 
 
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))
