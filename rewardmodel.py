@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
 
@@ -525,10 +526,14 @@ class RewardModel(nn.Module):
         full, verifier = flags["finetune"] == "full", self.mode == "verifier"
         if verifier and full:
             raise ValueError("--mode verifier trains LoRA: GCPO's KL reference is the model with its adapter off")
-        if verifier and flags["init"]:
+        own = os.path.join(weights or "", "init")  # a GCPO checkpoint's copy of its SFT model (save_weights)
+        self.init_dir = (own if weights and os.path.isfile(f"{own}/args.json") else flags["init"]) if verifier else None
+        if self.init_dir:
             # GCPO: a fresh adapter over the SFT model with the SFT adapter merged in, so that disabling the new
             # adapter gives the SFT policy (the KL reference). The base, pixel bounds and principles come with it.
-            parent = RewardModel.from_pretrained(flags["init"], device, mode="verifier")  # not a Gaussian one
+            if not os.path.isfile(f"{self.init_dir}/args.json"):
+                raise FileNotFoundError(f"--init {flags['init']}: not a checkpoint of this script (no args.json)")
+            parent = RewardModel.from_pretrained(self.init_dir, device, mode="verifier")  # not a Gaussian one
             backbone, self.processor = parent.backbone.merge_and_unload(), parent.processor
             self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
                               init=os.path.abspath(flags["init"]))
@@ -685,6 +690,10 @@ class RewardModel(nn.Module):
     def save_weights(self, path):  # peft adapter or full weights via save_pretrained, head + reward row as safetensors
         kw = {"save_embedding_layers": False} if hasattr(self.backbone, "peft_config") else {}  # no 1 GB lm_head copy
         self.backbone.save_pretrained(os.path.join(path, "backbone"), **kw)
+        if self.init_dir:  # GCPO: its SFT model travels with it in init/ (that run's folder may move or be retrained)
+            keep = ("args.json", "backbone", "init")  # the model, not that run's optimizer state
+            shutil.copytree(self.init_dir, os.path.join(path, "init"),
+                            ignore=lambda d, names: [n for n in names if d == self.init_dir and n not in keep])
         if self.head is not None:
             extra = {f"head.{k}": v for k, v in self.head.state_dict().items()} | {"reward_row": self.reward_row}
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},

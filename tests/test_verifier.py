@@ -467,6 +467,34 @@ def test_gcpo_resumes_exactly(toy_files, sft_dir, gcpo_run):
     assert json.loads((straight / "args.json").read_text())["init"] == str(sft_dir)  # the SFT model it builds on
 
 
+def test_a_gcpo_checkpoint_carries_its_sft_model_wherever_it_moves(sft_dir, gcpo_run, tmp_path):
+    """GCPO's adapter sits on the SFT model with the SFT adapter merged in. A checkpoint that only named that model's
+    folder failed to load once copied to another machine, and loaded on the wrong model, silently, once the folder was
+    retrained. It keeps a copy in init/: the model (args.json, adapter), not that run's optimizer state."""
+    import shutil
+    from safetensors.torch import save_file
+    _, straight = gcpo_run
+    assert sorted(os.listdir(straight / "init")) == ["args.json", "backbone"]
+    assert (straight / "init" / "args.json").read_text() == (sft_dir / "args.json").read_text()
+    weights = lambda path: RewardModel.from_pretrained(str(path)).backbone.state_dict()  # noqa: E731
+    want, moved, retrained = weights(straight), tmp_path / "moved", tmp_path / "sft_retrained"
+    shutil.copytree(straight, moved)
+    shutil.copytree(sft_dir, retrained)  # the SFT folder after another run: other adapter weights
+    adapter = load_file(retrained / "backbone" / "adapter_model.safetensors")
+    save_file({k: v + 0.5 for k, v in adapter.items()}, retrained / "backbone" / "adapter_model.safetensors")
+    flags = json.loads((moved / "args.json").read_text())
+    for init in (tmp_path / "gone", retrained):  # another machine; the SFT folder retrained
+        (moved / "args.json").write_text(json.dumps({**flags, "init": str(init)}))
+        got = weights(moved)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), init
+    shutil.rmtree(moved / "init")  # a checkpoint without its copy loads what its --init names now
+    got = weights(moved)
+    assert not all(torch.equal(got[k], want[k]) for k in want)
+    (moved / "args.json").write_text(json.dumps({**flags, "init": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match=f"--init {tmp_path / 'gone'}: not a checkpoint of this script"):
+        weights(moved)
+
+
 def test_torchrun_gcpo_matches_one_process(toy_files, gcpo_run):
     """2 ranks x 1 pair == 1 rank x 2 pairs: same seeds per pair, gradients summed over the global tokens."""
     flags, straight = gcpo_run
