@@ -10,7 +10,7 @@ checks the principles an edit must meet and ends in JSON scores 0..10; SFT teach
 per image of a human pair, rewards each by how often it lands on the right side of the other group's, and takes a
 PPO-clipped token loss with a KL to the SFT model. --rubric editscore: EditScore's two-prompt rubric (arXiv
 2509.23909). Avg@K averages K passes sampled from ONE shared prefill; an unparsed answer is counted, never guessed.
-Simplified: one prompt template per mode; the verifier samples one prompt at a time.
+Simplified: one prompt template per mode.
 
   python rewardmodel.py --toy                          # Gaussian, tiny random Qwen2.5-VL on CPU (writes data/toy)
   python rewardmodel.py --toy --per_dim_prompts        # EditReward's layout: compare the pairs/s of the logs
@@ -323,36 +323,43 @@ def answer_logits(model, logits):
 @torch.no_grad()
 def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                           repetition_penalty=1.0):
-    """K = len(seeds) sampled answers to ONE prompt: prefill once, repeat the KV cache K times, decode the K rows as
-    one batch; row i draws from its own generator, exactly as an independent run seeded seeds[i]. -> tokens (K, T),
-    log-probs (K, T) under the temperature-scaled policy (GCPO's old policy), mask (K, T) (1 up to and incl. EOS)."""
+    """K = len(seeds) / B sampled answers to each of enc's B prompts (one: encode_prompt's; more: a left-padded batch,
+    see collate): prefill once, repeat each prompt's KV cache K times, decode the B x K rows as one batch; row b K + i
+    draws from its own generator, as an independent run seeded seeds[b K + i] does. -> tokens (B K, T), log-probs
+    (B K, T) under the temperature-scaled policy (GCPO's old policy), mask (B K, T) (1 up to and incl. EOS)."""
     dev = next(model.parameters()).device
     enc = {k: v.to(dev) for k, v in enc.items()}
-    k, L = len(seeds), enc["input_ids"].shape[1]
+    ids, k = enc["input_ids"], len(seeds) // len(enc["input_ids"])
+    attn = enc.get("attention_mask", torch.ones_like(ids))
     # Qwen-VL's 3D rope: text positions after the images are shifted by delta; decode positions continue it
-    _, delta = unwrap(model).model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"],
+    _, delta = unwrap(model).model.get_rope_index(ids, enc["mm_token_type_ids"], attention_mask=attn,
                                                   image_grid_thw=enc.get("image_grid_thw"))
     out = model(**enc, use_cache=True, logits_to_keep=1)
     (cache := out.past_key_values).batch_repeat_interleave(k)
-    logits = answer_logits(model, out.logits[:, -1]).expand(k, -1)
+    logits = answer_logits(model, out.logits[:, -1]).repeat_interleave(k, 0)
+    n = len(seeds)
+    attn, delta, length = attn.repeat_interleave(k, 0), delta.repeat_interleave(k, 0), attn.sum(1).repeat_interleave(k)
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
-    toks, logps, masks, alive = [], [], [], torch.ones(k, dtype=torch.bool, device=dev)  # ended rows go on, masked
-    seen = torch.zeros(k, logits.shape[-1], dtype=torch.bool, device=dev).index_fill_(1, enc["input_ids"][0], True)
+    toks, logps, masks, alive = [], [], [], torch.ones(n, dtype=torch.bool, device=dev)  # ended rows go on, masked
+    prompt = torch.where(attn.bool(), ids.repeat_interleave(k, 0), ids[:, -1:].repeat_interleave(k, 0))  # no pads
+    seen = torch.zeros(n, logits.shape[-1], dtype=torch.bool, device=dev).scatter_(1, prompt, True)
     rp, eos = repetition_penalty, torch.as_tensor(eos_id, device=dev)  # eos_id: one id or a list (generation_config's)
     for t in range(max_new_tokens):  # as transformers' generate(), a token already in the prompt or answer is penalised
         logits = torch.where(seen & (logits > 0), logits / rp, torch.where(seen, logits * rp, logits))
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-        nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(k)])
+        nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(n)])
         toks.append(nxt)
-        seen[torch.arange(k, device=dev), nxt] = True
+        seen[torch.arange(n, device=dev), nxt] = True
         logps.append((logits / temperature).log_softmax(-1).gather(1, nxt[:, None])[:, 0])
         masks.append(alive)
         alive = alive & ~torch.isin(nxt, eos)
         if not alive.any():
             break
-        pos = torch.full((1, k, 1), L + t, device=dev)
-        pos = torch.cat([pos, pos.expand(3, k, 1) + delta.view(1, -1, 1)])   # (4, K, 1): text + 3D rope rows
-        out = model(input_ids=nxt[:, None], past_key_values=cache, position_ids=pos, use_cache=True)
+        pos = (length + t).view(1, n, 1)  # each row's own count of tokens, padding aside
+        pos = torch.cat([pos, pos.expand(3, n, 1) + delta.view(1, -1, 1)])   # (4, B K, 1): text + 3D rope rows
+        attn = torch.cat([attn, attn.new_ones(n, 1)], 1)
+        out = model(input_ids=nxt[:, None], past_key_values=cache, position_ids=pos, attention_mask=attn,
+                    use_cache=True)
         cache, logits = out.past_key_values, answer_logits(model, out.logits[:, -1])
     return torch.stack(toks, 1).cpu(), torch.stack(logps, 1).cpu(), torch.stack(masks, 1).float().cpu()
 
@@ -631,32 +638,41 @@ class RewardModel(nn.Module):
             return cols[0]
         return tuple(torch.stack([c[i][:, d] for d, c in enumerate(cols)], -1) for i in (0, 1))
 
-    def verifier_scores(self, sources, instructions, edited, num_samples, seed):
+    def verifier_scores(self, sources, instructions, edited, num_samples, seed, batch_size):
         """Avg@K: num_samples answers per prompt from one shared prefill, pass i seeded seed + i (as EditScore), to the
-        verifier's prompt or to the EditScore rubric's two (the edit with its source(s); the edit alone) -> score()'s
-        dict; principles outside self.dims are dropped, so every call has the same keys."""
+        verifier's prompt or to the EditScore rubric's two (the edit with its source(s); the edit alone), batch_size
+        edits' prompts decoded as one batch -> score()'s dict; principles outside self.dims are dropped, so every call
+        has the same keys."""
         tok, rubric, rows = self.processor.tokenizer, self.flags["rubric"] == "editscore", []
         prompts, qwen3 = self.prompts or EDITSCORE_PROMPTS, self.backbone.config.model_type.startswith("qwen3")
         # the rubric decodes as EditScore's generate() call: with the model's eos ids and repetition penalty; the
         # verifier's own prompt as GCPO samples it
         gen, im_end = self.backbone.generation_config, tok.convert_tokens_to_ids("<|im_end|>")
         eos, rp = (gen.eos_token_id or im_end, gen.repetition_penalty or 1.0) if rubric else (im_end, 1.0)
-        def answers(images, text):  # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
-            seeds = [seed + i for i in range(num_samples)]
-            labels = ["" if qwen3 else f"<img{i}>: " for i in range(1, len(images) + 1)] if rubric else None
+        def answers(prompts):  # [(images, text)] -> their num_samples answers each, prompt by prompt, one batch
+            # EditScore's scorers label images "<img1>: ", ... (Qwen2.5-VL) or not (Qwen3-VL)
+            labels = [["" if qwen3 else f"<img{i}>: " for i in range(1, len(ims) + 1)] for ims, _ in prompts]
+            encs = [encode_prompt(self.processor, ims, text, lab if rubric else None)
+                    for (ims, text), lab in zip(prompts, labels)]
+            batch = collate(encs, [[]] * len(encs), tok.pad_token_id)[0]  # left-padded to one length
+            seeds = [seed + i for _ in encs for i in range(num_samples)]
             with self.autocast():
-                prompt = encode_prompt(self.processor, images, text, labels)
-                toks, _, mask = sample_shared_prefill(self.backbone, prompt, seeds, eos, self.flags["max_new_tokens"],
+                toks, _, mask = sample_shared_prefill(self.backbone, batch, seeds, eos, self.flags["max_new_tokens"],
                                                       SCORE_TEMPERATURE, TOP_K, TOP_P, rp)
             return [tok.decode(t[m.bool()], skip_special_tokens=True) for t, m in zip(toks, mask)]
-        for src, ins, ed in zip(sources, instructions, edited, strict=True):  # a list each, of equal lengths
-            images = [load_image(x) for x in as_list(src)]  # EditScore's evaluation.py sizes the edit as the source
-            images.append(load_image(ed).resize(images[0].size) if rubric else load_image(ed))
+        edits = list(zip(sources, instructions, edited, strict=True))  # a list each, of equal lengths
+        for lo in range(0, len(edits), batch_size):
+            pics, texts = [], []
+            for src, ins, ed in edits[lo:lo + batch_size]:
+                ims = [load_image(x) for x in as_list(src)]  # EditScore's evaluation.py sizes the edit as the source
+                pics.append(ims + [load_image(ed).resize(ims[0].size) if rubric else load_image(ed)])
+                texts.append(ins)
             if rubric:  # str.replace, not format: the rubric holds JSON braces
-                sc = answers(images, prompts["SC"].replace("{instruction}", ins))
+                sc = answers([(ims, prompts["SC"].replace("{instruction}", ins)) for ims, ins in zip(pics, texts)])
                 rows += [(parse_editscore_output(a) or [math.nan] * 2) + (parse_editscore_output(b) or [math.nan] * 2)
-                         for a, b in zip(sc, answers(images[-1:], prompts["PQ"]))]
-            for r in [] if rubric else answers(images, VERIFIER_PROMPT.replace("{instruction}", ins)):
+                         for a, b in zip(sc, answers([(ims[-1:], prompts["PQ"]) for ims in pics]))]
+            for r in [] if rubric else answers([(ims, VERIFIER_PROMPT.replace("{instruction}", ins))
+                                                for ims, ins in zip(pics, texts)]):
                 r = parse_verifier_output(r) or {"score": math.nan, "principles": {}}
                 rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in self.dims])
         s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, -1)  # (B, K, 4 or 1 + P)
@@ -670,11 +686,13 @@ class RewardModel(nn.Module):
     def score(self, sources, instructions, edited, num_samples=1, batch_size=8, seed=SCORE_SEED):
         """Scores for B edits -> dict of (B,) float CPU tensors. gaussian: "overall", one per dimension (mu) and the
         sigmas "sigma_<dim>", "sigma_overall". verifier: "overall" (0..10) and one per principle, each averaged over
-        the num_samples passes that parsed (Avg@K), and "unparsed" (passes that did not); batch_size is unused."""
+        the num_samples passes that parsed (Avg@K), and "unparsed" (passes that did not). batch_size edits a forward
+        (verifier: decoded together)."""
         was_training = self.training
         self.eval()
         if self.mode == "verifier":
-            out = self.verifier_scores(sources, instructions, edited, num_samples, SCORE_SEED if seed is None else seed)
+            seed = SCORE_SEED if seed is None else seed
+            out = self.verifier_scores(sources, instructions, edited, num_samples, seed, batch_size)
         else:
             names, cols = self.dims + ["overall"] + [f"sigma_{d}" for d in self.dims + ["overall"]], []
             for i in range(0, len(edited), batch_size):
@@ -1081,27 +1099,32 @@ def trace_seeds(seed, step, pair_id, side, n):
     return [base + j for j in range(n)]
 
 def gcpo_rollout(rm, pairs, pair_ids, step, args):
-    """N traces for the preferred and N for the rejected edit of each pair (one shared prefill per image) ->
-    GCPO training rows (prompt, response ids, old log-probs, advantage) and counts (sum of r_w, parsed, traces)."""
+    """N traces for the preferred and N for the rejected edit of each pair (one shared prefill per image; --micro_batch
+    pairs' images decoded as one batch) -> GCPO training rows (prompt, response ids, old log-probs, advantage) and
+    counts (sum of r_w, parsed, traces)."""
     tok, N = rm.processor.tokenizer, args.num_traces
     rm.eval()  # sampling with a KV cache, which gradient checkpointing (train mode) would switch off
-    rows, stats = [], torch.zeros(3)
-    for gid, p in zip(pair_ids, pairs):
-        srcs, scores, sampled = [load_image(s, p.origin) for s in p.sources], [], []
-        for side, img in enumerate((p.preferred, p.rejected)):
-            enc = verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin))
-            with rm.autocast():
-                toks, old, mask = sample_shared_prefill(rm.backbone, enc, trace_seeds(args.seed, step, gid, side, N),
-                                                        tok.convert_tokens_to_ids("<|im_end|>"), args.max_new_tokens,
-                                                        args.temperature)
-            parsed = [parse_verifier_output(tok.decode(t[m.bool()], skip_special_tokens=True))
-                      for t, m in zip(toks, mask)]
-            scores.append(torch.tensor([r["score"] if r else math.nan for r in parsed]))
-            sampled.append((enc, toks, old, mask))
-        r_w, r_l = gcpo_rewards(scores[0], scores[1])
-        for (enc, toks, old, mask), adv in zip(sampled, (group_advantages(r_w), group_advantages(r_l))):
-            rows += [(enc, toks[j, :n].tolist(), old[j, :n], adv[j]) for j, n in enumerate(mask.sum(1).long().tolist())]
-        stats += torch.tensor([r_w.sum().item(), sum((~s.isnan()).sum().item() for s in scores), 2 * N])
+    rows, stats, todo = [], torch.zeros(3), list(zip(pair_ids, pairs))
+    for chunk in (todo[i:i + args.micro_batch] for i in range(0, len(todo), args.micro_batch)):
+        encs, seeds = [], []
+        for gid, p in chunk:  # image 2j: pair j's preferred edit, 2j + 1: its rejected one
+            srcs = [load_image(s, p.origin) for s in p.sources]
+            for side, img in enumerate((p.preferred, p.rejected)):
+                encs.append(verifier_prompt(rm.processor, srcs, p.instruction, load_image(img, p.origin)))
+                seeds += trace_seeds(args.seed, step, gid, side, N)
+        with rm.autocast():
+            toks, old, mask = sample_shared_prefill(rm.backbone, collate(encs, [[]] * len(encs), tok.pad_token_id)[0],
+                                                    seeds, tok.convert_tokens_to_ids("<|im_end|>"),
+                                                    args.max_new_tokens, args.temperature)
+        parsed = [parse_verifier_output(tok.decode(t[m.bool()], skip_special_tokens=True)) for t, m in zip(toks, mask)]
+        scores = torch.tensor([r["score"] if r else math.nan for r in parsed]).view(len(chunk), 2, N)
+        lengths = mask.sum(1).long().tolist()
+        for j in range(len(chunk)):
+            r_w, r_l = gcpo_rewards(scores[j, 0], scores[j, 1])
+            for side, adv in enumerate((group_advantages(r_w), group_advantages(r_l))):
+                rows += [(encs[2 * j + side], toks[r, :lengths[r]].tolist(), old[r, :lengths[r]], adv[i])
+                         for i, r in enumerate(range((2 * j + side) * N, (2 * j + side + 1) * N))]
+            stats += torch.tensor([r_w.sum().item(), (~scores[j].isnan()).sum().item(), 2 * N])
     return rows, stats
 
 def gcpo_update(rm, rows, optimizer, args):

@@ -184,6 +184,30 @@ def test_shared_prefill_same_tokens_as_independent(tiny):
         assert torch.allclose(l1[0], logp[i], atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-vl"])
+def test_a_batch_of_prompts_draws_what_each_prompt_draws_alone(tiny, name):
+    """Prompts of different lengths and image counts, left-padded into one batch and decoded together (B x K rows),
+    draw each prompt's own tokens with its own log-probs: the padding is masked, left out of the repetition penalty,
+    and each row's decode positions continue its own 3D rope (Qwen3-VL: interleaved, deepstack too)."""
+    model, processor = tiny if name == "tiny" else load_backbone(name, max_pixels=56 * 56)
+    model, eos = model.eval(), processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    encs = [verifier_prompt(processor, [_img(0)], "make the red circle blue", _img(1)),
+            verifier_prompt(processor, [_img(2), _img(3)], "add a small green triangle at the top", _img(4)),
+            verifier_prompt(processor, [_img(5)], "remove", _img(6))]
+    assert len({e["input_ids"].shape[1] for e in encs}) == 3  # three lengths: two rows are padded
+    batch = collate(encs, [[]] * 3, processor.tokenizer.pad_token_id)[0]
+    seeds, sampler = [7, 8, 9, 10, 11, 12], dict(eos_id=eos, max_new_tokens=16, temperature=0.7, top_k=20, top_p=0.9,
+                                                 repetition_penalty=1.3)
+    toks, logp, mask = sample_shared_prefill(model, batch, seeds, **sampler)
+    assert toks.shape[0] == 6 and len({tuple(t[m.bool()].tolist()) for t, m in zip(toks, mask)}) > 3
+    for b, enc in enumerate(encs):
+        alone = sample_shared_prefill(model, enc, seeds[2 * b:2 * b + 2], **sampler)
+        for i in range(2):
+            m, m1 = mask[2 * b + i].bool(), alone[2][i].bool()
+            assert toks[2 * b + i][m].tolist() == alone[0][i][m1].tolist(), (b, i)
+            assert torch.allclose(logp[2 * b + i][m], alone[1][i][m1], atol=1e-5), (b, i)
+
+
 def test_old_logprobs_match_teacher_forcing_with_padding_and_no_kv_cache(tiny):
     """The sampler's log-probs equal the trainer's on left/right-padded batches, so GCPO's first ratio is 1."""
     model, processor = tiny
@@ -360,6 +384,29 @@ def test_the_verifier_trains_in_bf16_as_dtype_auto_does_on_cuda(toy_files):
     assert all(math.isfinite(v) for v in (loss, kl, norm)) and clipped == 0
 
 
+def test_gcpo_rollout_batches_pairs_and_samples_what_each_pair_samples_alone(toy_files, tmp_path):
+    """The rollout decodes --micro_batch pairs' 2 x N traces as one left-padded batch: prompts of other lengths and
+    image counts give the rows (tokens, old log-probs, advantages) and counts each pair gives alone."""
+    from rewardmodel import gcpo_rollout
+    rows = [("remove the square", ["im0.png"]), ("add a small green triangle at the top", ["im0.png", "im1.png"]),
+            ("make it red", ["im2.png"])]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "instruction": ins, "source": [str(toy_files / s) for s in src],
+                                        "preferred": str(toy_files / f"im{3 + i}.png"),
+                                        "rejected": str(toy_files / f"im{4 + i % 2}.png")}) + "\n"
+                            for i, (ins, src) in enumerate(rows)))
+    pairs = load_pairs(str(path), disentangle=False)
+    flags = verifier_flags(max_new_tokens=12, num_traces=3, temperature=1.0)
+    rm = RewardModel(flags)
+    alone = gcpo_rollout(rm, pairs, [0, 1, 2], 5, argparse.Namespace(**{**flags, "micro_batch": 1}))
+    together = gcpo_rollout(rm, pairs, [0, 1, 2], 5, argparse.Namespace(**{**flags, "micro_batch": 3}))
+    assert len(together[0]) == len(alone[0]) == 3 * 2 * 3 and torch.equal(together[1], alone[1])
+    assert len({len(r[1]) for r in alone[0]}) > 1 or len({tuple(r[1]) for r in alone[0]}) > 3  # real answers
+    for (e1, t1, o1, a1), (e3, t3, o3, a3) in zip(alone[0], together[0]):
+        assert torch.equal(e1["input_ids"], e3["input_ids"]) and t1 == t3 and a1 == a3
+        assert torch.allclose(o1, o3, atol=1e-5)
+
+
 def test_sft_micro_batches_give_the_whole_batch_gradient(toy_files):
     """SFT accumulates micro-batches: 4 traces in micro-batches of 1 give the gradient of one forward of 4, and so do
     prompts built ahead (train_loop's worker), sliced per micro-batch."""
@@ -433,6 +480,31 @@ def test_held_out_evaluation_counts_ties_and_parses(toy_files, sft_dir):
     res = evaluate(rm, pairs, 4, num_samples=2)
     assert set(res) == {"overall", "tied", "parse"} and all(0.0 <= v <= 1.0 for v in res.values())
     assert res["overall"] + res["tied"] <= 1.0  # a pair is right, wrong or tied
+
+
+@pytest.mark.parametrize("rubric", ["verifier", "editscore"])
+def test_a_verifier_answers_the_same_whatever_the_batch(rubric, monkeypatch):
+    """score() decodes batch_size edits' prompts together, pass i of every edit seeded seed + i: each edit gets the
+    answers it gets alone (here exactly, in fp32), so its scores do not depend on how the edits are batched."""
+    import rewardmodel
+    seen, real = [], rewardmodel.sample_shared_prefill
+    def record(*a):
+        toks, logp, mask = real(*a)
+        seen.extend(t[m.bool()].tolist() for t, m in zip(toks, mask))
+        return toks, logp, mask
+    monkeypatch.setattr(rewardmodel, "sample_shared_prefill", record)
+    rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric=rubric, max_new_tokens=12)
+    args = ([[_img(20)], [_img(21), _img(22)], [_img(23)]], ["remove the square", "make it blue", "add a star"],
+            [_img(24), _img(25), _img(26)])
+    answers = []
+    for b in (1, 3):
+        seen.clear()
+        rm.score(*args, num_samples=2, batch_size=b)
+        answers.append(seen[:])
+    if rubric == "editscore":  # batch_size 1: SC, PQ of edit 1, then of edit 2, ...; 3: the SC of all, the PQ of all
+        answers[0] = [a for j in (0, 1) for e in range(3) for a in answers[0][4 * e + 2 * j:4 * e + 2 * j + 2]]
+    assert len(answers[0]) == (12 if rubric == "editscore" else 6) and answers[0] == answers[1]
+    assert len({tuple(a) for a in answers[0]}) > 2  # the answers differ: a real comparison
 
 
 def test_editscore_rubric_counts_unparsed():
