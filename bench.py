@@ -133,11 +133,13 @@ def image_hash(ref, memo):
 
 def scorer_id(model, skip=None):
     """The scorer's name in the cache key: its path + its files' sizes and mtimes (a retrained one is new), but not
-    those under `skip` (bench.py's own --out_dir), and a GCPO checkpoint's SFT model (its --init) the same way."""
+    those under `skip` (bench.py's own --out_dir), and a GCPO checkpoint's SFT model (its --init) the same way, unless
+    the checkpoint carries its own copy (init/, among its files): then the folder --init names is not what loads."""
     files = sorted(glob.glob(os.path.join(model, "**"), recursive=True)) if os.path.isdir(model) else []
     stats = [(os.path.relpath(p, model), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files
              if os.path.isfile(p) and not (skip and Path(skip).resolve() in Path(p).resolve().parents)]
-    init = os.path.isfile(f"{model}/args.json") and json.load(open(f"{model}/args.json")).get("init")
+    init = os.path.isfile(f"{model}/args.json") and not os.path.isfile(f"{model}/init/args.json") and json.load(
+        open(f"{model}/args.json")).get("init")
     return f"{os.path.abspath(model)}:{hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]}" + (
         f" on {scorer_id(init, skip)}" if init else "") if files else model
 

@@ -396,7 +396,8 @@ def cached_keys(cache):
 
 def test_the_cache_key_ignores_bench_output_inside_the_model_and_follows_a_gcpo_checkpoints_sft_model(tmp_path):
     """bench.py --out_dir inside --model must not make every rerun a cache miss (its cache files are not the
-    model's); a GCPO checkpoint loads the SFT model named by its --init, so a new SFT model is a new scorer."""
+    model's); a GCPO checkpoint loads the SFT model named by its --init, so a new SFT model is a new scorer, unless
+    the checkpoint carries its own copy (init/): then that copy's files are in the key, and --init's folder is not."""
     sft, gcpo = tmp_path / "sft", tmp_path / "gcpo"
     for d, flags in ((sft, {"init": None}), (gcpo, {"init": str(sft)})):
         d.mkdir()
@@ -406,6 +407,13 @@ def test_the_cache_key_ignores_bench_output_inside_the_model_and_follows_a_gcpo_
     (gcpo / "bench" / "cache" / "scores.rank0.jsonl").write_text("{}")
     assert bench.scorer_id(str(gcpo), str(gcpo / "bench")) == key
     (sft / "adapter.safetensors").write_text("retrained")
+    assert bench.scorer_id(str(gcpo), str(gcpo / "bench")) != key
+    (gcpo / "init").mkdir()  # a checkpoint with its own copy of the SFT model loads that: the copy is in its key,
+    (gcpo / "init" / "args.json").write_text(json.dumps({"init": None}))  # the folder --init names is not
+    key = bench.scorer_id(str(gcpo), str(gcpo / "bench"))
+    (sft / "adapter.safetensors").write_text("retrained again")
+    assert bench.scorer_id(str(gcpo), str(gcpo / "bench")) == key
+    (gcpo / "init" / "adapter.safetensors").write_text("another copy")
     assert bench.scorer_id(str(gcpo), str(gcpo / "bench")) != key
 
 
