@@ -226,6 +226,30 @@ def test_a_reward_dimension_the_reward_model_lacks_is_an_error_at_load_naming_it
         grpo.make_reward("rm:tiny@quality", CPU)
 
 
+def test_a_verifier_checkpoint_is_a_reward_its_overall_or_one_principle(toy, tmp_path):
+    """Edit-R1's recipe: a verifier trained by rewardmodel.py as the reward. --reward rm:PATH gives its overall
+    (0..10, NaN where no answer parsed: group_advantages leaves it out), rm:PATH@principle one principle; each is
+    what RewardModel.score gives for the same edits."""
+    from rewardmodel import RewardModel
+    verifier = tmp_path / "verifier"
+    subprocess.run([sys.executable, "rewardmodel.py", "--mode", "verifier", "--stage", "sft", "--train",
+                    os.path.join(toy, "cot_train.jsonl"), "--out_dir", str(verifier), "--max_steps", "40",
+                    "--batch_size", "8", "--lr", "1e-2", "--warmup_steps", "4", "--lora_rank", "64", "--lora_alpha",
+                    "128", "--max_pixels", "3136", "--max_new_tokens", "40"], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True)
+    prompts = load_prompts(os.path.join(toy, "rl_test.jsonl"))[:4]
+    edits = [load_sources(p)[0] for p in prompts]  # the sources as edits: what matters is the plumbing
+    want = RewardModel.from_pretrained(str(verifier)).score([load_sources(p) for p in prompts],
+                                                            [p.instruction for p in prompts], edits)
+    assert (want["unparsed"] == 0).any()  # some answers parse: there are scores to compare
+    for dim in ("overall", "follow"):
+        spec = f"rm:{verifier}" + ("" if dim == "overall" else f"@{dim}")
+        assert grpo.parse_args(FAST + ["--reward", spec]).reward == spec
+        got = grpo.make_reward(spec, CPU)(prompts, edits)
+        assert got.dtype == torch.float64 and got.shape == (4,)
+        torch.testing.assert_close(got, want[dim].double(), equal_nan=True)
+
+
 def test_a_t5_prompt_longer_than_512_tokens_is_a_flag_error_as_in_the_kontext_pipeline(capsys):
     assert grpo.parse_args(FAST + ["--max_sequence_length", "512"]).max_sequence_length == 512
     with pytest.raises(SystemExit):
