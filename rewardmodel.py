@@ -675,7 +675,8 @@ class RewardModel(nn.Module):
                                                 for ims, ins in zip(pics, texts)]):
                 r = parse_verifier_output(r) or {"score": math.nan, "principles": {}}
                 rows.append([r["score"]] + [r["principles"].get(p, math.nan) for p in self.dims])
-        s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, -1)  # (B, K, 4 or 1 + P)
+        width = 4 if rubric else 1 + len(self.dims)  # SC and PQ pairs, or the score and each principle
+        s = torch.tensor(rows, dtype=torch.float32).reshape(len(edited), num_samples, width)  # B may be 0
         if rubric:
             return editscore_aggregate(s[..., :2], s[..., 2:])
         mean = s.nanmean(1)  # over the passes that gave a number; NaN if none did

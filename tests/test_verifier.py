@@ -507,6 +507,19 @@ def test_a_verifier_answers_the_same_whatever_the_batch(rubric, monkeypatch):
     assert len({tuple(a) for a in answers[0]}) > 2  # the answers differ: a real comparison
 
 
+@pytest.mark.parametrize("rubric", ["verifier", "editscore"])
+def test_a_rank_without_held_out_pairs_scores_none_and_goes_on(toy_files, rubric):
+    """More ranks than held-out pairs (say --val_max 1 on 2 GPUs): a rank with none scores an empty list; the
+    verifier returns empty tensors under the same keys, as the Gaussian head does, instead of failing to reshape."""
+    rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric=rubric, max_new_tokens=2)
+    full = rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=2)
+    empty = rm.score([], [], [], num_samples=2)
+    assert empty.keys() == full.keys() and all(v.shape == (0,) for v in empty.values())
+    pairs = [p for p in load_pairs(str(toy_files / "pairs.jsonl"), disentangle=False) if not p.tie][:1]
+    res = evaluate(rm, pairs, 4, rank=1, world_size=2, num_samples=2)  # rank 1 of 2 holds no pair
+    assert math.isnan(res["overall"])
+
+
 def test_editscore_rubric_counts_unparsed():
     """A random model never answers in the rubric's format: every pass is counted, no score is invented."""
     rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", max_new_tokens=4)
