@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, check_least, check_resume,
                   leave_distributed, load_image, load_pairs, load_traces, make_toy, print0, setup_distributed)
@@ -992,8 +993,11 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     over ranks. Gaussian: + "sigma_<dim>", geometric means. Verifier (overall only): + "tied", the share of pairs
     scored equal or unparsed (an image-blind model ties them all: both sides share seeds), and "parse"."""
     mine, verifier = pairs[rank::world_size], rm.mode == "verifier"
-    scores = rm.score([p.sources for p in mine] * 2, [p.instruction for p in mine] * 2,
-                      [p.preferred for p in mine] + [p.rejected for p in mine], num_samples, batch_size)
+    src, ins, ed = [p.sources for p in mine] * 2, [p.instruction for p in mine] * 2, [p.preferred for p in mine] + [
+        p.rejected for p in mine]  # a bar on rank 0 (a 7B verifier's Avg@K takes minutes); the scores are batch-free
+    parts = [rm.score(src[i:i + batch_size], ins[i:i + batch_size], ed[i:i + batch_size], num_samples, batch_size)
+             for i in tqdm(range(0, len(ed), batch_size), "held-out eval", disable=rank > 0, delay=5, leave=False)]
+    scores = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else rm.score([], [], [])
     names = ([] if verifier else rm.dims) + ["overall"]
     prefs = pair_prefs(mine, names[:-1])
     a_b = lambda s: s.chunk(2) if mine else (s, s)  # noqa: E731

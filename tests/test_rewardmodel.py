@@ -142,6 +142,19 @@ def test_tiny_scores_every_key_and_padding_side_does_not_matter(tiny, toy):
         tiny.processor.tokenizer.padding_side = "left"
 
 
+def test_held_out_evaluation_shows_progress_on_rank_0_and_scores_as_one_call(tiny, toy, monkeypatch):
+    """evaluate() scores batch by batch under a progress bar (a 7B verifier's Avg@K evaluation takes minutes), shown
+    on rank 0 only; the batches' scores join in order: the accuracies are those of one batch of all the edits."""
+    pairs = load_pairs(str(toy / "pairs_val.jsonl"))[:5]
+    bars, real = [], R.tqdm
+    monkeypatch.setattr(R, "tqdm", lambda it, *a, **kw: bars.append((len(it), kw["disable"])) or real(it, *a, **kw))
+    batched, whole = R.evaluate(tiny, pairs, batch_size=4), R.evaluate(tiny, pairs, batch_size=10)
+    R.evaluate(tiny, pairs, batch_size=4, rank=1, world_size=2)  # rank 1 of 2: pairs 1 and 3, one batch, no bar
+    assert len(pairs) == 5 and bars == [(3, False), (1, False), (1, True)]
+    assert set(batched) == {"overall", *tiny.dims, *(f"sigma_{d}" for d in tiny.dims)}
+    assert batched == pytest.approx(whole, abs=1e-6, nan_ok=True) and not math.isnan(batched["overall"])
+
+
 @pytest.mark.parametrize("dims", ["overall,visual_quality", "visual_quality,visual_quality", "sigma_x,visual_quality",
                                   ""])  # none: the fused overall of no dimension would be a math domain error
 def test_dimension_names_that_would_collide_with_score_keys_are_refused(dims):
