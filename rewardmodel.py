@@ -994,7 +994,7 @@ def evaluate(rm, pairs, batch_size, rank=0, world_size=1, num_samples=1):
     scored equal or unparsed (an image-blind model ties them all: both sides share seeds), and "parse"."""
     mine, verifier = pairs[rank::world_size], rm.mode == "verifier"
     src, ins, ed = [p.sources for p in mine] * 2, [p.instruction for p in mine] * 2, [p.preferred for p in mine] + [
-        p.rejected for p in mine]  # a bar on rank 0 (a 7B verifier's Avg@K takes minutes); the scores are batch-free
+        p.rejected for p in mine]  # batch by batch, a bar on rank 0: a 7B verifier's Avg@K takes minutes
     parts = [rm.score(src[i:i + batch_size], ins[i:i + batch_size], ed[i:i + batch_size], num_samples, batch_size)
              for i in tqdm(range(0, len(ed), batch_size), "held-out eval", disable=rank > 0, delay=5, leave=False)]
     scores = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else rm.score([], [], [])
