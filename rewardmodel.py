@@ -348,7 +348,10 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
     for t in range(max_new_tokens):  # as transformers' generate(), a token already in the prompt or answer is penalised
         logits = torch.where(seen & (logits > 0), logits / rp, torch.where(seen, logits * rp, logits))
         probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-        nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(n)])
+        # torch.multinomial's one-sample draw, argmax p / q with q ~ Exp(1) from the row's generator (the same token),
+        # batched: one kernel a row, without multinomial's own input checks a row (more kernels, or syncs, on a GPU)
+        q = torch.stack([torch.empty_like(probs[0]).exponential_(1, generator=g) for g in gens])
+        nxt = (probs / q).argmax(-1)
         toks.append(nxt)
         seen[torch.arange(n, device=dev), nxt] = True
         logps.append((logits / temperature).log_softmax(-1).gather(1, nxt[:, None])[:, 0])
@@ -362,7 +365,9 @@ def sample_shared_prefill(model, enc, seeds, eos_id, max_new_tokens, temperature
         out = model(input_ids=nxt[:, None], past_key_values=cache, position_ids=pos, attention_mask=attn,
                     use_cache=True)
         cache, logits = out.past_key_values, answer_logits(model, out.logits[:, -1])
-    return torch.stack(toks, 1).cpu(), torch.stack(logps, 1).cpu(), torch.stack(masks, 1).float().cpu()
+    if (logps := torch.stack(logps, 1)).isnan().any():  # multinomial's check, once: argmax would pick some token
+        raise FloatingPointError("the model's logits hold NaN or inf: no answer can be sampled from them")
+    return torch.stack(toks, 1).cpu(), logps.cpu(), torch.stack(masks, 1).float().cpu()
 
 def collate(encs, responses, pad_id):
     """Prompts (encode_prompt outputs) left-padded to end at column P, responses (lists of ids) right-padded after

@@ -169,6 +169,21 @@ def _img(seed):
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (56, 56, 3), dtype=np.uint8))
 
 
+def test_the_sampler_refuses_logits_with_nan_as_multinomial_does(tiny):
+    """The sampler draws multinomial's token with multinomial's own algorithm, batched, without its input checks:
+    logits that hold NaN (a diverged model) stop it with a clear error, never an arbitrary token."""
+    model, processor = tiny
+    enc = verifier_prompt(processor, [_img(0)], "make the red circle blue", _img(1))
+    assert sample_shared_prefill(model, enc, [1, 2], -1, 4)[1].isfinite().all()  # finite logits sample
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: o.index_fill(-1, torch.tensor([5]),
+                                                                                              float("nan")))
+    try:
+        with pytest.raises(FloatingPointError, match="NaN"):
+            sample_shared_prefill(model, enc, [1, 2], -1, 4)
+    finally:
+        hook.remove()
+
+
 def test_shared_prefill_same_tokens_as_independent(tiny):
     model, processor = tiny
     enc = verifier_prompt(processor, [_img(0)], "make the red circle blue", _img(1))
