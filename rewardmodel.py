@@ -1141,7 +1141,7 @@ def gcpo_update(rm, rows, optimizer, args):
     """--ppo_epochs passes over the rollout rows in micro-batches, one optimizer step per pass.
     -> (loss, clip fraction, kl, grad norm) of the last pass."""
     model = rm.train().backbone
-    ntok = all_sum(torch.tensor(float(sum(len(r[1]) for r in rows))))
+    ntok, refs = all_sum(torch.tensor(float(sum(len(r[1]) for r in rows)))), {}
     for _ in range(args.ppo_epochs):
         tot = torch.zeros(3)  # loss, clipped tokens, kl * tokens
         for i in range(0, len(rows), args.micro_batch):
@@ -1149,9 +1149,10 @@ def gcpo_update(rm, rows, optimizer, args):
             inputs, resp, rmask = collate([r[0] for r in mb], [r[1] for r in mb], rm.processor.tokenizer.pad_token_id)
             with rm.autocast():
                 logp = response_logprobs(model, inputs, resp, args.temperature)
-                with torch.no_grad(), model.disable_adapter():  # the KL's reference: the SFT policy
-                    ref = response_logprobs(model, inputs, resp, args.temperature) if args.kl_beta else None
-            dev = logp.device
+                if args.kl_beta and i not in refs:  # the KL's reference, the SFT policy: fixed, so once a rollout
+                    with torch.no_grad(), model.disable_adapter():
+                        refs[i] = response_logprobs(model, inputs, resp, args.temperature)
+            ref, dev = refs.get(i), logp.device
             old = torch.stack([F.pad(r[2], (0, rmask.shape[1] - len(r[2]))) for r in mb]).to(dev)
             rmask, adv = rmask.to(dev), torch.stack([r[3] for r in mb]).to(dev)
             loss = gcpo_loss(logp, old, adv, rmask, args.clip_eps, ref, args.kl_beta, ntok.to(dev))

@@ -380,6 +380,34 @@ def test_gcpo_update_with_grad_checkpointing_recomputes_and_updates_as_without(t
     assert any(v.abs().sum() > 0 for k, v in after["off"].items() if "lora_B" in k)  # LoRA B starts at zero
 
 
+def test_gcpo_update_computes_the_kl_reference_once_a_rollout(monkeypatch):
+    """The KL's reference (the model with its adapter off) does not move during a rollout's --ppo_epochs passes: it
+    is computed once per micro-batch, and every pass's KL uses its own micro-batch's reference."""
+    import rewardmodel
+    from rewardmodel import gcpo_update, make_optimizer
+    flags = verifier_flags(kl_beta=0.04, micro_batch=2, ppo_epochs=2, lr=1e-2, warmup_steps=0)
+    rm, args = RewardModel(flags), argparse.Namespace(**flags)
+    tok = rm.processor.tokenizer
+    encs = [verifier_prompt(rm.processor, [_img(2 * j)], "make it blue", _img(2 * j + 1)) for j in range(4)]
+    resps = [tok(t).input_ids for t in ("follow: 7", '{"score": 3}', "keep: 2 and quality 9", "score 4")]
+    batches = [collate(encs[i:i + 2], resps[i:i + 2], tok.pad_token_id) for i in (0, 2)]  # the update's micro-batches
+    with torch.no_grad():
+        old = [lp for b in batches for lp in response_logprobs(rm.backbone, b[0], b[1])]  # the rollout's, per row
+    advs = (1.0, -1.0, 0.5, -0.5)
+    rows = [(e, r, old[i][:len(r)], torch.tensor(a)) for i, (e, r, a) in enumerate(zip(encs, resps, advs))]
+    seen, real = [], rewardmodel.response_logprobs
+    monkeypatch.setattr(rewardmodel, "response_logprobs",
+                        lambda *a, **k: seen.append((torch.is_grad_enabled(), (out := real(*a, **k)))) or out)
+    _, _, kl, _ = gcpo_update(rm, rows, make_optimizer(rm, args), args)
+    policy, refs = [o.detach() for g, o in seen if g], [o for g, o in seen if not g]
+    assert len(policy) == 4 and len(refs) == 2  # 2 passes x 2 micro-batches; the reference once per micro-batch
+    with torch.no_grad(), rm.backbone.disable_adapter():
+        fresh = [real(rm.backbone, b[0], b[1], args.temperature) for b in batches]
+    assert all(torch.equal(r, f) for r, f in zip(refs, fresh))
+    last = sum((k3_kl(f, p) * b[2]).sum() for f, p, b in zip(fresh, policy[2:], batches)) / sum(map(len, resps))
+    assert kl == pytest.approx(last.item(), rel=1e-5) and kl > 0  # the last pass, each batch against its own
+
+
 def test_the_verifier_trains_in_bf16_as_dtype_auto_does_on_cuda(toy_files):
     """--dtype auto is bf16 on CUDA: the adapter stays fp32 under autocast, the base bf16; an SFT step, a GCPO rollout
     (shared-prefill sampling with a bf16 KV cache) and its update run, and at the first update the teacher-forced
