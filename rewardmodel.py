@@ -1191,7 +1191,7 @@ def train_verifier(args, d):
     state = resume_state(args, d.device)
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
     if args.stage == "sft" and not rm.dims:  # the principles the traces teach become the score keys
-        parsed = [parse_verifier_output(t.response) for t in items[:200]]
+        parsed = [parse_verifier_output(t.response) for t in items]  # all: a principle seen late is still one
         rm.dims = list(dict.fromkeys(k for r in parsed if r for k in r["principles"]))
         rm.flags["dims"] = ",".join(rm.dims)
     unit = "traces" if args.stage == "sft" else "pairs"

@@ -641,3 +641,20 @@ def test_bad_training_data_stops_the_verifier_before_its_model_loads(tmp_path, m
     args = parser.parse_args(["--mode", "verifier", "--stage", stage, "--train", str(tmp_path / "bad.jsonl")])
     with pytest.raises(ValueError, match=r"bad.jsonl:1: "):
         rewardmodel.train_verifier(args, Dist())
+
+
+def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monkeypatch):
+    """With no --dims, SFT scores the principles its traces name, in first-seen order: one named only by the last
+    of 250 traces is a key too, not dropped."""
+    import rewardmodel
+    _img(0).save(tmp_path / "a.png")
+    late = TOY.replace('"score"', '"late": 2, "score"')
+    with open(tmp_path / "traces.jsonl", "w") as f:
+        for i in range(250):
+            f.write(json.dumps({"id": f"t{i}", "instruction": "x", "source": "a.png", "edited": "a.png",
+                                "response": late if i == 249 else TOY}) + "\n")
+    seen = []
+    monkeypatch.setattr(rewardmodel, "train_loop", lambda a, d, rm, *r, **k: seen.append(list(rm.dims)))
+    rewardmodel.train_verifier(argparse.Namespace(**verifier_flags(dims="", train=str(tmp_path / "traces.jsonl"),
+                                                                   out_dir=str(tmp_path / "out"))), Dist())
+    assert seen == [["follow", "keep", "quality", "late"]]
