@@ -1187,7 +1187,10 @@ def train_verifier(args, d):
     if args.stage == "sft":  # the data first: a bad row stops the run before the model loads
         items = load_traces(args.train or "data/toy/cot_train.jsonl")
     else:  # a tied pair says nothing about which trace is right
-        items = [p for p in load_pairs(args.train or "data/toy/gcpo_train.jsonl", disentangle=False) if not p.tie]
+        pairs = load_pairs(path := args.train or "data/toy/gcpo_train.jsonl", disentangle=False)
+        if not (items := [p for p in pairs if not p.tie]):
+            raise SystemExit(f"{path}: every pair is tied; GCPO needs pairs with a preferred edit")
+        print0(f"{path}: {len(pairs) - len(items)} of {len(pairs)} pairs tied, left out of GCPO")
     state = resume_state(args, d.device)
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
     if args.stage == "sft" and not rm.dims:  # the principles the traces teach become the score keys

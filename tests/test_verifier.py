@@ -658,3 +658,25 @@ def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monke
     rewardmodel.train_verifier(argparse.Namespace(**verifier_flags(dims="", train=str(tmp_path / "traces.jsonl"),
                                                                    out_dir=str(tmp_path / "out"))), Dist())
     assert seen == [["follow", "keep", "quality", "late"]]
+
+
+def test_gcpo_says_how_many_tied_pairs_it_leaves_out_and_refuses_a_file_of_ties(tmp_path, monkeypatch, capsys):
+    import rewardmodel
+    _img(0).save(tmp_path / "a.png")
+    _img(1).save(tmp_path / "b.png")
+    def write(ties):
+        with open(tmp_path / "pairs.jsonl", "w") as f:
+            for i, tie in enumerate(ties):
+                f.write(json.dumps({"id": f"p{i}", "instruction": "x", "source": "a.png", "preferred": "a.png",
+                                    "rejected": "b.png", "tie": tie}) + "\n")
+    seen = []
+    monkeypatch.setattr(rewardmodel, "RewardModel", lambda *a, **k: None)
+    monkeypatch.setattr(rewardmodel, "train_loop", lambda a, d, rm, items, *r, **k: seen.append(items))
+    args = argparse.Namespace(**verifier_flags(stage="gcpo", train=str(tmp_path / "pairs.jsonl"),
+                                               out_dir=str(tmp_path / "out")))
+    write([True, False, True])
+    rewardmodel.train_verifier(args, Dist())
+    assert [p.id for p in seen[0]] == ["p1"] and "2 of 3 pairs tied, left out of GCPO" in capsys.readouterr().out
+    write([True, True])
+    with pytest.raises(SystemExit, match="pairs.jsonl: every pair is tied"):
+        rewardmodel.train_verifier(args, Dist())
