@@ -1197,6 +1197,8 @@ def train_verifier(args, d):
         parsed = [parse_verifier_output(t.response) for t in items]  # all: a principle seen late is still one
         rm.dims = list(dict.fromkeys(k for r in parsed if r for k in r["principles"]))
         rm.flags["dims"] = ",".join(rm.dims)
+        print0(f"score keys: the {len(rm.dims)} principles the traces name ({', '.join(rm.dims[:8])}"
+               f"{', ...' * (len(rm.dims) > 8)}); --dims picks them instead")
     unit = "traces" if args.stage == "sft" else "pairs"
     build = functools.partial(sft_prompts, rm) if args.stage == "sft" else None  # GCPO: generation dominates
     return train_loop(args, d, rm, items, functools.partial(verifier_step, rm, args), unit, state=state, build=build)

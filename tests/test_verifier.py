@@ -643,7 +643,7 @@ def test_bad_training_data_stops_the_verifier_before_its_model_loads(tmp_path, m
         rewardmodel.train_verifier(args, Dist())
 
 
-def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monkeypatch):
+def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monkeypatch, capsys):
     """With no --dims, SFT scores the principles its traces name, in first-seen order: one named only by the last
     of 250 traces is a key too, not dropped."""
     import rewardmodel
@@ -658,6 +658,7 @@ def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monke
     rewardmodel.train_verifier(argparse.Namespace(**verifier_flags(dims="", train=str(tmp_path / "traces.jsonl"),
                                                                    out_dir=str(tmp_path / "out"))), Dist())
     assert seen == [["follow", "keep", "quality", "late"]]
+    assert "score keys: the 4 principles the traces name (follow, keep, quality, late)" in capsys.readouterr().out
 
 
 def test_gcpo_says_how_many_tied_pairs_it_leaves_out_and_refuses_a_file_of_ties(tmp_path, monkeypatch, capsys):
