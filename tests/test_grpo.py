@@ -189,9 +189,9 @@ def paths(toy):
             "--sft_data", os.path.join(toy, "editor_train.jsonl")]
 
 
-def editor_for(toy, *extra):
+def editor_for(toy, *extra, device=CPU):
     args = grpo.parse_args(FAST + paths(toy) + list(extra))
-    return grpo.load_editor(args, CPU), args
+    return grpo.load_editor(args, device), args
 
 
 def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, capsys):
@@ -314,18 +314,24 @@ def test_grad_checkpointing_recomputes_the_blocks_and_gives_the_same_update(toy,
     assert any(g.abs().sum() > 0 for g in grads[False].values())
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a GPU's kernels: needs CUDA"))])
 @pytest.mark.parametrize("editor_name", ["tiny", "tiny-qwen"])
-def test_in_bf16_with_checkpointing_the_first_updates_ratios_are_exactly_one(toy, editor_name):
+def test_in_bf16_with_checkpointing_the_first_updates_ratios_are_exactly_one(toy, editor_name, device):
     """Flow-GRPO clips the ratio at 1 +- 1e-4, so the training forward must reproduce the rollout's log-probs to
     far better than bf16's resolution: in the README's settings (bf16, LoRA, checkpointed blocks) it repeats the
-    rollout's arithmetic exactly, and no sample is clipped."""
-    editor, args = editor_for(toy, "--editor", editor_name, "--dtype", "bf16", "--guidance", "1")
+    rollout's arithmetic exactly, and no sample is clipped. On CUDA the rollout (no grad) and the training forward
+    (grad, recomputed in backward) may pick different attention kernels: they must agree too."""
+    editor, args = editor_for(toy, "--editor", editor_name, "--dtype", "bf16", "--guidance", "1",
+                              device=torch.device(device))
     named, ref = grpo.setup_trainable(editor, args)
     editor.tr.enable_gradient_checkpointing()
     prompts, sigmas = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2], editor.sigmas(args.num_steps)
-    _, batches = grpo.rollout(editor, prompts, [1, 2], sigmas, {0, 1, 2}, args, torch.Generator().manual_seed(0))
+    gen = torch.Generator(device).manual_seed(0)
+    _, batches = grpo.rollout(editor, prompts, [1, 2], sigmas, {0, 1, 2}, args, gen)
     opt = torch.optim.AdamW([q for _, q in named], lr=1e-3)
-    stats = grpo.update(editor, opt, named, ref, batches, torch.tensor([1.0, -1.0]), sigmas, {0, 1, 2}, args)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64, device=device)  # as the run's: gathered rewards
+    stats = grpo.update(editor, opt, named, ref, batches, adv, sigmas, {0, 1, 2}, args)
     assert stats["ratio_min"] == stats["ratio_max"] == 1.0 and stats["clip"] == 0 and stats["grad_norm"] > 0
 
 

@@ -408,13 +408,17 @@ def test_gcpo_update_computes_the_kl_reference_once_a_rollout(monkeypatch):
     assert kl == pytest.approx(last.item(), rel=1e-5) and kl > 0  # the last pass, each batch against its own
 
 
-def test_the_verifier_trains_in_bf16_as_dtype_auto_does_on_cuda(toy_files):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a GPU's kernels: needs CUDA"))])
+def test_the_verifier_trains_in_bf16_as_dtype_auto_does_on_a_gpu(toy_files, device):
     """--dtype auto is bf16 on CUDA: the adapter stays fp32 under autocast, the base bf16; an SFT step, a GCPO rollout
     (shared-prefill sampling with a bf16 KV cache) and its update run, and at the first update the teacher-forced
-    log-probs agree with the sampler's within the PPO clip (no token clipped), as they must on policy."""
+    log-probs agree with the sampler's within the PPO clip (no token clipped), as they must on policy. On CUDA the
+    flags are the defaults themselves (--dtype auto, --grad_checkpointing auto: on)."""
     from rewardmodel import gcpo_rollout, gcpo_update, make_optimizer, optimizer_step
-    flags = verifier_flags(dtype="bfloat16", kl_beta=0.04, max_new_tokens=8, num_traces=2, micro_batch=2)
-    rm, args = RewardModel(flags), argparse.Namespace(**flags)
+    flags = verifier_flags(dtype="auto" if device == "cuda" else "bfloat16", kl_beta=0.04, max_new_tokens=8,
+                           num_traces=2, micro_batch=2)
+    rm, args = RewardModel(flags, device), argparse.Namespace(**flags)
     assert {p.dtype for p in rm.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in rm.parameters() if not p.requires_grad} == {torch.bfloat16}
     optimizer = make_optimizer(rm, args)
