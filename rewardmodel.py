@@ -745,7 +745,13 @@ class RewardModel(nn.Module):
             flags = json.load(open(os.path.join(path, "args.json")))
             if overrides.get("mode", flags["mode"]) != flags["mode"]:
                 raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
-            return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
+            try:
+                return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
+            except OSError as e:  # its base VLM is named as the machine that trained it knew it
+                if overrides.get("model") or flags["model"] in TINY_MODELS or os.path.isdir(flags["model"]):
+                    raise
+                raise OSError(f"{path}: its base model {flags['model']!r} is not a folder here and did not load from "
+                              f"the hub ({e}); give it as model=<folder or hub name>, or edit args.json") from e
         if published := published_layout(path):
             kind, where = published
             return (load_editscore if kind == "editscore" else load_editreward)(cls, where, defaults, overrides, device)

@@ -497,3 +497,22 @@ def test_an_image_that_fails_to_decode_mid_run_is_named_by_its_file_and_row():
     pair = PreferencePair("0", "make it red", [img], img, b"\x89PNG cut short", {"overall": 1}, origin="pairs.jsonl:7")
     with pytest.raises(DataError, match="pairs.jsonl:7: cannot decode image"):
         R.encode_pairs(rm, [pair])
+
+
+def test_a_checkpoint_whose_base_folder_is_gone_says_so_and_model_overrides_it(tmp_path):
+    """A LoRA checkpoint names its base as the training machine knew it (here a local folder). Where that folder is
+    gone, loading names the checkpoint, the base and the way out (model=), and model= then loads it."""
+    backbone, processor = R.build_tiny_vlm()
+    for where in ("base", "moved"):
+        backbone.save_pretrained(tmp_path / where), processor.save_pretrained(tmp_path / where)
+    args = R.parser.parse_args(["--toy", "--finetune=lora", f"--model={tmp_path / 'base'}"])
+    rm = R.RewardModel(vars(args))
+    R.save_checkpoint(str(tmp_path / "ck"), rm, torch.optim.AdamW(rm.head.parameters()), 0)
+    for f in os.listdir(tmp_path / "base"):
+        os.remove(tmp_path / "base" / f)
+    os.rmdir(tmp_path / "base")
+    with pytest.raises(OSError, match=rf"ck: its base model '{re.escape(str(tmp_path / 'base'))}' is not a folder "
+                                      r"here.*model=<folder or hub name>, or edit args.json"):
+        R.RewardModel.from_pretrained(str(tmp_path / "ck"))
+    back = R.RewardModel.from_pretrained(str(tmp_path / "ck"), model=str(tmp_path / "moved"))
+    assert all(torch.equal(v, rm.state_dict()[k]) for k, v in back.state_dict().items())
