@@ -551,9 +551,16 @@ class RewardModel(nn.Module):
             self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
                               init=os.path.abspath(flags["init"]))
         else:
-            backbone, self.processor = load_backbone(
-                flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"], flags["max_pixels"],
-                os.path.join(weights, "backbone") if weights and full else None)
+            try:
+                backbone, self.processor = load_backbone(
+                    flags["model"], resolve_dtype(flags["dtype"], device), flags["min_pixels"], flags["max_pixels"],
+                    os.path.join(weights, "backbone") if weights and full else None)
+            except OSError as e:  # a checkpoint names its base as the machine that trained it knew it
+                if not weights or flags["model"] in TINY_MODELS or os.path.isdir(flags["model"]):
+                    raise
+                raise OSError(f"{weights}: its base model {flags['model']!r} is not a folder here and did not load "
+                              f"from the hub ({e}); pass its folder or hub name as model= (--model), or edit "
+                              "args.json") from e
         self.dims = list(RUBRIC_DIMS) if verifier and flags["rubric"] == "editscore" else [
             d for d in self.flags["dims"].split(",") if d]
         bad = len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims)
@@ -745,13 +752,7 @@ class RewardModel(nn.Module):
             flags = json.load(open(os.path.join(path, "args.json")))
             if overrides.get("mode", flags["mode"]) != flags["mode"]:
                 raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
-            try:
-                return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
-            except OSError as e:  # its base VLM is named as the machine that trained it knew it
-                if overrides.get("model") or flags["model"] in TINY_MODELS or os.path.isdir(flags["model"]):
-                    raise
-                raise OSError(f"{path}: its base model {flags['model']!r} is not a folder here and did not load from "
-                              f"the hub ({e}); give it as model=<folder or hub name>, or edit args.json") from e
+            return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
         if published := published_layout(path):
             kind, where = published
             return (load_editscore if kind == "editscore" else load_editreward)(cls, where, defaults, overrides, device)

@@ -512,7 +512,7 @@ def test_a_checkpoint_whose_base_folder_is_gone_says_so_and_model_overrides_it(t
         os.remove(tmp_path / "base" / f)
     os.rmdir(tmp_path / "base")
     with pytest.raises(OSError, match=rf"ck: its base model '{re.escape(str(tmp_path / 'base'))}' is not a folder "
-                                      r"here.*model=<folder or hub name>, or edit args.json"):
+                                      r"here.*pass its folder or hub name as model= \(--model\), or edit args.json"):
         R.RewardModel.from_pretrained(str(tmp_path / "ck"))
     back = R.RewardModel.from_pretrained(str(tmp_path / "ck"), model=str(tmp_path / "moved"))
     assert all(torch.equal(v, rm.state_dict()[k]) for k, v in back.state_dict().items())
