@@ -559,8 +559,8 @@ class RewardModel(nn.Module):
                 if not weights or flags["model"] in TINY_MODELS or os.path.isdir(flags["model"]):
                     raise
                 raise OSError(f"{weights}: its base model {flags['model']!r} is not a folder here and did not load "
-                              f"from the hub ({e}); pass its folder or hub name as model= (--model), or edit "
-                              "args.json") from e
+                              f"from the hub ({e}); put it there, or load the checkpoint with model=<its folder or hub "
+                              "name> (or edit args.json)") from e
         self.dims = list(RUBRIC_DIMS) if verifier and flags["rubric"] == "editscore" else [
             d for d in self.flags["dims"].split(",") if d]
         bad = len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -508,11 +509,10 @@ def test_a_checkpoint_whose_base_folder_is_gone_says_so_and_model_overrides_it(t
     args = R.parser.parse_args(["--toy", "--finetune=lora", f"--model={tmp_path / 'base'}"])
     rm = R.RewardModel(vars(args))
     R.save_checkpoint(str(tmp_path / "ck"), rm, torch.optim.AdamW(rm.head.parameters()), 0)
-    for f in os.listdir(tmp_path / "base"):
-        os.remove(tmp_path / "base" / f)
-    os.rmdir(tmp_path / "base")
+    shutil.rmtree(tmp_path / "base")
     with pytest.raises(OSError, match=rf"ck: its base model '{re.escape(str(tmp_path / 'base'))}' is not a folder "
-                                      r"here.*pass its folder or hub name as model= \(--model\), or edit args.json"):
+                                      r"here.*put it there, or load the checkpoint with model=<its folder or hub "
+                                      r"name> \(or edit args.json\)"):
         R.RewardModel.from_pretrained(str(tmp_path / "ck"))
     back = R.RewardModel.from_pretrained(str(tmp_path / "ck"), model=str(tmp_path / "moved"))
     assert all(torch.equal(v, rm.state_dict()[k]) for k, v in back.state_dict().items())
