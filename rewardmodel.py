@@ -68,7 +68,7 @@ arg("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,dow
 arg("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vision tower (full: lora = frozen)")
 # --- verifier: stages, GCPO, scoring
 arg("--stage", default="sft", choices=["sft", "gcpo"], help="SFT cold start or GCPO (evaluation: bench.py --k K)")
-arg("--init", default=None, help="gcpo: the SFT checkpoint to start from")
+arg("--init", default=None, help="gcpo: the SFT checkpoint to start from (none: --model itself)")
 arg("--rubric", default="verifier", choices=["verifier", "editscore"], help="scoring prompt (EditScore's rubric)")
 arg("--prompt_file", default=None, help="JSON of templates with {instruction}: one per dim (gaussian) or SC, PQ")
 arg("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
@@ -1198,6 +1198,7 @@ def train_verifier(args, d):
         if not (items := [p for p in pairs if not p.tie]):
             raise SystemExit(f"{path}: every pair is tied; GCPO needs pairs with a preferred edit")
         print0(f"{path}: {len(pairs) - len(items)} of {len(pairs)} pairs tied, left out of GCPO")
+        print0(f"no --init: GCPO starts from {args.model} itself, also the KL's reference") if not args.init else None
     state = resume_state(args, d.device)
     rm = RewardModel(vars(args), d.device, weights=args.out_dir if state else None)
     if args.stage == "sft" and not rm.dims:  # the principles the traces teach become the score keys

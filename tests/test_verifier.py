@@ -665,7 +665,7 @@ def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monke
     assert "score keys: the 4 principles the traces name (follow, keep, quality, late)" in capsys.readouterr().out
 
 
-def test_gcpo_says_how_many_tied_pairs_it_leaves_out_and_refuses_a_file_of_ties(tmp_path, monkeypatch, capsys):
+def test_gcpo_says_its_tied_pairs_and_a_missing_init_and_refuses_a_file_of_ties(tmp_path, monkeypatch, capsys):
     import rewardmodel
     _img(0).save(tmp_path / "a.png")
     _img(1).save(tmp_path / "b.png")
@@ -681,7 +681,11 @@ def test_gcpo_says_how_many_tied_pairs_it_leaves_out_and_refuses_a_file_of_ties(
                                                out_dir=str(tmp_path / "out")))
     write([True, False, True])
     rewardmodel.train_verifier(args, Dist())
-    assert [p.id for p in seen[0]] == ["p1"] and "2 of 3 pairs tied, left out of GCPO" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert [p.id for p in seen[0]] == ["p1"] and "2 of 3 pairs tied, left out of GCPO" in out
+    assert "no --init: GCPO starts from tiny itself, also the KL's reference" in out  # no SFT model named: said
+    rewardmodel.train_verifier(argparse.Namespace(**vars(args) | {"init": str(tmp_path / "sft")}), Dist())
+    assert "no --init" not in capsys.readouterr().out
     write([True, True])
     with pytest.raises(SystemExit, match="pairs.jsonl: every pair is tied"):
         rewardmodel.train_verifier(args, Dist())
