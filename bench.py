@@ -203,6 +203,8 @@ def score_all(args, dist, units, scorer_flags):
         from rewardmodel import RewardModel  # transformers & co. load only when there is something to score
         torch.manual_seed(args.seed)  # anything the model draws at build time is then the same on every rank
         rm = RewardModel.from_pretrained(args.model, device=str(dist.device), **scorer_flags)
+        if args.k > 1 and rm.mode == "gaussian":  # its score is one deterministic forward: K passes would agree
+            print0(f"--k {args.k}: a Gaussian reward model is deterministic, so each image is scored once (Avg@1)")
         os.makedirs(cache_dir, exist_ok=True)
         with open(os.path.join(cache_dir, f"scores.rank{dist.rank}.jsonl"), "a", encoding="utf-8") as f, \
                 tqdm(total=len(todo), disable=not dist.master, desc="scoring") as bar:
@@ -316,7 +318,7 @@ def parse_args(argv=None):
                    "mode) with this prompt, e.g. EditScore's rubric zero-shot on any VLM; default: the checkpoint's")
     p.add_argument("--max_new_tokens", type=int, default=0, help="verifier mode: longest answer; 0 = the checkpoint's")
     p.add_argument("--prompt_file", default=None, help="JSON of the scorer's prompt templates (rewardmodel.py)")
-    p.add_argument("--k", type=int, default=1, help="Avg@K self-ensemble: sampled passes averaged per image")
+    p.add_argument("--k", type=int, default=1, help="Avg@K of a generative scorer: K sampled passes averaged per image")
     p.add_argument("--seed", type=int, default=42, help="sampling seed: Avg@K pass i uses seed + i (as EditScore)")
     p.add_argument("--batch_size", type=int, default=8, help="edited images per scoring step, all ranks together")
     p.add_argument("--device", default="auto", help="auto (cuda when there is one) | cpu | cuda")

@@ -365,6 +365,17 @@ def test_smoke_verifier_mode(tmp_path):
     assert run_bench(tmp_path, data, "--limit", "2")["scored_now"] == 4  # the Gaussian tiny is another scorer
 
 
+def test_k_passes_of_a_gaussian_model_are_one_and_it_says_so(tmp_path, capsys):
+    data = project_pairs(tmp_path)
+    run_bench(tmp_path, data, "--limit", "2")
+    one = bench.read_cache(tmp_path / "bench" / "cache")
+    assert "a Gaussian reward model is deterministic" not in capsys.readouterr().out
+    run_bench(tmp_path, data, "--limit", "2", "--k", "3")
+    assert "--k 3: a Gaussian reward model is deterministic, so each image is scored once" in capsys.readouterr().out
+    three = {k: v for k, v in bench.read_cache(tmp_path / "bench" / "cache").items() if k not in one}
+    assert sorted(map(json.dumps, three.values())) == sorted(map(json.dumps, one.values()))  # the same scores
+
+
 def test_cache_shares_images_and_skips_rescoring(tmp_path):
     data = editscore_bench(tmp_path)
     first = run_bench(tmp_path, data)
