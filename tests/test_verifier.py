@@ -647,6 +647,18 @@ def test_bad_training_data_stops_the_verifier_before_its_model_loads(tmp_path, m
         rewardmodel.train_verifier(args, Dist())
 
 
+@pytest.mark.parametrize("stage", ["sft", "gcpo"])
+def test_training_under_the_editscore_rubric_is_refused_before_anything_loads(monkeypatch, stage):
+    """SFT and GCPO teach the verifier's prompt; a checkpoint saved with --rubric editscore would score with
+    EditScore's two prompts, which it never saw."""
+    import rewardmodel
+    monkeypatch.setattr(rewardmodel, "load_traces", lambda *a, **k: pytest.fail("the data loaded first"))
+    monkeypatch.setattr(rewardmodel, "load_pairs", lambda *a, **k: pytest.fail("the data loaded first"))
+    args = argparse.Namespace(**verifier_flags(stage=stage, rubric="editscore"))
+    with pytest.raises(SystemExit, match=r"--rubric editscore scores \(bench.py --rubric editscore\); SFT and GCPO"):
+        rewardmodel.train_verifier(args, Dist())
+
+
 def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monkeypatch, capsys):
     """With no --dims, SFT scores the principles its traces name, in first-seen order: one named only by the last
     of 250 traces is a key too, not dropped."""
