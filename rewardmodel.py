@@ -1191,9 +1191,9 @@ def train_verifier(args, d):
     """--stage sft | gcpo of the verifier mode -> train_loop's metrics."""
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
-    if args.rubric != "verifier":  # its two prompts and 0-25 answers are a way to score, not what the traces teach
-        raise SystemExit("--rubric editscore scores (bench.py --rubric editscore); SFT and GCPO train the verifier "
-                         "prompt")
+    if args.rubric != "verifier" or args.prompt_file:  # ways to score, not what the traces and GCPO's rollouts teach
+        raise SystemExit("--rubric editscore and --prompt_file choose how a model scores (bench.py); SFT and GCPO "
+                         "train the verifier's own prompt")
     if args.stage == "sft":  # the data first: a bad row stops the run before the model loads
         items = load_traces(args.train or "data/toy/cot_train.jsonl")
     else:  # a tied pair says nothing about which trace is right
