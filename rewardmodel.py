@@ -100,6 +100,9 @@ arg("--toy", action="store_true", help="toy-world preset of the mode (explicit f
 LEAST = dict(batch_size=1, micro_batch=1, max_steps=1, log_interval=1, eval_interval=1, num_traces=1, ppo_epochs=1,
              max_new_tokens=1, val_max=0, lr_decay_steps=0, warmup_steps=0, lr=0, head_lr=0, grad_clip=0, kl_beta=0,
              clip_eps=0, lora_dropout=0)  # each number flag's least value
+MODE_ONLY = dict(gaussian=("per_dim_prompts", "reward_token", "head_hidden", "loss", "head_lr"),  # a flag given to
+                 verifier=("stage", "init", "rubric", "num_traces", "temperature", "clip_eps", "ppo_epochs", "kl_beta",
+                           "max_new_tokens"))  # the other mode is an error: --stage gcpo alone would train a Gaussian
 
 # Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
 # The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
@@ -1250,4 +1253,7 @@ if __name__ == "__main__":
     parser.set_defaults(**preset(args.mode, args.toy))
     args = parser.parse_args()
     check_least(parser, args, LEAST)
+    other = MODE_ONLY["verifier" if args.mode == "gaussian" else "gaussian"]
+    if unused := [f"--{k}" for k in other if getattr(args, k) != parser.get_default(k)]:
+        parser.error(f"--mode {args.mode} does not use {', '.join(unused)} (flags of the other --mode)")
     main(args)

@@ -372,9 +372,12 @@ def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
 
 @pytest.mark.parametrize("flag,why", [("--micro_batch=0", "--micro_batch must be >= 1, got 0"),
                                       ("--lr=nan", "--lr must be >= 0, got nan"),  # else NaN weights from step 1
-                                      ("--val_max=-3", "--val_max must be >= 0, got -3")])  # else [:-3] drops 3 pairs
+                                      ("--val_max=-3", "--val_max must be >= 0, got -3"),  # else [:-3] drops 3 pairs
+                                      # a flag of the other mode: without --mode verifier, GCPO would train a Gaussian
+                                      ("--stage=gcpo --init=out/sft", "--mode gaussian does not use --stage, --init"),
+                                      ("--mode=verifier --loss=mc", "--mode verifier does not use --loss")])
 def test_bad_flag_values_are_refused(flag, why):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), flag],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), *flag.split()],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and why in proc.stderr
 
