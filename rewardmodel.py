@@ -729,6 +729,9 @@ class RewardModel(nn.Module):
             keep = ("args.json", "backbone", "init")  # the model, not that run's optimizer state
             shutil.copytree(self.init_dir, os.path.join(path, "init"),
                             ignore=lambda d, names: [n for n in names if d == self.init_dir and n not in keep])
+        if self.prompts:  # the templates it was trained with travel with it (the --prompt_file may not)
+            with open(os.path.join(path, "prompts.json"), "w", encoding="utf-8") as f:
+                json.dump(self.prompts, f, indent=1)
         if self.head is not None:
             extra = {f"head.{k}": v for k, v in self.head.state_dict().items()} | {"reward_row": self.reward_row}
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()},
@@ -753,6 +756,8 @@ class RewardModel(nn.Module):
         defaults, overrides = vars(parser.parse_args([])), {k: v for k, v in overrides.items() if v is not None}
         if os.path.exists(os.path.join(path, "args.json")):
             flags = json.load(open(os.path.join(path, "args.json")))
+            if os.path.isfile(own := os.path.join(path, "prompts.json")):  # its own copy of its --prompt_file
+                flags["prompt_file"] = own
             if overrides.get("mode", flags["mode"]) != flags["mode"]:
                 raise ValueError(f"{path} holds a {flags['mode']} reward model, not a {overrides['mode']} one")
             return cls({**defaults, **flags, **overrides}, device, weights=path).eval()

@@ -519,3 +519,23 @@ def test_a_checkpoint_whose_base_folder_is_gone_says_so_and_model_overrides_it(t
         R.RewardModel.from_pretrained(str(tmp_path / "ck"))
     back = R.RewardModel.from_pretrained(str(tmp_path / "ck"), model=str(tmp_path / "moved"))
     assert all(torch.equal(v, rm.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+def test_a_checkpoint_keeps_the_templates_it_was_trained_with(toy, tmp_path):
+    """A model trained with a --prompt_file saves its templates (prompts.json) and scores with them wherever it
+    goes: the file it was trained from may be gone (another machine, another working directory) or edited."""
+    templates = {d: f"Judge the {d} of this edit: {{instruction}}" for d in R.DIMS}
+    (tmp_path / "p.json").write_text(json.dumps(templates))
+    args = R.parser.parse_args(["--toy", f"--prompt_file={tmp_path / 'p.json'}"])
+    rm = R.RewardModel({**vars(args), "head_hidden": 32})
+    R.save_checkpoint(str(tmp_path / "ck"), rm, torch.optim.AdamW(rm.head.parameters()), 0)
+    val = load_pairs(str(toy / "pairs_val.jsonl"))[:2]
+    items = ([p.sources for p in val], [p.instruction for p in val], [p.rejected for p in val])
+    want = rm.score(*items)
+    (tmp_path / "p.json").write_text(json.dumps({d: "{instruction}" for d in R.DIMS}))  # edited after training
+    back = R.RewardModel.from_pretrained(str(tmp_path / "ck"))
+    assert back.prompts == templates and json.loads((tmp_path / "ck" / "prompts.json").read_text()) == templates
+    got = back.score(*items)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    (tmp_path / "p.json").unlink()  # gone
+    assert R.RewardModel.from_pretrained(str(tmp_path / "ck")).prompts == templates
