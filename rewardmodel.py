@@ -8,9 +8,9 @@ Monte-Carlo estimate; bt: Bradley-Terry). --per_dim_prompts is EditReward's one-
 --mode verifier (Edit-R1, Guo et al., "Leveraging Verifier-Based Reinforcement Learning in Image Editing"): the VLM
 checks the principles an edit must meet and ends in JSON scores 0..10; SFT teaches it, then GCPO samples N traces
 per image of a human pair, rewards each by how often it lands on the right side of the other group's, and takes a
-PPO-clipped token loss with a KL to the SFT model. --rubric editscore: EditScore's two-prompt rubric (arXiv
-2509.23909). Avg@K averages K passes sampled from ONE shared prefill; an unparsed answer is counted, never guessed.
-Simplified: one prompt template per mode.
+PPO-clipped token loss with a KL to the SFT model. rubric="editscore" (bench.py --rubric editscore): EditScore's
+two-prompt rubric (arXiv 2509.23909). Avg@K averages K passes sampled from ONE shared prefill; an unparsed answer is
+counted, never guessed. Simplified: one prompt template per mode.
 
   python rewardmodel.py --toy                          # Gaussian, tiny random Qwen2.5-VL on CPU (writes data/toy)
   python rewardmodel.py --toy --per_dim_prompts        # EditReward's layout: compare the pairs/s of the logs
@@ -57,6 +57,7 @@ arg("--grad_checkpointing", default="auto", choices=["auto", "on", "off"], help=
 # --- gaussian: head and loss
 arg("--per_dim_prompts", action="store_true", help="EditReward layout: one prompt + forward per dimension")
 arg("--reward_token", default="<|reward|>", help="the special token whose hidden state the head reads")
+arg("--prompt_file", default=None, help="JSON of templates with {instruction}, one per dimension (as EditReward's)")
 arg("--head_hidden", type=int, default=1024, help="hidden width of the MLP head")
 arg("--loss", default="gaussian", choices=["gaussian", "mc", "bt"], help="closed form | Monte-Carlo | Bradley-Terry")
 # --- fine-tuning
@@ -69,8 +70,6 @@ arg("--vision", default="frozen", choices=["frozen", "lora", "train"], help="vis
 # --- verifier: stages, GCPO, scoring
 arg("--stage", default="sft", choices=["sft", "gcpo"], help="SFT cold start or GCPO (evaluation: bench.py --k K)")
 arg("--init", default=None, help="gcpo: the SFT checkpoint to start from (none: --model itself)")
-arg("--rubric", default="verifier", choices=["verifier", "editscore"], help="scoring prompt (EditScore's rubric)")
-arg("--prompt_file", default=None, help="JSON of templates with {instruction}: one per dim (gaussian) or SC, PQ")
 arg("--num_traces", type=int, default=4, help="N traces sampled per image (2N per pair)")
 arg("--temperature", type=float, default=1.0, help="GCPO sampling temperature (policy = sampler)")
 arg("--clip_eps", type=float, default=0.2, help="PPO ratio clip")
@@ -100,9 +99,10 @@ arg("--toy", action="store_true", help="toy-world preset of the mode (explicit f
 LEAST = dict(batch_size=1, micro_batch=1, max_steps=1, log_interval=1, eval_interval=1, num_traces=1, ppo_epochs=1,
              max_new_tokens=1, val_max=0, lr_decay_steps=0, warmup_steps=0, lr=0, head_lr=0, grad_clip=0, kl_beta=0,
              clip_eps=0, lora_dropout=0)  # each number flag's least value
-MODE_ONLY = dict(gaussian=("per_dim_prompts", "reward_token", "head_hidden", "loss", "head_lr"),  # a flag given to
-                 verifier=("stage", "init", "rubric", "num_traces", "temperature", "clip_eps", "ppo_epochs", "kl_beta",
-                           "max_new_tokens"))  # the other mode is an error: --stage gcpo alone would train a Gaussian
+# Each mode's own flags: one given to the other mode is an error, never ignored (--stage gcpo alone: a Gaussian run)
+MODE_ONLY = dict(gaussian=("per_dim_prompts", "reward_token", "prompt_file", "head_hidden", "loss", "head_lr"),
+                 verifier=("stage", "init", "num_traces", "temperature", "clip_eps", "ppo_epochs", "kl_beta",
+                           "max_new_tokens"))
 
 # Presets: the defaults a mode and its --toy recipe put over the parser's (explicit flags still win).
 # The toy's tiny random model needs its vision tower trained, and more updates per second than a real one.
@@ -537,7 +537,7 @@ class RewardModel(nn.Module):
 
     def __init__(self, flags, device="cpu", weights=None):
         super().__init__()
-        self.flags, self.mode, device = dict(flags), flags["mode"], torch.device(device)
+        self.flags, self.mode, device = {"rubric": "verifier"} | flags, flags["mode"], torch.device(device)
         self.prompts = read_prompts(flags["prompt_file"]) if flags["prompt_file"] else None  # before minutes of loading
         full, verifier = flags["finetune"] == "full", self.mode == "verifier"
         if verifier and full:
@@ -564,7 +564,7 @@ class RewardModel(nn.Module):
                 raise OSError(f"{weights}: its base model {flags['model']!r} is not a folder here and did not load "
                               f"from the hub ({e}); put it there, or load the checkpoint with model=<its folder or hub "
                               "name> (or edit args.json)") from e
-        self.dims = list(RUBRIC_DIMS) if verifier and flags["rubric"] == "editscore" else [
+        self.dims = list(RUBRIC_DIMS) if verifier and self.flags["rubric"] == "editscore" else [
             d for d in self.flags["dims"].split(",") if d]
         bad = len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims)
         if bad or not (self.dims or verifier):  # a Gaussian head needs a dimension: the overall fuses them
@@ -1199,9 +1199,6 @@ def train_verifier(args, d):
     """--stage sft | gcpo of the verifier mode -> train_loop's metrics."""
     if args.batch_size % d.world:
         raise SystemExit(f"--batch_size {args.batch_size} must divide by the world size {d.world}")
-    if args.rubric != "verifier" or args.prompt_file:  # ways to score, not what the traces and GCPO's rollouts teach
-        raise SystemExit("--rubric editscore and --prompt_file choose how a model scores (bench.py); SFT and GCPO "
-                         "train the verifier's own prompt")
     if args.stage == "sft":  # the data first: a bad row stops the run before the model loads
         items = load_traces(args.train or "data/toy/cot_train.jsonl")
     else:  # a tied pair says nothing about which trace is right

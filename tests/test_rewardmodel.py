@@ -375,7 +375,11 @@ def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
                                       ("--val_max=-3", "--val_max must be >= 0, got -3"),  # else [:-3] drops 3 pairs
                                       # a flag of the other mode: without --mode verifier, GCPO would train a Gaussian
                                       ("--stage=gcpo --init=out/sft", "--mode gaussian does not use --stage, --init"),
-                                      ("--mode=verifier --loss=mc", "--mode verifier does not use --loss")])
+                                      ("--mode=verifier --loss=mc", "--mode verifier does not use --loss"),
+                                      # the verifier's own prompt takes no templates: they would be saved, never used
+                                      ("--mode=verifier --prompt_file=p.json", "does not use --prompt_file"),
+                                      # a rubric is a way to score (bench.py --rubric): a trained verifier never saw it
+                                      ("--mode=verifier --rubric=editscore", "unrecognized arguments: --rubric")])
 def test_bad_flag_values_are_refused(flag, why):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "rewardmodel.py"), *flag.split()],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)

@@ -647,19 +647,6 @@ def test_bad_training_data_stops_the_verifier_before_its_model_loads(tmp_path, m
         rewardmodel.train_verifier(args, Dist())
 
 
-@pytest.mark.parametrize("stage", ["sft", "gcpo"])
-@pytest.mark.parametrize("flag", [dict(rubric="editscore"), dict(prompt_file="prompts.json")])
-def test_training_under_a_scoring_prompt_is_refused_before_anything_loads(monkeypatch, stage, flag):
-    """SFT and GCPO teach the verifier's prompt; a checkpoint saved with --rubric editscore would score with
-    EditScore's two prompts, which it never saw, and the verifier's prompt takes no --prompt_file templates."""
-    import rewardmodel
-    monkeypatch.setattr(rewardmodel, "load_traces", lambda *a, **k: pytest.fail("the data loaded first"))
-    monkeypatch.setattr(rewardmodel, "load_pairs", lambda *a, **k: pytest.fail("the data loaded first"))
-    args = argparse.Namespace(**verifier_flags(stage=stage, **flag))
-    with pytest.raises(SystemExit, match=r"--rubric editscore and --prompt_file choose how a model scores"):
-        rewardmodel.train_verifier(args, Dist())
-
-
 def test_the_sft_score_keys_are_every_principle_the_traces_teach(tmp_path, monkeypatch, capsys):
     """With no --dims, SFT scores the principles its traces name, in first-seen order: one named only by the last
     of 250 traces is a key too, not dropped."""
