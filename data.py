@@ -472,6 +472,12 @@ def check_least(parser, args, least):
     if bad := next((k for k, v in least.items() if not getattr(args, k) >= v), None):
         parser.error(f"--{bad} must be >= {least[bad]}, got {getattr(args, bad)}")
 
+def check_unused(parser, args, names, why):
+    """parser.error if a flag of `names`, those this run does not use (`why`: the flag that decides), differs from its
+    default (the parser's, a preset's included): a flag that would do nothing stops the run, never goes unnoticed."""
+    if unused := [f"--{k}" for k in names if getattr(args, k) != parser.get_default(k)]:
+        parser.error(f"{why} does not use {', '.join(unused)} (flags of the other {why.split()[0]})")
+
 @dataclass
 class Dist:
     rank: int = 0

@@ -21,10 +21,9 @@ the LoRA targets. Unlike it: the step at sigma = 1, each group's own std (its ed
       --test_prompts data/rl/rl_test.jsonl --reward rm:out/rm --dtype bf16 --resolution 512 --num_steps 6 \\
       --noise_level 0.9 --lora_rank 64 --lora_alpha 128 --group_size 24 --prompts_per_step 4 --micro_batch 4 --offload
   # 8 GPUs, Qwen-Image-Edit, true CFG 4 (several nodes: --nnodes/--node_rank/--rdzv_endpoint, a shared --out_dir)
-  torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --guidance 4 --num_steps 10 --dtype bf16 \\
-      --resolution 512 --cond_pixels 262144 --train_prompts data/rl/rl_train.jsonl --reward rm:out/rm \\
-      --test_prompts data/rl/rl_test.jsonl --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 \\
-      --fsdp --grad_checkpointing
+  torchrun --nproc_per_node=8 grpo.py --editor Qwen/Qwen-Image-Edit --num_steps 10 --dtype bf16 --cond_pixels 262144 \\
+      --train_prompts data/rl/rl_train.jsonl --test_prompts data/rl/rl_test.jsonl --reward rm:out/rm --resolution 512 \\
+      --lora_rank 64 --lora_alpha 128 --group_size 16 --prompts_per_step 8 --fsdp --grad_checkpointing
 
 A log line a step (stdout). In --out_dir: eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors (with LoRA) for `pipeline.load_lora_weights(ckpt)`,
@@ -49,8 +48,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 
-from data import (atomic_dir, atomic_write, check_least, check_resume, image_sheet, leave_distributed, load_image,
-                  load_prompts, load_sources, parse_toy_instruction, print0, setup_distributed, shard, toy_oracle)
+from data import (atomic_dir, atomic_write, check_least, check_resume, check_unused, image_sheet, leave_distributed,
+                  load_image, load_prompts, load_sources, parse_toy_instruction, print0, setup_distributed, shard,
+                  toy_oracle)
 from rewardmodel import TINY_MODELS, RewardModel, build_tiny_vlm, load_processor, published_layout, read_prompts
 
 # ----------------------------------------------------------------------------- the math
@@ -120,8 +120,7 @@ def pack(lat):
     B, C, h, w = lat.shape
     return lat.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
 
-def unpack(x, C, h, w):
-    """Inverse of pack: (B, h/2 * w/2, 4C) -> (B, C, h, w)."""
+def unpack(x, C, h, w):  # the inverse of pack: (B, h/2 * w/2, 4C) -> (B, C, h, w)
     return x.view(x.shape[0], h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x.shape[0], C, h, w)
 
 def to_tensor(img, side):
@@ -129,8 +128,7 @@ def to_tensor(img, side):
     a = np.asarray(img.convert("RGB").resize((side, side), Image.LANCZOS), dtype=np.float32)
     return torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1
 
-def to_pil(x):
-    """(B, 3, H, W) in [-1, 1] -> list of PIL."""
+def to_pil(x):  # (B, 3, H, W) in [-1, 1] -> a list of PIL images
     a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(im) for im in a]
 
@@ -671,10 +669,10 @@ def parse_args(argv=None):
     # --- sampling
     p.add_argument("--num_steps", type=int, default=8, help="sampling steps of a rollout")
     p.add_argument("--eval_num_steps", type=int, default=8, help="ODE steps of the evaluation")
-    p.add_argument("--noise_level", type=float, default=0.7, help="a in the SDE's noise")
+    p.add_argument("--noise_level", type=float, default=0.7, help="grpo: a in the SDE's noise (nft rolls out ODEs)")
     p.add_argument("--sde_window", type=int, default=0, help="SDE + train on N steps, 0: all but last (nft: N sigmas)")
-    p.add_argument("--window_max_start", type=int, default=-1, help="latest first step of the window (Flow-GRPO's "
-                   "sde_window_range: the early, noisy steps decide the layout); -1 = any")
+    p.add_argument("--window_max_start", type=int, default=-1, help="grpo: latest first step of the window (Flow-"
+                   "GRPO's sde_window_range: the early, noisy steps decide the layout); -1 = any")
     # --- GRPO and DiffusionNFT
     p.add_argument("--algo", default="grpo", choices=["grpo", "nft"], help="Flow-GRPO or DiffusionNFT (nft_loss)")
     p.add_argument("--nft_beta", type=float, default=1.0, help="nft: beta of the implicit policies' mixing")
@@ -683,7 +681,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts_per_step", type=int, default=8, help="prompts per step (global)")
     p.add_argument("--group_size", type=int, default=8, help="samples per prompt (>= 2), spread over ranks")
     p.add_argument("--same_noise_per_group", action="store_true", help="grpo: a group shares its initial noise")
-    p.add_argument("--clip_range", type=float, default=1e-4, help="PPO ratio clip c")
+    p.add_argument("--clip_range", type=float, default=1e-4, help="grpo: PPO ratio clip c")
     p.add_argument("--beta", type=float, default=0.0, help="grpo: KL weight to the starting policy (Flow-GRPO's scale)")
     p.add_argument("--micro_batch", type=int, default=8, help="samples per forward and per decode on each rank")
     # --- trained weights and optimizer
@@ -706,8 +704,8 @@ def parse_args(argv=None):
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
     check_least(p, args, dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1, grad_clip=0,
                               clip_range=0, beta=0, noise_level=0))
-    if args.max_sequence_length > 512:  # T5's training length; FluxKontextPipeline refuses more
-        p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512")
+    p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512 (T5's)") if args.max_sequence_length > 512 \
+        else None  # T5's training length; FluxKontextPipeline refuses more
     p.error("--sde_window must be < --num_steps (the last step is ODE)") if args.sde_window >= args.num_steps else None
     p.error(f"prompts_per_step x group_size = {n} must divide over {world} ranks") if n % world else None
     if args.reward != "oracle" and not args.reward.startswith("rm:"):  # said before minutes of loading the editor
@@ -720,8 +718,9 @@ def parse_args(argv=None):
         read_prompts(args.reward_prompts) if args.reward_prompts else None
     except ValueError as e:
         p.error(str(e))
-    if args.fsdp and "RANK" not in os.environ:
-        p.error("--fsdp shards over torchrun's ranks: launch with torchrun (--nproc_per_node=1 for one GPU)")
+    p.error("--fsdp needs torchrun (--nproc_per_node=1: one GPU)") if args.fsdp and "RANK" not in os.environ else None
+    grpo_only = ("same_noise_per_group", "clip_range", "beta", "noise_level", "window_max_start")  # nft: ODE rollouts
+    check_unused(p, args, ("nft_beta", "nft_decay") if args.algo == "grpo" else grpo_only, f"--algo {args.algo}")
     return args
 
 def main(args):

@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from data import (BG_COLORS, CELLS, DIMS, EDIT_KINDS, SHAPE_COLORS, SHAPES, atomic_dir, check_least, check_resume,
-                  leave_distributed, load_image, load_pairs, load_traces, make_toy, print0, setup_distributed)
+                  check_unused, leave_distributed, load_image, load_pairs, load_traces, make_toy, print0,
+                  setup_distributed)
 
 # --- flags --------------------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
@@ -1255,7 +1256,5 @@ if __name__ == "__main__":
     parser.set_defaults(**preset(args.mode, args.toy))
     args = parser.parse_args()
     check_least(parser, args, LEAST)
-    other = MODE_ONLY["verifier" if args.mode == "gaussian" else "gaussian"]
-    if unused := [f"--{k}" for k in other if getattr(args, k) != parser.get_default(k)]:
-        parser.error(f"--mode {args.mode} does not use {', '.join(unused)} (flags of the other --mode)")
+    check_unused(parser, args, MODE_ONLY["verifier" if args.mode == "gaussian" else "gaussian"], f"--mode {args.mode}")
     main(args)

@@ -30,6 +30,12 @@ FAST = ["--editor", "tiny", "--resolution", "16", "--max_sequence_length", "48",
         "--eval_prompts", "2", "--eval_every", "0", "--lr", "1e-2", "--noise_level", "0.9"]
 
 
+def on(algo):
+    """FAST under --algo: nft refuses FAST's --noise_level, a Flow-GRPO flag (its rollouts are ODE samples)."""
+    i = FAST.index("--noise_level")
+    return (FAST if algo == "grpo" else FAST[:i] + FAST[i + 2:]) + ["--algo", algo]
+
+
 # ---------------------------------------------------------------------------- the sampler
 
 
@@ -198,7 +204,7 @@ def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, 
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit):
         grpo.parse_args(FAST + ["--fsdp"])
-    assert "launch with torchrun" in capsys.readouterr().err
+    assert "--fsdp needs torchrun" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")  # under torchrun the flag parses
     assert grpo.parse_args(FAST + ["--fsdp"]).fsdp
 
@@ -211,6 +217,19 @@ def test_flags_out_of_range_are_flag_errors_not_a_run_that_trains_nothing(capsys
     with pytest.raises(SystemExit):
         grpo.parse_args(FAST + [flag, value])
     assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, unused", [
+    ("--algo nft --beta 0.04", "--algo nft does not use --beta"), ("--nft_beta 2", "--algo grpo does not use --nft_beta"),
+    ("--algo nft --clip_range 0.2 --noise_level 0.9 --same_noise_per_group",
+     "--algo nft does not use --same_noise_per_group, --clip_range, --noise_level")])
+def test_a_flag_of_the_other_algo_is_a_flag_error_not_a_run_that_ignores_it(capsys, flags, unused):
+    """--algo nft has no KL, no PPO clip and ODE rollouts; GRPO has no old policy to mix or decay."""
+    with pytest.raises(SystemExit):
+        grpo.parse_args(flags.split())
+    assert unused + " (flags of the other --algo)" in capsys.readouterr().err
+    assert grpo.parse_args(["--algo", "nft", "--nft_beta", "2"]).nft_beta == 2  # its own flags, and a preset's
+    assert grpo.parse_args(["--toy", "--algo", "nft"]).same_noise_per_group  # (set for GRPO) are not refused
 
 
 def test_grad_clip_0_is_off_as_in_rewardmodel_not_a_clip_that_zeroes_the_gradients():
@@ -292,7 +311,8 @@ def test_grad_checkpointing_recomputes_the_blocks_and_gives_the_same_update(toy,
     prompts = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2]
     grads, calls = {}, {}
     for checkpointing in (False, True):
-        editor, args = editor_for(toy, "--beta", "0.04", "--algo", algo)
+        args = grpo.parse_args(on(algo) + paths(toy) + ["--beta", "0.04"] * (algo == "grpo"))
+        editor = grpo.load_editor(args, CPU)
         named, ref = grpo.setup_trainable(editor, args)
         old = {n: q.detach().clone() for n, q in named}
         editor.tr.enable_gradient_checkpointing() if checkpointing else None
@@ -674,8 +694,8 @@ def restored(out, args):
 
 @pytest.mark.parametrize("algo,editor", [("grpo", "tiny"), ("nft", "tiny"), ("nft", "tiny-qwen")])
 def test_torchrun_two_ranks_end_with_the_saved_weights(toy, tmp_path, algo, editor):
-    out, flags = str(tmp_path / "ddp"), FAST + paths(toy) + ["--steps", "2", "--sft_steps", "2", "--group_size", "3",
-                                                             "--algo", algo, "--editor", editor]
+    out, flags = str(tmp_path / "ddp"), on(algo) + paths(toy) + ["--steps", "2", "--sft_steps", "2", "--group_size",
+                                                                "3", "--editor", editor]
     res = run(flags, out, torchrun=True, check=False)
     assert res.returncode == 0 and "step 2/2" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     # the last eval ran half its prompts on each rank: the saved weights reproduce it, so both ranks held them
@@ -709,7 +729,7 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path, alg
     """--fsdp shards the transformer and its optimizer state (and NFT's old policy) over the ranks; a checkpoint
     gathers the whole state and --resume shards it again, so 2 steps + resume to 4 equal 4 straight steps (without
     the optimizer state the weights differ by ~0.03)."""
-    args = FAST + paths(toy) + ["--sft_steps", "2", "--fsdp", "--eval_every", "1", "--algo", algo]
+    args = on(algo) + paths(toy) + ["--sft_steps", "2", "--fsdp", "--eval_every", "1"]
     a, b = str(tmp_path / "straight"), str(tmp_path / "resumed")
     for extra, out in ((["--steps", "4"], a), (["--steps", "2"], b), (["--steps", "4", "--resume"], b)):
         res = run(args + extra, out, torchrun=True, check=False)
@@ -796,7 +816,7 @@ def test_the_toy_oracle_on_prompts_outside_the_toy_world_stops_before_the_editor
 def straight(toy, tmp_path_factory, request):
     """4 steps, a checkpoint after each, under each --algo -> (out_dir, flags)."""
     out = str(tmp_path_factory.mktemp("straight"))
-    args = FAST + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2", "--algo", request.param]
+    args = on(request.param) + paths(toy) + ["--steps", "4", "--eval_every", "1", "--sft_steps", "2"]
     run(args, out)
     return out, args
 
