@@ -205,6 +205,8 @@ def score_all(args, dist, units, scorer_flags):
         rm = RewardModel.from_pretrained(args.model, device=str(dist.device), **scorer_flags)
         if args.k > 1 and rm.mode == "gaussian":  # its score is one deterministic forward: K passes would agree
             print0(f"--k {args.k}: a Gaussian reward model is deterministic, so each image is scored once (Avg@1)")
+        if args.max_new_tokens and rm.mode == "gaussian":  # a flag copied from a generative scorer's command
+            print0(f"--max_new_tokens {args.max_new_tokens}: a Gaussian reward model generates no answer (unused)")
         os.makedirs(cache_dir, exist_ok=True)
         with open(os.path.join(cache_dir, f"scores.rank{dist.rank}.jsonl"), "a", encoding="utf-8") as f, \
                 tqdm(total=len(todo), disable=not dist.master, desc="scoring") as bar:

@@ -365,7 +365,7 @@ def test_smoke_verifier_mode(tmp_path):
     assert run_bench(tmp_path, data, "--limit", "2")["scored_now"] == 4  # the Gaussian tiny is another scorer
 
 
-def test_k_passes_of_a_gaussian_model_are_one_and_it_says_so(tmp_path, capsys):
+def test_k_passes_and_max_new_tokens_on_a_gaussian_model_are_unused_and_it_says_so(tmp_path, capsys):
     data = project_pairs(tmp_path)
     run_bench(tmp_path, data, "--limit", "2")
     one = bench.read_cache(tmp_path / "bench" / "cache")
@@ -374,6 +374,8 @@ def test_k_passes_of_a_gaussian_model_are_one_and_it_says_so(tmp_path, capsys):
     assert "--k 3: a Gaussian reward model is deterministic, so each image is scored once" in capsys.readouterr().out
     three = {k: v for k, v in bench.read_cache(tmp_path / "bench" / "cache").items() if k not in one}
     assert sorted(map(json.dumps, three.values())) == sorted(map(json.dumps, one.values()))  # the same scores
+    run_bench(tmp_path, data, "--limit", "2", "--max_new_tokens", "64")  # an EditScore command's flag
+    assert "--max_new_tokens 64: a Gaussian reward model generates no answer" in capsys.readouterr().out
 
 
 def test_cache_shares_images_and_skips_rescoring(tmp_path):
