@@ -1256,5 +1256,6 @@ if __name__ == "__main__":
     parser.set_defaults(**preset(args.mode, args.toy))
     args = parser.parse_args()
     check_least(parser, args, LEAST)
+    parser.error(f"--temperature must be > 0, got {args.temperature}") if not args.temperature > 0 else None  # logits/T
     check_unused(parser, args, MODE_ONLY["verifier" if args.mode == "gaussian" else "gaussian"], f"--mode {args.mode}")
     main(args)

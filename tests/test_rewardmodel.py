@@ -375,6 +375,8 @@ def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
                                       ("--val_max=-3", "--val_max must be >= 0, got -3"),  # else [:-3] drops 3 pairs
                                       # one trace a group: every GCPO advantage 0, a run that learns nothing
                                       ("--mode=verifier --num_traces=1", "--num_traces must be >= 2, got 1"),
+                                      # sampled at logits / T: 0 died in decoding, blaming the model's logits
+                                      ("--mode=verifier --temperature=0", "--temperature must be > 0, got 0.0"),
                                       # a flag of the other mode: without --mode verifier, GCPO would train a Gaussian
                                       ("--stage=gcpo --init=out/sft", "--mode gaussian does not use --stage, --init"),
                                       ("--mode=verifier --loss=mc", "--mode verifier does not use --loss"),
