@@ -423,7 +423,7 @@ def load_items(path, fmt="auto", split=None, config=None, skip_bad=False, check_
     elif want is PreferencePair:
         items = [p for it in items for p in (it.to_pairs() if isinstance(it, CandidateGroup) else [it])]
     if bad := next((it for it in items if want and not isinstance(it, want)), None):
-        raise DataError(f"{bad.origin}: a {type(bad).__name__} where a {want.__name__} was expected")
+        raise DataError(f"{bad.origin}: a {type(bad).__name__} where {want.__name__} items were expected")
     out = Loaded(disentangle_ties(items) if disentangle else items)
     out.skipped = skipped
     if skipped:

@@ -433,7 +433,7 @@ def test_project_jsonl_all_kinds(tmp_path):
     tpath = write_jsonl(tmp_path / "t.jsonl", [{"id": "t", "instruction": "i", "source": "s.png",
                                                "edited": "a.png", "response": "ok"}])
     assert data.load_traces(tpath)[0].response == "ok"
-    with pytest.raises(DataError, match="t.jsonl:1"):
+    with pytest.raises(DataError, match="t.jsonl:1: a CotTrace where PreferencePair items were expected"):
         data.load_pairs(tpath)
 
 
