@@ -767,9 +767,9 @@ class RewardModel(nn.Module):
             return (load_editscore if kind == "editscore" else load_editreward)(cls, where, defaults, overrides, device)
         mode = overrides.get("mode", "gaussian")
         if mode == "gaussian" and path not in TINY_MODELS:
-            raise FileNotFoundError(f"{path}: not a reward model: no args.json (this script's checkpoints), no "
-                                    "adapter_config.json (an EditScore adapter), no model.pth or model.safetensors "
-                                    "with rm_heads.* (EditReward); with mode='verifier' any VLM scores zero-shot")
+            raise FileNotFoundError(f"{path}: not a reward model: no args.json (ours), no adapter_config.json (an "
+                                    "EditScore adapter), no model.pth / model.safetensors with rm_heads.* (EditReward);"
+                                    " with mode='verifier' (bench.py --rubric) any VLM scores zero-shot")
         scorer = editscore_flags(path) if mode == "verifier" and overrides.get("rubric") == "editscore" else {}
         return cls({**defaults, **preset(mode, mode == "gaussian"), **scorer, "model": path, "stage": "eval",
                     **overrides}, device).eval()

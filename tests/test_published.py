@@ -249,7 +249,7 @@ def test_editreward_prompt_file_places_the_token_inside_the_user_turn(base, edit
 
 
 def test_not_a_reward_model_names_what_is_missing(base, tmp_path):
-    with pytest.raises(FileNotFoundError, match="args.json.*adapter_config.json.*model.pth"):
+    with pytest.raises(FileNotFoundError, match=r"args.json.*adapter_config.json.*model.pth.*\(bench.py --rubric\)"):
         R.RewardModel.from_pretrained(base)  # a plain VLM folder: weights but no head, no adapter
     save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="rm_heads"):
