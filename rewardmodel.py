@@ -764,6 +764,9 @@ class RewardModel(nn.Module):
             return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
         if published := published_layout(path):
             kind, where = published
+            mode = "verifier" if kind == "editscore" else "gaussian"  # EditScore writes its scores, EditReward has heads
+            if overrides.get("mode", mode) != mode:
+                raise ValueError(f"{path} holds {kind}'s {mode} reward model, not a {overrides['mode']} one")
             return (load_editscore if kind == "editscore" else load_editreward)(cls, where, defaults, overrides, device)
         mode = overrides.get("mode", "gaussian")
         if mode == "gaussian" and path not in TINY_MODELS:
@@ -846,8 +849,8 @@ def load_editscore(cls, folder, defaults, overrides, device):
         if os.path.exists(card) else None
     config = PeftConfig.from_pretrained(folder)
     base = overrides.get("model") or (card[1] if card else config.base_model_name_or_path)
-    rm = cls({**defaults, **preset("verifier", False), **editscore_flags(base), "stage": "eval", **overrides,
-              "model": base, "mode": "verifier", "rubric": "editscore"}, device)
+    rm = cls({**defaults, **preset("verifier", False), **editscore_flags(base), "stage": "eval", "rubric": "editscore",
+              **overrides, "model": base, "mode": "verifier"}, device)  # a rubric= of the caller's wins, as for ours
     lora = get_peft_model(rm.backbone, config)
     load_adapter(lora, os.path.join(folder, "adapter_model.safetensors"), base)
     rm.backbone = lora.merge_and_unload()

@@ -248,6 +248,17 @@ def test_editreward_prompt_file_places_the_token_inside_the_user_turn(base, edit
     assert (batch[0]["input_ids"] == rm.reward_id).sum() == 1
 
 
+def test_a_published_checkpoint_refuses_the_other_mode_and_takes_a_rubric(base, editscore, editreward):
+    """As this script's own checkpoints: a clashing mode is an error, never dropped (bench.py --rubric on EditReward's
+    heads scored them as Gaussian without a word); a rubric= is the caller's choice (it was forced to EditScore's)."""
+    with pytest.raises(ValueError, match="holds editreward's gaussian reward model, not a verifier one"):
+        R.RewardModel.from_pretrained(editreward[0], model=base, mode="verifier", rubric="editscore")
+    with pytest.raises(ValueError, match="holds editscore's verifier reward model, not a gaussian one"):
+        R.RewardModel.from_pretrained(editscore[0], mode="gaussian")
+    assert R.RewardModel.from_pretrained(editscore[0], rubric="verifier").flags["rubric"] == "verifier"
+    assert R.RewardModel.from_pretrained(editscore[0], mode="verifier").flags["rubric"] == "editscore"
+
+
 def test_not_a_reward_model_names_what_is_missing(base, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"args.json.*adapter_config.json.*model.pth.*\(bench.py --rubric\)"):
         R.RewardModel.from_pretrained(base)  # a plain VLM folder: weights but no head, no adapter
