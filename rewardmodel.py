@@ -764,7 +764,7 @@ class RewardModel(nn.Module):
             return cls({**defaults, **flags, **overrides}, device, weights=path).eval()
         if published := published_layout(path):
             kind, where = published
-            mode = "verifier" if kind == "editscore" else "gaussian"  # EditScore writes its scores, EditReward has heads
+            mode = "verifier" if kind == "editscore" else "gaussian"  # EditScore writes its scores; EditReward: heads
             if overrides.get("mode", mode) != mode:
                 raise ValueError(f"{path} holds {kind}'s {mode} reward model, not a {overrides['mode']} one")
             return (load_editscore if kind == "editscore" else load_editreward)(cls, where, defaults, overrides, device)
