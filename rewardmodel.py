@@ -99,7 +99,7 @@ arg("--device", default="auto", help="cpu | cuda | auto (torchrun: LOCAL_RANK)")
 arg("--toy", action="store_true", help="toy-world preset of the mode (explicit flags win)")
 LEAST = dict(batch_size=1, micro_batch=1, max_steps=1, log_interval=1, eval_interval=1, num_traces=2, ppo_epochs=1,
              max_new_tokens=1, val_max=0, lr_decay_steps=0, warmup_steps=0, lr=0, head_lr=0, grad_clip=0, kl_beta=0,
-             clip_eps=0, lora_dropout=0)  # each number flag's least (GCPO: a group of 1 trace has no advantage)
+             clip_eps=0, lora_dropout=0, lora_rank=1, lora_alpha=1)  # each number flag's least (1 trace: no advantage)
 # Each mode's own flags: one given to the other mode is an error, never ignored (--stage gcpo alone: a Gaussian run)
 MODE_ONLY = dict(gaussian=("per_dim_prompts", "reward_token", "prompt_file", "head_hidden", "loss", "head_lr"),
                  verifier=("stage", "init", "num_traces", "temperature", "clip_eps", "ppo_epochs", "kl_beta",

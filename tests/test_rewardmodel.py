@@ -373,6 +373,8 @@ def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
 @pytest.mark.parametrize("flag,why", [("--micro_batch=0", "--micro_batch must be >= 1, got 0"),
                                       ("--lr=nan", "--lr must be >= 0, got nan"),  # else NaN weights from step 1
                                       ("--val_max=-3", "--val_max must be >= 0, got -3"),  # else [:-3] drops 3 pairs
+                                      # alpha 0 scales every adapter to 0 (nothing trains); rank 0 died in peft,
+                                      ("--lora_alpha=0", "--lora_alpha must be >= 1, got 0"),  # after the 7B loaded
                                       # one trace a group: every GCPO advantage 0, a run that learns nothing
                                       ("--mode=verifier --num_traces=1", "--num_traces must be >= 2, got 1"),
                                       # sampled at logits / T: 0 died in decoding, blaming the model's logits
