@@ -133,7 +133,7 @@ def _rows(path, split=None, config=None):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON: {e}") from e
             return
-        for i, line in enumerate(text.splitlines(), start=1):  # jsonl rows are numbered like the lines
+        for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028 etc.
             try:
                 yield from [(f"{path}:{i}", json.loads(line))] if line.strip() else []
             except json.JSONDecodeError as e:
@@ -145,7 +145,8 @@ def _rows(path, split=None, config=None):
             ds = datasets.load_dataset("parquet", data_files=path, split="train")
         elif any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(path)
-            ds = ds[split or "train"] if isinstance(ds, datasets.DatasetDict) else ds
+            ds = ds[split or ("train" if "train" in ds or len(ds) > 1 else next(iter(ds)))] if isinstance(
+                ds, datasets.DatasetDict) else ds  # a saved GenAI-Bench holds test_v1 alone
         else:  # GenAI-Bench: image_edition, split test_v1 (its README); TIGER-Lab/EditReward-Bench: 2pair.. are folders
             hub = ("image_edition", "test_v1") if path == "TIGER-Lab/GenAI-Bench" else (None, "train")
             sub = config and (path == "TIGER-Lab/EditReward-Bench" or os.path.isdir(os.path.join(path, config)))
@@ -194,10 +195,11 @@ class _Row:
             return None if v is None else float(v)
         self.fail(f"column '{col}' must be a finite number, got {v!r}")
 
-    def image(self, col, v=None):  # a path (relative to the manifest), embedded bytes or a PIL image
-        v = self.req(col) if v is None else v
+    def image(self, col, v=None):  # a path (relative to the manifest, else to the working directory, as EditReward's
+        v = self.req(col) if v is None else v  # own JSON files are written), embedded bytes or a PIL image
         v = v.get("bytes") or v.get("path") if isinstance(v, dict) else v
-        v = os.path.join(self.base, v) if isinstance(v, str) and v else bytes(v) if isinstance(v, bytearray) else v
+        j = os.path.join(self.base, v) if isinstance(v, str) and v else None
+        v = j if j and (os.path.exists(j) or not os.path.exists(v)) else bytes(v) if isinstance(v, bytearray) else v
         return v if isinstance(v, (str, bytes, Image.Image, partial)) and v != "" else self.fail(
             f"column '{col}' holds no image (got {type(v).__name__})")
 

@@ -118,6 +118,37 @@ def test_editreward_validation_json(tmp_path):
     assert t.tie and t.prefs == {"instruction_following": 0, "overall": 0}
 
 
+def test_editreward_json_paths_from_the_working_directory(tmp_path, monkeypatch):
+    """EditReward's own JSON files name images relative to its repository's root, where its scripts run (its
+    evaluate/eval_bench.py opens them as given): a path not found beside the file is read from the working directory.
+    One found beside the file wins."""
+    for d in ("imgs", "data", "data/imgs"):
+        (tmp_path / d).mkdir()
+    for n, c in [("s", (0, 0, 0)), ("a", (255, 0, 0)), ("b", (0, 255, 0))]:
+        write_png(tmp_path / "imgs" / f"{n}.png", c)
+    row = {"prompt": "Put popcorn in the plate.", "path_src": "imgs/s.png", "path1": "imgs/a.png",
+           "path2": "imgs/b.png", "model1_dim1_score": 4, "model2_dim1_score": 2}
+    (tmp_path / "data" / "v.json").write_text(json.dumps([row]))
+    monkeypatch.chdir(tmp_path)
+    (p,) = data.load_pairs("data/v.json")
+    assert rgb(p.preferred) == (255, 0, 0) and rgb(p.rejected) == (0, 255, 0)
+    write_png(tmp_path / "data" / "imgs" / "a.png", (0, 0, 255))
+    assert rgb(data.load_pairs("data/v.json")[0].preferred) == (0, 0, 255)
+
+
+def test_a_jsonl_string_may_hold_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+0085 and the like raw inside strings: one row each still,
+    numbered by its line."""
+    write_png(tmp_path / "ok.png", (10, 20, 30))
+    row = {"instruction": "make the sky pink\u2028then add a\x85moon", "source": "ok.png", "preferred": "ok.png",
+           "rejected": "ok.png"}
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps({**row, "id": i}, ensure_ascii=False) + "\n" for i in "ab"),
+                                      encoding="utf-8")
+    pairs = data.load_pairs(str(tmp_path / "u.jsonl"), disentangle=False)
+    assert [(p.id, p.origin, p.instruction) for p in pairs] == [(i, f"{tmp_path}/u.jsonl:{n}", row["instruction"])
+                                                                for n, i in ((1, "a"), (2, "b"))]
+
+
 def test_editreward_data_parquet_with_embedded_images(tmp_path):
     """TIGER-Lab/EditReward-Data card: left/right_{instruction_following, quality_aesthetic, overall}_score, vote_type,
     key / unique_key; images embedded in the parquet."""
@@ -229,6 +260,10 @@ def test_editscore_bench_save_to_disk_folder(tmp_path):
     assert (tmp_path / "bench" / "state.json").exists()
     (p,) = data.load_pairs(str(tmp_path / "bench"))
     assert p.prefs == {"consistency": 1} and rgb(p.preferred) == (9, 9, 9) and p.id == "k1~k2~consistency"
+    # a saved DatasetDict of one split (a saved GenAI-Bench holds test_v1 alone) reads that split without --split
+    datasets.DatasetDict({"test_v1": datasets.Dataset.from_dict(cols, features=feats)}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert [q.id for q in data.load_pairs(str(tmp_path / "dict"))] == [p.id]
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "state.json").write_text("{not json")
     with pytest.raises(DataError, match="broken: cannot open"):  # never a raw traceback from `datasets`
