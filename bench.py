@@ -27,6 +27,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -264,8 +265,8 @@ def evaluate(comps, groups, scores, editscore):
                 for k in sorted({len(r) for r, _ in groups})}
         two = by_k.get(2, [])
         eps = tie_calibrated_accuracy([np.sign(r[1] - r[0]) for r, _ in two], [s[0] - s[1] for _, s in two])[1]
-        report["groups"] = {"epsilon": eps, "sizes": {k: {"groups": len(g), "accuracy": group_accuracy(*zip(*g), eps)}
-                                                      for k, g in by_k.items()}}
+        report["groups"] = {"epsilon": eps, "sizes": {k: {"groups": len(g), "accuracy": group_accuracy(
+            *zip(*g), eps if k == 2 else -np.inf)} for k, g in by_k.items()}}  # a tie in K > 2: always wrong there
     if editscore:
         report["editscore"] = editscore_bench_table([c.task for c in comps], list(dims), diff)
     unparsed = [s.get("unparsed", 0) for s in scores.values()]
@@ -358,8 +359,12 @@ def main(argv=None):
     t0 = time.time()
     items = load_items(args.bench, "auto", args.split, args.config, skip_bad=args.skip_bad)
     if any("positions" in it.meta for it in items):  # TIGER's comparisons: scored as the groups they come from
-        items.skipped = list(items.skipped)  # a group whose comparisons contradict is skipped with --skip_bad
+        items.skipped, n = list(items.skipped), len(items.skipped)  # --skip_bad: a contradicting group is skipped
         items[:] = regroup(items, items.skipped if args.skip_bad else None)
+        for o, why in items.skipped[n:]:  # load_items listed the bad rows; the groups dropped here are listed here
+            print(f"skipped {o}: {why}", file=sys.stderr)
+        if not items:
+            raise SystemExit(f"{args.bench}: no groups left ({len(items.skipped)} bad rows or groups skipped)")
     if any(not isinstance(it, (PreferencePair, CandidateGroup)) for it in items):
         raise SystemExit(f"{args.bench}: bench.py evaluates preference pairs and candidate groups, not edit prompts")
     skipped, items = len(items.skipped), (items[:args.limit] if args.limit else list(items))

@@ -140,6 +140,19 @@ def test_group_epsilon_is_fitted_on_the_two_pair_groups_alone():
     assert bench.evaluate(comps[2:], groups[2:], scores, editscore=False)["groups"]["epsilon"] == 0.0  # no 2-pair
 
 
+def test_a_human_tie_in_a_larger_group_is_wrong_whatever_the_sizes_in_the_run():
+    """EditReward's evaluate/eval_bench.py reads an N-pair ranking with '=' as malformed: the group counts wrong.
+    So here, with or without 2-pair groups in the run (a fitted eps, or none), the same B>A=C group counts wrong."""
+    C = bench.Comparison
+    scores = {x: {"overall": v} for x, v in zip("pqxyz", (1.0, 1.1, 1.0, 2.0, 1.05))}
+    groups = [([0, 0], ["p", "q"]), ([1, 0, 1], ["x", "y", "z"])]     # z within eps of x: a tie at eps 0.1
+    comps = [C("overall", h, a, b, "t", "") for h, a, b in ((0, "p", "q"), (-1, "x", "y"), (0, "x", "z"),
+                                                            (1, "y", "z"))]
+    both, alone = (bench.evaluate(comps[i:], groups[i // 2:], scores, editscore=False)["groups"] for i in (0, 1))
+    assert both["epsilon"] == pytest.approx(0.1) and both["sizes"][2]["accuracy"] == 1.0
+    assert both["sizes"][3]["accuracy"] == alone["sizes"][3]["accuracy"] == 0.0
+
+
 def test_by_label():
     from data import PreferencePair
     p = PreferencePair("p", "edit", ["s.png"], "a.png", "b.png", {"overall": 1}, category="color",
@@ -236,12 +249,12 @@ def editscore_bench(tmp):
     return write_parquet(tmp / "editscore.parquet", cols, {"input_image"}, {"output_images"})
 
 
-def tiger_bench(tmp):
+def tiger_bench(tmp, groups=((("A>B", "A>C", "B>C"), "x"), (("B>A", "A=C", "B>C"), "y"))):
     # TIGER-Lab/EditReward-Bench 3pair rows as the hub serves them (TIGER-AI-Lab/EditReward
     # evaluate/inference_3pair_hf.py): one comparison a row, the group in the id prefix, the letters positions
     cols = {k: [] for k in ("id", "instruction", "source_image", "candidate_1", "candidate_2", "ranking",
                             "comparison_type", "dataset", "score_1", "score_2", "model_1", "model_2")}
-    for g, (verdicts, dataset) in enumerate([(("A>B", "A>C", "B>C"), "x"), (("B>A", "A=C", "B>C"), "y")]):
+    for g, (verdicts, dataset) in enumerate(groups):
         for verdict, (a, b) in zip(verdicts, ("AB", "AC", "BC")):
             pa, pb = ord(a) - 65, ord(b) - 65
             for k, v in {"id": f"t{g}_{a}vs{b}", "instruction": f"edit {g}", "source_image": embedded(60 + g),
@@ -336,6 +349,17 @@ def test_smoke_every_format(tmp_path, capsys):
     r = run_bench(tmp_path, genai_bench(tmp_path), "--limit", "3")
     assert r["items"] == 3 and r["pairwise"]["overall"]["human_ties"] == 1
     assert r["unparsed"]["passes"] == 0
+
+
+def test_a_group_dropped_by_skip_bad_is_listed_and_none_left_is_an_error(tmp_path, capsys):
+    """A TIGER group whose comparisons contradict is dropped under --skip_bad, and said; when no group is left, the
+    run stops instead of writing an empty table."""
+    cycle = (("A>B", "C>A", "B>C"), "y")  # A>B>C>A
+    r = run_bench(tmp_path, tiger_bench(tmp_path, ((("A>B", "A>C", "B>C"), "x"), cycle)), "--skip_bad")
+    assert r["groups"]["sizes"]["3"]["groups"] == 1 and r["skipped_rows"] == 1
+    assert "skipped group 'y/t1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no groups left"):
+        run_bench(tmp_path, tiger_bench(tmp_path, (cycle,)), "--skip_bad")
 
 
 def test_smoke_verifier_mode(tmp_path):
