@@ -525,8 +525,9 @@ def atomic_write(path, write, mode="w"):
         write(f)
     os.replace(tmp, path)
 
-def atomic_dir(final, write, link=None):
-    """write(folder) into a sibling swapped in for `final` (which keeps its other files), then `link` pointed at it."""
+def atomic_dir(final, write, link=None, own=()):
+    """write(folder) into a sibling swapped in for `final`, then `link` pointed at it. `final` keeps its other files
+    (a log, a bench report), but not those named in `own`: what `write` writes when it has them (an old run's)."""
     import shutil
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
@@ -535,7 +536,7 @@ def atomic_dir(final, write, link=None):
     write(tmp)
     os.replace(final, old) if os.path.exists(final) else None
     os.replace(tmp, final)
-    for name in set(os.listdir(old) if os.path.isdir(old) else ()) - set(os.listdir(final)):  # a log, a bench report
+    for name in set(os.listdir(old) if os.path.isdir(old) else ()) - set(os.listdir(final)) - set(own):
         os.replace(os.path.join(old, name), os.path.join(final, name))
     shutil.rmtree(old, ignore_errors=True)
     if link:

@@ -919,7 +919,7 @@ def save_checkpoint(out_dir, rm, optimizer, step, args=None):
             json.dump(rm.flags, f, indent=1)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args) if args else {}},
                    os.path.join(tmp, "train_state.pt"))
-    atomic_dir(out_dir, write)
+    atomic_dir(out_dir, write, own=("prompts.json", "init", "head.safetensors"))  # an older run's: not this model's
 
 def resume_state(args, device="cpu"):
     """--resume: out_dir's train state, from a run with the same flags (RESUME_FREE aside); None without --resume or

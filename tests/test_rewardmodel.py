@@ -549,3 +549,9 @@ def test_a_checkpoint_keeps_the_templates_it_was_trained_with(toy, tmp_path):
     assert all(torch.equal(want[k], got[k]) for k in want)
     (tmp_path / "p.json").unlink()  # gone
     assert R.RewardModel.from_pretrained(str(tmp_path / "ck")).prompts == templates
+    # a new run saved into the same folder without a --prompt_file: the old run's templates do not stay behind
+    (tmp_path / "ck" / "log.txt").write_text("a log")
+    plain = R.RewardModel({**vars(R.parser.parse_args(["--toy"])), "head_hidden": 32})
+    R.save_checkpoint(str(tmp_path / "ck"), plain, torch.optim.AdamW(plain.head.parameters()), 0)
+    assert not (tmp_path / "ck" / "prompts.json").exists() and (tmp_path / "ck" / "log.txt").exists()
+    assert R.RewardModel.from_pretrained(str(tmp_path / "ck")).prompts is None
