@@ -551,6 +551,9 @@ class RewardModel(nn.Module):
             if not os.path.isfile(f"{self.init_dir}/args.json"):
                 raise FileNotFoundError(f"--init {flags['init']}: not a checkpoint of this script (no args.json)")
             parent = RewardModel.from_pretrained(self.init_dir, device, mode="verifier")  # not a Gaussian one
+            if hasattr(lm := unwrap(parent.backbone).get_output_embeddings(), "base_layer"):  # an adapted lm_head gets
+                # its own weight: merged into one tied to the input embeddings (Qwen2.5-VL-3B), it would change them
+                lm.base_layer.weight = nn.Parameter(lm.base_layer.weight.detach().clone(), requires_grad=False)
             backbone, self.processor = parent.backbone.merge_and_unload(), parent.processor
             self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
                               init=os.path.abspath(flags["init"]))
@@ -1052,17 +1055,18 @@ def train_step(model, rm, optimizer, micro_batches, args, encoded=None):
     """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one); encoded:
     their encode_pairs() batches if made ahead. -> the mean loss over every (pair, dimension) term of all ranks."""
     weights = torch.ones(len(rm.dims) + 1, device=rm.device)  # each dimension and the fused overall count once
-    total = torch.zeros(2, device=rm.device)
+    total, prefs = torch.zeros(2, device=rm.device), [pair_prefs(p, rm.dims).to(rm.device) for p in micro_batches]
+    # the gradient of the mean over every rank's terms, the same at any --micro_batch (DDP averages over ranks)
+    n_all = all_sum(sum(((p != 0).float() @ weights).sum() for p in prefs))
+    scale = (dist.get_world_size() if dist.is_initialized() else 1) / n_all.clamp(min=1)
     for i, pairs in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else nullcontext():
             # the preferred and the rejected edits as one batch of 2B; the fused overall is the last column (B, D + 1)
             mu, ls = model(encoded[i] if encoded else encode_pairs(rm, pairs, args.per_dim_prompts))
             mu, ls = (torch.cat([x, o[:, None]], -1).chunk(2) for x, o in zip((mu, ls), fuse_gaussians(mu, ls)))
-            prefs = pair_prefs(pairs, rm.dims).to(rm.device)
-            loss_sum, n = preference_loss(mu[0], ls[0], mu[1], ls[1], prefs, weights, args.loss)
-            # mean over this micro-batch's terms; accumulation and DDP then average over micro-batches and ranks
-            (loss_sum / max(1.0, n.item()) / len(micro_batches)).backward()
+            loss_sum, n = preference_loss(mu[0], ls[0], mu[1], ls[1], prefs[i], weights, args.loss)
+            (loss_sum * scale).backward()
         total += torch.stack([loss_sum.detach(), n])
     optimizer_step(optimizer, args.grad_clip)
     total = all_sum(total)

@@ -186,6 +186,23 @@ def test_gaussian_step_with_grad_checkpointing_recomputes_and_updates_as_without
     assert all(torch.allclose(after["on"][k], v, atol=1e-6) for k, v in after["off"].items())
 
 
+def test_the_gaussian_step_is_the_same_at_any_micro_batch(toy):
+    """--micro_batch is a memory setting (--resume may change it): the step's gradient is that of the mean over all the
+    step's strict (pair, dimension) terms, not a mean of micro-batch means, which weighs a micro-batch with ties more."""
+    args = R.parser.parse_args(["--toy", "--batch_size=4", "--grad_clip=0"])
+    pairs = load_pairs(str(toy / "pairs_train.jsonl"))
+    strict = lambda p: int((R.pair_prefs([p], R.DIMS) != 0).sum())  # noqa: E731
+    pairs = [p for p in pairs if strict(p) == 3][:1] + [p for p in pairs if strict(p) < 3][:1] + [
+        p for p in pairs if strict(p) == 3][1:3]  # micro-batches of 2 with 5 and 6 terms
+    after = []
+    for micro_batches in ([pairs], [pairs[:2], pairs[2:]]):
+        rm = R.RewardModel({**vars(args), "model": "tiny", "head_hidden": 32}).eval()  # no dropout: one function
+        R.train_step(rm, rm, torch.optim.SGD([p for p in rm.parameters() if p.requires_grad], lr=1.0), micro_batches,
+                     args)
+        after.append({k: v.detach().clone() for k, v in rm.named_parameters() if v.requires_grad})
+    assert all(torch.allclose(after[1][k], v, rtol=1e-4, atol=1e-5) for k, v in after[0].items())
+
+
 @pytest.mark.parametrize("finetune, dtype", [("lora", "auto"), ("full", "auto"), ("lora", "bfloat16"),
                                              ("full", "bfloat16")])
 def test_from_pretrained_scores_equal_in_memory(toy, tmp_path, finetune, dtype):

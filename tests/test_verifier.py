@@ -627,6 +627,38 @@ def test_a_gcpo_checkpoint_carries_its_sft_model_wherever_it_moves(sft_dir, gcpo
         weights(moved)
 
 
+def test_gcpo_starts_from_the_sft_model_when_its_embeddings_are_tied(toy_files, tmp_path, monkeypatch):
+    """Qwen2.5-VL-3B and Qwen3-VL-2B/4B tie lm_head to the input embeddings, and the verifier adapts lm_head. Merging
+    the SFT adapter into that shared weight changed the input embeddings too: GCPO's start and its KL reference were
+    not the SFT model. Both now give the SFT model's log-probabilities."""
+    import rewardmodel as R
+    build = R.build_tiny_vlm
+    def tied(*a, **kw):
+        model, processor = build(*a, **kw)
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+        return model, processor
+    monkeypatch.setattr(R, "build_tiny_vlm", tied)
+    sft = RewardModel(verifier_flags(model="tiny", lora_rank=4))
+    emb = R.unwrap(sft.backbone).get_input_embeddings().weight
+    assert R.unwrap(sft.backbone).get_output_embeddings().weight is emb  # tied
+    with torch.no_grad():  # a trained SFT adapter
+        for n, p in sft.backbone.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.3) if "lora_B" in n else None
+    R.save_checkpoint(str(tmp_path / "sft"), sft, torch.optim.AdamW(sft.parameters()), 1)
+    sft = RewardModel.from_pretrained(str(tmp_path / "sft")).eval()
+    gcpo = RewardModel(verifier_flags(model="tiny", lora_rank=4, stage="gcpo", init=str(tmp_path / "sft"))).eval()
+    pair = load_pairs(str(toy_files / "pairs.jsonl"))[0]
+    enc = R.verifier_prompt(sft.processor, [Image.open(s) for s in pair.sources], pair.instruction,
+                            Image.open(pair.preferred))
+    with torch.no_grad():
+        want = sft.backbone(**enc).logits[0, -1].log_softmax(-1)
+        start = gcpo.backbone(**enc).logits[0, -1].log_softmax(-1)  # the new adapter starts at zero
+        with gcpo.backbone.disable_adapter():
+            ref = gcpo.backbone(**enc).logits[0, -1].log_softmax(-1)
+    assert torch.allclose(start, want, atol=1e-4) and torch.allclose(ref, want, atol=1e-4)
+
+
 def test_torchrun_gcpo_matches_one_process(toy_files, gcpo_run):
     """2 ranks x 1 pair == 1 rank x 2 pairs: same seeds per pair, gradients summed over the global tokens."""
     flags, straight = gcpo_run
