@@ -512,9 +512,12 @@ def print0(*args, **kwargs):
     print(*args, **kwargs, flush=True) if int(os.environ.get("RANK", 0)) == 0 else None
 
 def leave_distributed():
-    """End a finished worker: destroy the process group, exit without the shutdown where gloo threads can abort."""
+    """End a finished worker: wait for the others (one may still write or read), destroy the process group, exit
+    without the shutdown where gloo threads can abort."""
     import torch.distributed as tdist
-    tdist.destroy_process_group() if tdist.is_available() and tdist.is_initialized() else None
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
     print(end="", flush=True)
     os._exit(0)
 

@@ -27,8 +27,8 @@ the LoRA targets. Unlike it: the step at sigma = 1, each group's own std (its ed
 
 A log line a step (stdout). In --out_dir: eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors (with LoRA) for `pipeline.load_lora_weights(ckpt)`,
-trainable.safetensors (every trained tensor, for `transformer.load_state_dict(..., strict=False)`), optimizer.pt,
-state.json and, under --algo nft, old_policy.safetensors (--resume).
+trainable.safetensors (every trained tensor; --train_modules' load with `transformer.load_state_dict(...,
+strict=False)`, LoRA's keys are peft's), optimizer.pt, state.json, NFT's old_policy.safetensors (--resume).
 """
 import argparse
 import contextlib
@@ -347,6 +347,8 @@ def load_editor(args, device):
     kind = DiffusionPipeline.load_config(args.editor).get("_class_name", "no pipeline class")  # before the weights
     if not any(k in kind for k in ("FluxKontext", "QwenImageEdit")):
         raise ValueError(f"--editor {args.editor}: {kind} is not a Kontext or Qwen-Image-Edit pipeline")
+    if args.cond_pixels and "Qwen" not in kind:  # Kontext sees its source at the output's size
+        raise ValueError(f"--cond_pixels: Qwen-Image-Edit's flag, not {kind}'s")
     # Qwen's pipelines hold a Qwen2-VL processor, whose video part needs torchvision: without it, its image-only part
     kw = {"processor": load_processor(args.editor, "qwen2_vl", subfolder="processor")} if "Qwen" in kind else {}
     pipe = DiffusionPipeline.from_pretrained(args.editor, dtype=DTYPES[args.dtype], **kw)
@@ -426,16 +428,6 @@ def gather(t):
     dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 
-def allreduce_grads(params):
-    """Average gradients over ranks: DDP's reduction, done by hand once per optimizer step because the
-    reference pass (adapter off) and the frozen-base forward would fight a DDP wrapper's hooks."""
-    for p in params:  # a parameter no loss reached on this rank still joins the reduction
-        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.cat([p.grad.flatten() for p in params])
-        dist.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat / dist.get_world_size(), [p.grad for p in params])
-
 # ----------------------------------------------------------------------------- the run's steps
 @torch.no_grad()
 def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
@@ -446,6 +438,7 @@ def evaluate(editor, prompts, reward_fn, sigmas, ddp, args, step):
     mine, n, oracle = shard(list(enumerate(prompts)), ddp.rank, ddp.world), -(-len(prompts) // ddp.world), \
         args.toy or args.reward == "oracle"
     padded, rows, firsts = (mine + mine[-1:] * n)[:n] if mine else [(0, prompts[0])] * n, [], []
+    editor.condition([q for _, q in padded])  # every new prompt at once: --offload moves the encoders once an eval
     for i in range(0, n, args.micro_batch):
         ps = [q for _, q in padded[i : i + args.micro_batch]]
         x = initial_noise(editor, [seed_of(EVAL_NOISE, j) for j, _ in padded[i : i + len(ps)]], editor.device)
@@ -502,13 +495,13 @@ def setup_trainable(editor, args):
     if args.lora_rank > 0:
         from peft import LoraConfig
         targets = args.lora_targets or LORA_TARGETS["qwen" if editor.qwen else "flux"]
+        if miss := [t for t in targets.split(",") if not any(f".{n}".endswith(f".{t}") for n, _ in tr.named_modules())]:
+            raise ValueError(f"--lora_targets: {args.editor} has no module named {miss}")  # peft drops them silently
         tr.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                   target_modules=targets.split(",")))
     for m in filter(None, args.train_modules.split(",")):
         tr.get_submodule(m).requires_grad_(True)
     named = [(n, q) for n, q in tr.named_parameters() if q.requires_grad]
-    if not named:
-        raise ValueError("nothing to train: set --lora_rank > 0 or --train_modules")
     for _, q in named:
         q.data = q.data.float()
     return named, {n: q.detach().clone() for n, q in named if "lora_" not in n}
@@ -567,8 +560,7 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
 
 def load_checkpoint(ckpt, named, args, old=None):
     """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
-    meta = json.loads(open(os.path.join(ckpt, "state.json")).read())
-    check_resume(ckpt, meta["args"], vars(args), RESUME_FREE)
+    meta = json.loads(open(os.path.join(ckpt, "state.json")).read())  # its flags: checked by main, before loading
     saved = load_file(os.path.join(ckpt, "trainable.safetensors"))
     with torch.no_grad():
         for n, q in named:
@@ -633,8 +625,14 @@ def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
     return {"kl": 0.0, "grad_norm": optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)}
 
 def optimizer_step(opt, params, grad_clip, reduce=True):
-    """Average the gradients over ranks (not under FSDP: it reduces them itself), clip their norm, step -> the norm."""
-    allreduce_grads(params) if reduce else None
+    """Average the gradients over ranks (DDP's reduction by hand: the reference pass and the frozen-base forward would
+    fight a DDP wrapper's hooks; not under FSDP, which reduces them itself), clip their norm, step -> the norm."""
+    for p in params if reduce else []:  # a parameter no loss reached on this rank still joins the reduction
+        p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+    if reduce and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([p.grad.flatten() for p in params])
+        dist.all_reduce(flat)
+        torch.nn.utils.vector_to_parameters(flat / dist.get_world_size(), [p.grad for p in params])
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)  # 0: off (a clip to 0 would zero them)
     opt.step()
     return float(grad_norm)
@@ -686,7 +684,7 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch", type=int, default=8, help="samples per forward and per decode on each rank")
     # --- trained weights and optimizer
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank; 0 = no adapter")
-    p.add_argument("--lora_alpha", type=float, default=16, help="LoRA alpha")
+    p.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha (scale = alpha / rank)")
     p.add_argument("--lora_targets", default="", help="comma-separated LoRA modules; empty: Flow-GRPO's")
     p.add_argument("--train_modules", default="", help="comma-separated modules trained in full")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (also the warm-up's)")
@@ -703,7 +701,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     n, world = args.prompts_per_step * args.group_size, int(os.environ.get("WORLD_SIZE", 1))
     check_least(p, args, dict(group_size=2, prompts_per_step=1, micro_batch=1, steps=1, eval_prompts=1, grad_clip=0,
-                              clip_range=0, beta=0, noise_level=0))
+                              clip_range=0, beta=0, noise_level=0, num_steps=2, eval_num_steps=1, lora_alpha=1))
+    if args.lora_rank < 1 and not args.train_modules:
+        p.error("nothing to train: --lora_rank 0 and no --train_modules")
     p.error(f"--max_sequence_length {args.max_sequence_length}: at most 512 (T5's)") if args.max_sequence_length > 512 \
         else None  # T5's training length; FluxKontextPipeline refuses more
     p.error("--sde_window must be < --num_steps (the last step is ODE)") if args.sde_window >= args.num_steps else None
@@ -727,7 +727,9 @@ def main(args):
     ddp = setup_distributed()
     torch.set_num_threads(TOY["threads"]) if args.toy else None
     os.makedirs(args.out_dir, exist_ok=True)
-    if os.path.isdir(ckpt := os.path.join(args.out_dir, "ckpt")) and not args.resume:  # said before it is lost
+    if os.path.isdir(ckpt := os.path.join(args.out_dir, "ckpt")) and args.resume:  # a changed flag: before loading
+        check_resume(ckpt, json.load(open(os.path.join(ckpt, "state.json")))["args"], vars(args), RESUME_FREE)
+    elif os.path.isdir(ckpt):  # said before it is lost
         print0(f"warning: {ckpt} holds another run's checkpoint; without --resume this run writes over it")
     train, test = load_prompts(args.train_prompts), load_prompts(args.test_prompts)[: args.eval_prompts]
     if args.reward == "oracle" and (bad := [p for p in train + test if not parse_toy_instruction(p.instruction)]):
@@ -792,7 +794,6 @@ def main(args):
     ev = history["eval"]
     print0(f"done in {time.time() - t_run:.0f}s | eval oracle {ev[0]['oracle']:.4f} -> {ev[-1]['oracle']:.4f} "
            f"| eval reward {ev[0]['reward']:.4f} -> {ev[-1]['reward']:.4f}")
-    dist.barrier() if ddp.ddp else None  # no rank tears the group down while another still writes or reads
     leave_distributed() if ddp.ddp else None
 
 if __name__ == "__main__":

@@ -211,12 +211,25 @@ def test_fsdp_outside_torchrun_is_a_flag_error_that_names_torchrun(monkeypatch, 
 
 @pytest.mark.parametrize("flag, value", [("--group_size", "1"), ("--micro_batch", "0"), ("--prompts_per_step", "0"),
                                          ("--steps", "-3"), ("--eval_prompts", "0"), ("--grad_clip", "-1"),
-                                         ("--beta", "nan"), ("--clip_range", "-0.1"), ("--noise_level", "-0.7")])
+                                         ("--beta", "nan"), ("--clip_range", "-0.1"), ("--noise_level", "-0.7"),
+                                         ("--num_steps", "1"), ("--eval_num_steps", "0"), ("--lora_alpha", "0")])
 def test_flags_out_of_range_are_flag_errors_not_a_run_that_trains_nothing(capsys, flag, value):
-    """A group of one has zero advantage (a run of zero-std 1.00 and gnorm 0); the others fail late or run nothing."""
+    """A group of one has zero advantage (a run of zero-std 1.00 and gnorm 0), so has an adapter scaled by alpha 0;
+    one sampling step leaves GRPO no SDE step (a crash after the rollout) and NFT no sigma; the others fail late."""
     with pytest.raises(SystemExit):
         grpo.parse_args(FAST + [flag, value])
     assert f"{flag} must be >= " in capsys.readouterr().err
+
+
+def test_nothing_to_train_and_a_misspelt_lora_target_are_said_up_front(toy, capsys):
+    """peft adapts the targets it finds and drops the others without a word (it fails only when none matches)."""
+    with pytest.raises(SystemExit):
+        grpo.parse_args(FAST + ["--lora_rank", "0", "--train_modules", ""])
+    assert "nothing to train: --lora_rank 0 and no --train_modules" in capsys.readouterr().err
+    editor, args = editor_for(toy, "--lora_rank", "4", "--train_modules", "", "--lora_targets",
+                              "attn.to_q,attn.to_qq")
+    with pytest.raises(ValueError, match=r"--lora_targets: tiny has no module named \['attn.to_qq'\]"):
+        grpo.setup_trainable(editor, args)
 
 
 @pytest.mark.parametrize("flags, unused", [
@@ -520,6 +533,9 @@ def test_a_pipeline_folder_in_the_hubs_layout_loads_as_built_and_trains(toy, tmp
     flags = FAST + paths(toy) + ["--editor", folder, "--resolution", "32", "--steps", "1", "--lora_rank", "4",
                                  "--lora_alpha", "8", "--sft_steps", "0", "--out_dir", out]
     args = grpo.parse_args(flags)
+    if kind == "kontext":  # Qwen's flag: refused before the weights load, not ignored
+        with pytest.raises(ValueError, match="--cond_pixels: Qwen-Image-Edit's flag, not FluxKontextPipeline's"):
+            grpo.load_editor(grpo.parse_args(flags + ["--cond_pixels", "4096"]), CPU)
     editor = grpo.load_editor(args, CPU)
     assert type(editor.pipe) is type(built) and editor.patch == 0 and editor.down == built.vae_scale_factor
     if kind != "kontext":
@@ -589,14 +605,18 @@ def test_qwen_edit_plus_conditions_on_every_source(toy):
     assert len(editor.condition([two, two])["parts"]) == 2 and len(editor.condition([one, two])["parts"]) == 2
 
 
-def test_rollout_encodes_its_new_prompts_at_once(toy):
+def test_rollout_encodes_its_new_prompts_at_once(toy, tmp_path):
     """--offload: the text encoders come to the device and go back once a rollout, not once a micro-batch."""
-    editor, args = editor_for(toy, "--offload", "--micro_batch", "1")
+    editor, args = editor_for(toy, "--offload", "--micro_batch", "1", "--out_dir", str(tmp_path))
     moves, to = [], editor.pipe.text_encoder.to
     editor.pipe.text_encoder.to = lambda *a, **k: moves.append(a) or to(*a, **k)
     prompts = load_prompts(args.train_prompts)[:3]
     grpo.rollout(editor, prompts, [1, 2, 3], editor.sigmas(2), set(), args, torch.Generator())
     assert len(moves) == 2 and len(editor.cache) == 3
+    moves.clear()  # the evaluation, too: its held-out prompts at once, not once a micro-batch
+    grpo.evaluate(editor, load_prompts(args.test_prompts)[:3], lambda ps, ims: torch.zeros(len(ps)), editor.sigmas(2),
+                  Dist(), args, 0)
+    assert len(moves) == 2
 
 
 def test_condition_cache_keyed_by_content_bounded_in_compute_dtype(toy, tmp_path):
@@ -739,21 +759,25 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path, alg
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_path):
+def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_path, monkeypatch):
     """A changed --lr would be lost (the optimizer state brings the old one back), a changed --train_modules drops
     trained weights: --resume goes on with the flags a run began with; how long, how often to evaluate and memory
-    knobs may change."""
-    from safetensors.torch import save_file
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    save_file({}, str(ckpt / "trainable.safetensors"))
-    torch.save({}, ckpt / "optimizer.pt")
-    (ckpt / "state.json").write_text(json.dumps({"step": 3, "history": {}, "args": vars(grpo.parse_args(FAST))}))
-    more = grpo.parse_args(FAST + ["--steps", "9", "--micro_batch", "1", "--resume", "--grad_checkpointing"])
-    assert grpo.load_checkpoint(str(ckpt), [], more)[0] == 3
+    knobs may change. Said before the editor loads (minutes at 12B)."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
+                                                  "s.png"}))
+    paths = ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts", str(tmp_path / "p.jsonl"), "--out_dir",
+             str(tmp_path / "o")]
+    (tmp_path / "o" / "ckpt").mkdir(parents=True)
+    (tmp_path / "o" / "ckpt" / "state.json").write_text(json.dumps({"step": 3, "history": {},
+                                                                    "args": vars(grpo.parse_args(FAST + paths))}))
+    monkeypatch.setattr(grpo, "load_editor", lambda *a: pytest.fail("the editor loads"))
+    with pytest.raises(pytest.fail.Exception, match="the editor loads"):
+        grpo.main(grpo.parse_args(FAST + paths + ["--steps", "9", "--micro_batch", "1", "--resume",
+                                                  "--grad_checkpointing"]))
     for flag, value in (("--lr", "0.5"), ("--train_modules", "context_embedder")):
         with pytest.raises(SystemExit, match=f"other flags .{flag} .*->{value}"):
-            grpo.load_checkpoint(str(ckpt), [], grpo.parse_args(FAST + [flag, value]))
+            grpo.main(grpo.parse_args(FAST + paths + ["--resume", flag, value]))
 
 
 def test_a_reward_that_is_neither_the_oracle_nor_a_model_is_a_flag_error(capsys):
@@ -793,12 +817,14 @@ def test_a_new_run_into_an_old_runs_folder_says_so_before_anything_loads(tmp_pat
     Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
                                                   "s.png"}))
+    paths = ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts", str(tmp_path / "p.jsonl"), "--out_dir",
+             str(tmp_path / "o")]
     (tmp_path / "o" / "ckpt").mkdir(parents=True)
+    (tmp_path / "o" / "ckpt" / "state.json").write_text(json.dumps({"args": vars(grpo.parse_args(FAST + paths))}))
     monkeypatch.setattr(grpo, "load_editor", lambda *a: pytest.fail("stop here"))
     for resume, warned in (([], True), (["--resume"], False)):
         with pytest.raises(pytest.fail.Exception):
-            grpo.main(grpo.parse_args(FAST + resume + ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts",
-                                                       str(tmp_path / "p.jsonl"), "--out_dir", str(tmp_path / "o")]))
+            grpo.main(grpo.parse_args(FAST + resume + paths))
         assert ("without --resume this run writes over it" in capsys.readouterr().out) == warned
 
 
