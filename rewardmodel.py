@@ -504,6 +504,8 @@ def setup_lora(model, rank, alpha, dropout, targets, vision="frozen"):
     attention and MLP linears, by their own names; "train" trains the tower in full, saved with the adapter)."""
     from peft import LoraConfig, get_peft_model
     names = "|".join(t.strip() for t in targets.split(",") if t.strip())
+    if miss := [t for t in names.split("|") if not any(f".{n}".endswith(f".{t}") for n, _ in model.named_modules())]:
+        raise ValueError(f"--lora_targets: {type(model).__name__} has no layer {miss}")  # else peft drops it silently
     scope = "" if vision == "lora" else r"(?!.*visual)"  # a regex so the tower's same-named layers are skipped
     tower = r"|^.*visual\..*\.(attn\.qkv|attn\.proj|linear_fc1|linear_fc2)$" * (vision == "lora")  # its own names
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
@@ -555,7 +557,7 @@ class RewardModel(nn.Module):
                 # its own weight: merged into one tied to the input embeddings (Qwen2.5-VL-3B), it would change them
                 lm.base_layer.weight = nn.Parameter(lm.base_layer.weight.detach().clone(), requires_grad=False)
             backbone, self.processor = parent.backbone.merge_and_unload(), parent.processor
-            self.flags.update({k: parent.flags[k] for k in ("model", "dtype", "min_pixels", "max_pixels", "dims")},
+            self.flags.update({k: parent.flags[k] for k in ("model", "min_pixels", "max_pixels", "dims")},
                               init=os.path.abspath(flags["init"]))
         else:
             try:

@@ -493,6 +493,8 @@ def test_vision_lora_adapts_the_towers_own_layers(name):
     mlp = "mlp.linear_fc2" if name == "tiny-qwen3-vl" else "mlp.down_proj"
     assert all(any(n.endswith(f"blocks.0.{m}") for n in tower) for m in ("attn.qkv", "attn.proj", mlp))
     assert not any("patch_embed" in n for n in tower)
+    with pytest.raises(ValueError, match=r"--lora_targets: .* has no layer \['o_prj'\]"):  # peft would adapt q_proj
+        R.setup_lora(R.build_tiny_vlm(name)[0], 4, 8, 0.0, "q_proj,o_prj,lm_head", "frozen")  # alone, without a word
 
 
 @pytest.mark.parametrize("name", list(R.TINY_MODELS))

@@ -659,6 +659,14 @@ def test_gcpo_starts_from_the_sft_model_when_its_embeddings_are_tied(toy_files, 
     assert torch.allclose(start, want, atol=1e-4) and torch.allclose(ref, want, atol=1e-4)
 
 
+def test_gcpo_computes_in_its_own_dtype_not_its_sft_runs(sft_dir):
+    """The SFT model brings its base, pixel bounds and principles; --dtype is how this run computes (it was taken
+    from the SFT run without a word: an fp32 SFT made a --dtype bfloat16 GCPO run in fp32)."""
+    assert json.loads((sft_dir / "args.json").read_text())["dtype"] == "auto"  # fp32 on the CPU
+    gcpo = RewardModel(verifier_flags(model="tiny", stage="gcpo", init=str(sft_dir), dtype="bfloat16"))
+    assert gcpo.compute_dtype == torch.bfloat16 and gcpo.flags["dtype"] == "bfloat16"
+
+
 def test_torchrun_gcpo_matches_one_process(toy_files, gcpo_run):
     """2 ranks x 1 pair == 1 rank x 2 pairs: same seeds per pair, gradients summed over the global tokens."""
     flags, straight = gcpo_run
