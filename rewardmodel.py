@@ -543,6 +543,9 @@ class RewardModel(nn.Module):
         self.flags, self.mode, device = {"rubric": "verifier"} | flags, flags["mode"], torch.device(device)
         self.prompts = read_prompts(flags["prompt_file"]) if flags["prompt_file"] else None  # before minutes of loading
         full, verifier = flags["finetune"] == "full", self.mode == "verifier"
+        want = ["SC", "PQ"] if verifier else [d for d in flags["dims"].split(",") if d]  # a template each, said early
+        if self.prompts and (missing := [k for k in want if k not in self.prompts]):
+            raise ValueError(f"{flags['prompt_file']}: no template for {missing} (it has {list(self.prompts)})")
         if verifier and full:
             raise ValueError("--mode verifier trains LoRA: GCPO's KL reference is the model with its adapter off")
         own = os.path.join(weights or "", "init")  # a GCPO checkpoint's copy of its SFT model (save_weights)
@@ -575,8 +578,6 @@ class RewardModel(nn.Module):
         bad = len(set(self.dims)) < len(self.dims) or any(d in RESERVED or d.startswith("sigma_") for d in self.dims)
         if bad or not (self.dims or verifier):  # a Gaussian head needs a dimension: the overall fuses them
             raise ValueError(f"--dims must be distinct names, 1 or more, not {RESERVED} nor sigma_*: {self.dims}")
-        if self.prompts and (missing := [k for k in ["SC", "PQ"] * verifier or self.dims if k not in self.prompts]):
-            raise ValueError(f"{flags['prompt_file']}: no template for {missing} (it has {list(self.prompts)})")
         with torch.random.fork_rng(devices=[]):  # new embedding rows and LoRA init: the same in every process
             torch.manual_seed(flags["seed"])
             self.reward_id = None if verifier else self._add_reward_token(backbone)

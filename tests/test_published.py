@@ -287,6 +287,9 @@ def test_a_bad_prompt_file_stops_the_reward_model_before_its_backbone_loads(tmp_
     monkeypatch.setattr(R, "load_backbone", lambda *a, **k: pytest.fail("the backbone loaded first"))
     with pytest.raises(ValueError, match=r"p.json: no template says \{instruction\}"):
         R.RewardModel.from_pretrained("tiny", mode="verifier", prompt_file=str(tmp_path / "p.json"))
+    (tmp_path / "p.json").write_text('{"instruction_following": "Instruction: {instruction}"}')  # no visual_quality
+    with pytest.raises(ValueError, match=r"p.json: no template for \['visual_quality'\]"):
+        R.RewardModel.from_pretrained("tiny", prompt_file=str(tmp_path / "p.json"))
 
 
 def test_zero_shot_scoring_keeps_the_weights_in_their_dtype():
