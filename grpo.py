@@ -265,8 +265,8 @@ class Editor:
     @torch.no_grad()
     def encode(self, p):
         """One prompt's conditioning, in the compute dtype on the CPU. Kontext and Qwen-Image-Edit see the first
-        source at the condition size; Plus sees every source, its latents at the output's size (the pipeline's VAE
-        area) and the VL encoder's view at the condition size."""
+        source at the condition size; Plus sees every source, its latents at the output's size (as Flow-GRPO's Plus
+        script; the pipeline's own takes a 1024^2 area) and the VL encoder's view at the condition size."""
         srcs, dt = load_sources(p)[: None if self.plus else 1], self.dtype
         side = self.side if self.plus else self.cond_side
         e = {"image": self.encode_images(srcs, side).flatten(0, 1), "shapes": [(1, side // 2, side // 2)] * len(srcs)}
@@ -609,7 +609,7 @@ def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
 def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
     """DiffusionNFT's step (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): each clean edit x0, fresh-noised to a random
     K = --sde_window (0: N - 1) of the rollout's N sigmas, in nft_loss; the (ODE) rollouts are the soft-following old
-    policy's, CFG-free. Simplified: no KL (the authors' weight 1e-4), no EMA copy of the weights for eval."""
+    policy's, CFG-free. Simplified: no KL (theirs: 1e-4), no EMA copy for eval, Euler rollouts (theirs: DPM2)."""
     n, K, dev = sum(hi - lo for lo, hi, *_ in batches), args.sde_window or args.num_steps - 1, gen.device
     opt.zero_grad(set_to_none=False)
     for lo, hi, cond, _, x0 in batches:
