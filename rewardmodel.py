@@ -255,12 +255,13 @@ def parse_verifier_output(text, hi=SCORE_MAX):
     return {"score": found[-1], "principles": {}} if found else None
 
 def parse_editscore_output(text, n=2, hi=EDITSCORE_MAX):
-    """EditScore rubric answer -> the n raw scores in [0, hi] of the last object's "score" list, or None (all n must
-    be valid: a pair with one bad entry is not half a score)."""
-    for span in _objects(text) if isinstance(text, str) else []:
+    """EditScore rubric answer -> the raw scores in [0, hi] of the last object's "score" (a list of n or more, or one
+    number when n = 1, as EditScore's own parser reads them; curly quotes too), or None (all must be valid: a pair
+    with one bad entry is not half a score)."""
+    for span in _objects(text.replace("\u201c", '"').replace("\u201d", '"')) if isinstance(text, str) else []:
         raw = {k.strip().lower(): v for k, v in _KV.findall(span)}.get("score", "")
-        vals = [_number(v, hi) for v in re.findall(r"[^,\[\]\s]+", raw)] if raw.startswith("[") else []
-        if len(vals) == n and all(v is not None and 0.0 <= v <= hi for v in vals):
+        vals = [_number(v, hi) for v in re.findall(r"[^,\[\]\s]+", raw)] if raw.startswith("[") else [_number(raw, hi)]
+        if len(vals) >= n and all(v is not None and 0.0 <= v <= hi for v in vals):
             return vals
     return None
 
@@ -692,8 +693,8 @@ class RewardModel(nn.Module):
                 texts.append(ins)
             if rubric:  # str.replace, not format: the rubric holds JSON braces
                 sc = answers([(ims, prompts["SC"].replace("{instruction}", ins)) for ims, ins in zip(pics, texts)])
-                rows += [(parse_editscore_output(a) or [math.nan] * 2) + (parse_editscore_output(b) or [math.nan] * 2)
-                         for a, b in zip(sc, answers([(ims[-1:], prompts["PQ"]) for ims in pics]))]
+                rows += [(parse_editscore_output(a) or [math.nan] * 2)[:2] + [min(parse_editscore_output(b, 1) or
+                         [math.nan])] * 2 for a, b in zip(sc, answers([(ims[-1:], prompts["PQ"]) for ims in pics]))]
             for r in [] if rubric else answers([(ims, VERIFIER_PROMPT.replace("{instruction}", ins))
                                                 for ims, ins in zip(pics, texts)]):
                 r = parse_verifier_output(r) or {"score": math.nan, "principles": {}}

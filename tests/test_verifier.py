@@ -64,9 +64,26 @@ def test_parse_verifier_output_none(text):
     ('```json\n{"reasoning": "a [b] c", "score": [25, 0]}\n```\nDone.', [25.0, 0.0]),
     ("{'reasoning': 'ok', 'score': [3, 4]}", [3.0, 4.0]),                      # not JSON: regex reader
     ('{"score": [20]}', None), ('{"score": [26, 3]}', None), ('{"score": [5, "x"]}', None), ("no json", None),
+    # as EditScore's own parser reads them: a list of 2 or more (one number: PQ's n = 1); curly quotes
+    ('{"score": 21}', None), ('{"score": [20, 15, 10]}', [20.0, 15.0, 10.0]),
+    ('{\u201creasoning\u201d: \u201cok\u201d, \u201cscore\u201d: [12, 13]}', [12.0, 13.0]),
 ])
 def test_parse_editscore_output(text, want):
     assert parse_editscore_output(text) == want
+
+
+def test_editscore_perceptual_quality_reads_one_score_or_more_and_takes_their_min():
+    """EditScore's scorer takes min(PQ) of whatever list (or one number) the answer holds; SC needs 2 (PF, C)."""
+    assert parse_editscore_output('{"score": 21}', n=1) == [21.0]
+    assert parse_editscore_output('{"score": [18, 22, 9]}', n=1) == [18.0, 22.0, 9.0]
+    assert parse_editscore_output('{"score": []}', n=1) is None
+    rm = RewardModel.from_pretrained("tiny", mode="verifier", rubric="editscore", max_new_tokens=2)
+    answers = iter(['{"score": [20, 15, 24]}', '{"score": 18}'])  # SC, then PQ, in place of the random model's
+    rm.processor.tokenizer.decode = lambda *a, **k: next(answers)
+    out = rm.score([[_img(0)]], ["remove the square"], [_img(1)], num_samples=1)
+    assert (out["prompt_following"].item(), out["consistency"].item()) == pytest.approx((8.0, 6.0))
+    assert out["perceptual_quality"].item() == pytest.approx(7.2) and out["unparsed"].item() == 0
+    assert out["overall"].item() == pytest.approx(math.sqrt(6.0 * 7.2))
 
 
 # ----------------------------------------------------------------------------------------------------------
