@@ -137,8 +137,9 @@ def scorer_id(model, skip=None):
     those under `skip` (bench.py's own --out_dir), and a GCPO checkpoint's SFT model (its --init) the same way, unless
     the checkpoint carries its own copy (init/, among its files): then the folder --init names is not what loads."""
     files = sorted(glob.glob(os.path.join(model, "**"), recursive=True)) if os.path.isdir(model) else []
-    stats = [(os.path.relpath(p, model), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files
-             if os.path.isfile(p) and not (skip and Path(skip).resolve() in Path(p).resolve().parents)]
+    stats = [(os.path.relpath(p, model), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files  # any bench's
+             if os.path.isfile(p) and not p.endswith((".jsonl", ".png", "report.json"))  # output in it is no model file
+             and not (skip and Path(skip).resolve() in Path(p).resolve().parents)]
     init = os.path.isfile(f"{model}/args.json") and not os.path.isfile(f"{model}/init/args.json") and json.load(
         open(f"{model}/args.json")).get("init")
     return f"{os.path.abspath(model)}:{hashlib.sha1(json.dumps(stats).encode()).hexdigest()[:12]}" + (
@@ -216,9 +217,12 @@ def score_all(args, dist, units, scorer_flags):
                 keys = todo[i:i + batch]
                 us = [units[key] for key in keys]
                 # pass i of a sampled (verifier) score uses seed + i whatever the batch or rank: reproducible
-                out = rm.score([load_sources(u.item) for u in us], [u.item.instruction for u in us],
-                               [load_image(u.edited, u.item.origin) for u in us], num_samples=args.k,
-                               batch_size=len(keys), seed=args.seed)
+                try:  # an image the checks passed may still fail in the processor or the model: say which
+                    out = rm.score([load_sources(u.item) for u in us], [u.item.instruction for u in us],
+                                   [load_image(u.edited, u.item.origin) for u in us], num_samples=args.k,
+                                   batch_size=len(keys), seed=args.seed)
+                except Exception as e:
+                    raise RuntimeError(f"scoring {', '.join(dict.fromkeys(u.item.origin for u in us))}: {e!r}") from e
                 out = {key: {name: float(v[j]) for name, v in out.items()} for j, key in enumerate(keys)}
                 f.write("".join(json.dumps({"key": key, "scores": s}) + "\n" for key, s in out.items()))
                 f.flush()  # a killed run loses at most this batch
@@ -270,7 +274,8 @@ def evaluate(comps, groups, scores, editscore):
     if editscore:
         report["editscore"] = editscore_bench_table([c.task for c in comps], list(dims), diff)
     unparsed = [s.get("unparsed", 0) for s in scores.values()]
-    report["unparsed"] = {"passes": int(sum(unparsed)), "images": int(sum(u > 0 for u in unparsed))}
+    report["unparsed"] = {"passes": int(sum(unparsed)), "images": int(sum(u > 0 for u in unparsed)),
+                          "unscored_images": int(sum(s["overall"] != s["overall"] for s in scores.values()))}  # NaN
     return report
 
 def fmt(x):
@@ -302,7 +307,8 @@ def markdown(report, by=""):
         lines += [""] + table(["K", "groups", "group accuracy", "epsilon"], [
             [str(k), str(v["groups"]), fmt(v["accuracy"]), f"{g['epsilon']:.4g}"] for k, v in g["sizes"].items()])
     u = report["unparsed"]
-    lines += ["", f"unparseable passes: {u['passes']} (on {u['images']} images)"]
+    lines += ["", f"unparseable passes: {u['passes']} (on {u['images']} images); images without a score (counted "
+              f"wrong): {u['unscored_images']}"]
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- the run
@@ -338,12 +344,12 @@ def write_report(args, info, comps, groups, units, scores, editscore):
     print(markdown(report, args.by))
     os.makedirs(args.out_dir, exist_ok=True)
     if args.worst:  # for a person: the overall rewards most confidently against the human order, one row each
-        gaps = sorted((scores[a]["overall"] - scores[b]["overall"], a, b) for c in comps
-                      if c.human and c.dim == "overall" for a, b in [[c.a, c.b][::c.human]])  # preferred first
+        gaps = sorted((scores[a]["overall"] - scores[b]["overall"], a, b) for c in comps if c.human and c.dim ==
+                      "overall" for a, b in [[c.a, c.b][::c.human]] if scores[a]["overall"] < scores[b]["overall"])
         rows = [(units[a].item.instruction, [(units[a].item.sources[0], "source"),
                                              (units[a].edited, f"preferred {scores[a]['overall']:.3f}"),
                                              (units[b].edited, f"other {scores[b]['overall']:.3f}")])
-                for gap, a, b in gaps[:args.worst] if gap < 0]
+                for gap, a, b in gaps[:args.worst]]  # preferred first; a NaN score is no disagreement
         image_sheet(rows, os.path.join(args.out_dir, "worst.png"), cell=160)
         print(f"wrote {len(rows)} worst disagreements to {os.path.join(args.out_dir, 'worst.png')}")
     path = os.path.join(args.out_dir, "report.json")
@@ -369,11 +375,13 @@ def main(argv=None):
         raise SystemExit(f"{args.bench}: bench.py evaluates preference pairs and candidate groups, not edit prompts")
     skipped, items = len(items.skipped), (items[:args.limit] if args.limit else list(items))
     # the score cache's key: the scorer's files, the flags that change its scores, the templates' text (an edited file:
-    # new scores) and the code that scores (a changed default, sampler or prompt in it: new scores)
+    # new scores), the code that scores (a changed default, sampler or prompt in it: new scores) and the device type
+    # (the "auto" dtype: bf16 on CUDA, fp32 on CPU)
     flags = {k: v for k, v in (("rubric", args.rubric), ("max_new_tokens", args.max_new_tokens),
                                ("prompt_file", args.prompt_file)) if v}
     scorer = [scorer_id(args.model, args.out_dir), flags, hashlib.sha1(SCORER_CODE.read_bytes()).hexdigest(),
-              Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else ""]
+              Path(args.prompt_file).read_text(encoding="utf-8") if args.prompt_file else "", dist.device.type]
+    tdist.broadcast_object_list(scorer, 0) if dist.ddp else None  # rank 0's key: a file written meanwhile splits none
     units, comps, groups = plan(items, scorer, args.k, args.seed, args.by)
     if args.by and not any(c.by for c in comps):
         raise SystemExit(f"--by {args.by}: no item of {args.bench} has a value in that column")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ sys.path.insert(0, ROOT)
 import bench  # noqa: E402
 from bench import (editscore_bench_table, group_accuracy, pairwise_accuracy,  # noqa: E402
                    tie_calibrated_accuracy)
+from data import Dist  # noqa: E402
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -122,7 +124,7 @@ def test_evaluate_by_label():
     y = o["by"]["y"]                                  # eps = 1 calls the tie right; b-d is wrong at every eps
     assert (y["pairs"], y["human_ties"], y["without_ties"], y["tie_calibrated"], y["epsilon"]) == (2, 1, 0.0, 0.5, 1.0)
     assert r["groups"] == {"epsilon": 0.0, "sizes": {2: {"groups": 1, "accuracy": 1.0}}}
-    assert r["unparsed"] == {"passes": 0, "images": 0}
+    assert r["unparsed"] == {"passes": 0, "images": 0, "unscored_images": 0}
 
 
 def test_group_epsilon_is_fitted_on_the_two_pair_groups_alone():
@@ -351,6 +353,58 @@ def test_smoke_every_format(tmp_path, capsys):
     assert r["unparsed"]["passes"] == 0
 
 
+def test_the_worst_sheet_takes_the_worst_disagreements_whatever_a_nan_score(tmp_path, monkeypatch):
+    """A NaN score (an image every verifier pass left unparsed) is no disagreement: it took one of the --worst slots
+    in the sort, then dropped out, and the sheet showed fewer rows than it should."""
+    img, C, rows = Image.new("RGB", (8, 8)), bench.Comparison, []
+    monkeypatch.setattr(bench, "image_sheet", lambda r, *a, **k: rows.extend(title for title, _ in r))
+    comps, scores, units = [], {}, {}
+    for i, (pa, pb) in enumerate([(math.nan, 1.0), (0.0, 0.5), (0.0, 0.2), (1.0, 0.0)]):  # preferred, other
+        scores |= {f"a{i}": {"overall": pa}, f"b{i}": {"overall": pb}}
+        it = SimpleNamespace(instruction=f"edit {i}", sources=[img])
+        units |= {f"a{i}": bench.Unit(it, img), f"b{i}": bench.Unit(it, img)}
+        comps.append(C("overall", 1, f"a{i}", f"b{i}", "t", ""))
+    bench.write_report(SimpleNamespace(out_dir=str(tmp_path), worst=2, by=""), {}, comps, [], units, scores, False)
+    assert rows == ["edit 1", "edit 2"]  # the gaps -0.5 and -0.2
+    assert json.loads((tmp_path / "report.json").read_text())["unparsed"]["unscored_images"] == 1
+
+
+def test_the_cache_key_reads_the_models_files_not_the_bench_outputs_beside_them(tmp_path):
+    """A checkpoint folder may hold several benchmarks' outputs (--out_dir inside it): their caches, reports and
+    sheets change while another benchmark runs, and were read as the model's files (every score redone; under
+    torchrun, ranks that read different files crashed at the end). A changed model file still changes the key."""
+    (tmp_path / "rm" / "backbone").mkdir(parents=True)
+    (tmp_path / "rm" / "args.json").write_text("{}")
+    (tmp_path / "rm" / "backbone" / "adapter_model.safetensors").write_bytes(b"w")
+    key = bench.scorer_id(str(tmp_path / "rm"))
+    for f in ("genai/cache/scores.rank0.jsonl", "genai/report.json", "genai/worst.png"):
+        (tmp_path / "rm" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "rm" / f).write_text("x")
+    assert bench.scorer_id(str(tmp_path / "rm")) == key
+    (tmp_path / "rm" / "backbone" / "adapter_model.safetensors").write_bytes(b"retrained")
+    assert bench.scorer_id(str(tmp_path / "rm")) != key
+
+
+def test_a_scoring_error_names_the_images_and_the_device_keys_the_cache(tmp_path, monkeypatch):
+    """An image the load checks pass can still fail in the processor or the model (an extreme aspect ratio, an OOM):
+    the error names the batch's rows. The "auto" dtype is bf16 on CUDA and fp32 on the CPU: the device type is in
+    the cache key, so a CPU dry run's scores are not reused on a GPU."""
+    data = project_pairs(tmp_path)
+    run_bench(tmp_path, data, "--limit", "2")
+    import rewardmodel
+    real = rewardmodel.RewardModel.score
+    monkeypatch.setattr(rewardmodel.RewardModel, "score",
+                        lambda *a, **k: (_ for _ in ()).throw(ValueError("bad ratio")))
+    with pytest.raises(RuntimeError, match=r"scoring .*val.jsonl:3, .*val.jsonl:4, .*ValueError\('bad ratio'\)"):
+        run_bench(tmp_path, data)  # 2 images are cached, the others are scored
+    monkeypatch.setattr(rewardmodel.RewardModel, "score", real)
+
+    class Cuda(str):  # loads on the CPU, keys as a CUDA device would
+        type = "cuda"
+    monkeypatch.setattr(bench, "setup_distributed", lambda device: Dist(device=Cuda("cpu")))
+    assert run_bench(tmp_path, data, "--limit", "2")["scored_now"] == 4
+
+
 def test_a_group_dropped_by_skip_bad_is_listed_and_none_left_is_an_error(tmp_path, capsys):
     """A TIGER group whose comparisons contradict is dropped under --skip_bad, and said; when no group is left, the
     run stops instead of writing an empty table."""
@@ -384,7 +438,7 @@ def test_smoke_verifier_mode(tmp_path):
     assert r["unparsed"]["passes"] == sum(s["unparsed"] for s in scores.values()) < 2 * 12  # most passes parse
 
     r = run_bench(tmp_path, data, "--rubric", "editscore", "--k", "2", "--max_new_tokens", "4", "--limit", "2")
-    assert r["unparsed"] == {"passes": 4 * 2, "images": 4} and r["scored_now"] == 4
+    assert r["unparsed"] == {"passes": 4 * 2, "images": 4, "unscored_images": 4} and r["scored_now"] == 4
     assert r["pairwise"]["overall"]["without_ties"] == 0.0  # a NaN score never wins a pair
     assert run_bench(tmp_path, data, "--limit", "2")["scored_now"] == 4  # the Gaussian tiny is another scorer
 
