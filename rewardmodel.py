@@ -1269,4 +1269,6 @@ if __name__ == "__main__":
     check_least(parser, args, LEAST)
     parser.error(f"--temperature must be > 0, got {args.temperature}") if not args.temperature > 0 else None  # logits/T
     check_unused(parser, args, MODE_ONLY["verifier" if args.mode == "gaussian" else "gaussian"], f"--mode {args.mode}")
+    check_unused(parser, args, ("lora_rank", "lora_alpha", "lora_targets"), "--finetune full") if args.finetune == \
+        "full" else None  # no adapter to shape
     main(args)

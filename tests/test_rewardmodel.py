@@ -399,6 +399,7 @@ def test_gcpo_from_a_gaussian_checkpoint_is_a_clear_error(toy, tmp_path):
                                       # a flag of the other mode: without --mode verifier, GCPO would train a Gaussian
                                       ("--stage=gcpo --init=out/sft", "--mode gaussian does not use --stage, --init"),
                                       ("--mode=verifier --loss=mc", "--mode verifier does not use --loss"),
+                                      ("--finetune=full --lora_rank=64", "--finetune full does not use --lora_rank"),
                                       # the verifier's own prompt takes no templates: they would be saved, never used
                                       ("--mode=verifier --prompt_file=p.json", "does not use --prompt_file"),
                                       # a rubric is a way to score (bench.py --rubric): a trained verifier never saw it
