@@ -759,18 +759,23 @@ def test_fsdp_two_ranks_resume_restores_the_sharded_optimizer(toy, tmp_path, alg
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_path, monkeypatch):
-    """A changed --lr would be lost (the optimizer state brings the old one back), a changed --train_modules drops
-    trained weights: --resume goes on with the flags a run began with; how long, how often to evaluate and memory
-    knobs may change. Said before the editor loads (minutes at 12B)."""
+def an_old_run(tmp_path):
+    """A prompt file and the out_dir/ckpt/state.json of a run with FAST's flags -> that run's path flags."""
     Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
     (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
                                                   "s.png"}))
     paths = ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts", str(tmp_path / "p.jsonl"), "--out_dir",
              str(tmp_path / "o")]
     (tmp_path / "o" / "ckpt").mkdir(parents=True)
-    (tmp_path / "o" / "ckpt" / "state.json").write_text(json.dumps({"step": 3, "history": {},
-                                                                    "args": vars(grpo.parse_args(FAST + paths))}))
+    (tmp_path / "o" / "ckpt" / "state.json").write_text(json.dumps({"args": vars(grpo.parse_args(FAST + paths))}))
+    return paths
+
+
+def test_resume_refuses_other_flags_than_the_runs_own_but_not_more_steps(tmp_path, monkeypatch):
+    """A changed --lr would be lost (the optimizer state brings the old one back), a changed --train_modules drops
+    trained weights: --resume goes on with the flags a run began with; how long, how often to evaluate and memory
+    knobs may change. Said before the editor loads (minutes at 12B)."""
+    paths = an_old_run(tmp_path)
     monkeypatch.setattr(grpo, "load_editor", lambda *a: pytest.fail("the editor loads"))
     with pytest.raises(pytest.fail.Exception, match="the editor loads"):
         grpo.main(grpo.parse_args(FAST + paths + ["--steps", "9", "--micro_batch", "1", "--resume",
@@ -814,13 +819,7 @@ def test_a_bad_reward_prompts_file_is_a_flag_error_naming_it(tmp_path, capsys):
 
 
 def test_a_new_run_into_an_old_runs_folder_says_so_before_anything_loads(tmp_path, monkeypatch, capsys):
-    Image.new("RGB", (16, 16)).save(tmp_path / "s.png")
-    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "instruction": "make the red circle blue", "source":
-                                                  "s.png"}))
-    paths = ["--train_prompts", str(tmp_path / "p.jsonl"), "--test_prompts", str(tmp_path / "p.jsonl"), "--out_dir",
-             str(tmp_path / "o")]
-    (tmp_path / "o" / "ckpt").mkdir(parents=True)
-    (tmp_path / "o" / "ckpt" / "state.json").write_text(json.dumps({"args": vars(grpo.parse_args(FAST + paths))}))
+    paths = an_old_run(tmp_path)
     monkeypatch.setattr(grpo, "load_editor", lambda *a: pytest.fail("stop here"))
     for resume, warned in (([], True), (["--resume"], False)):
         with pytest.raises(pytest.fail.Exception):
