@@ -1059,22 +1059,21 @@ def train_step(model, rm, optimizer, micro_batches, args, encoded=None):
     """One optimizer step over this rank's micro-batches (gradient accumulation; DDP syncs on the last one); encoded:
     their encode_pairs() batches if made ahead. -> the mean loss over every (pair, dimension) term of all ranks."""
     weights = torch.ones(len(rm.dims) + 1, device=rm.device)  # each dimension and the fused overall count once
-    total, prefs = torch.zeros(2, device=rm.device), [pair_prefs(p, rm.dims).to(rm.device) for p in micro_batches]
+    total, prefs = torch.zeros((), device=rm.device), [pair_prefs(p, rm.dims).to(rm.device) for p in micro_batches]
     # the gradient of the mean over every rank's terms, the same at any --micro_batch (DDP averages over ranks)
-    n_all = all_sum(sum(((p != 0).float() @ weights).sum() for p in prefs))
-    scale = (dist.get_world_size() if dist.is_initialized() else 1) / n_all.clamp(min=1)
+    n_all = all_sum(sum(((p != 0).float() @ weights).sum() for p in prefs)).clamp(min=1)
+    scale = (dist.get_world_size() if dist.is_initialized() else 1) / n_all
     for i, pairs in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and not last else nullcontext():
             # the preferred and the rejected edits as one batch of 2B; the fused overall is the last column (B, D + 1)
             mu, ls = model(encoded[i] if encoded else encode_pairs(rm, pairs, args.per_dim_prompts))
             mu, ls = (torch.cat([x, o[:, None]], -1).chunk(2) for x, o in zip((mu, ls), fuse_gaussians(mu, ls)))
-            loss_sum, n = preference_loss(mu[0], ls[0], mu[1], ls[1], prefs[i], weights, args.loss)
+            loss_sum, _ = preference_loss(mu[0], ls[0], mu[1], ls[1], prefs[i], weights, args.loss)
             (loss_sum * scale).backward()
-        total += torch.stack([loss_sum.detach(), n])
+        total += loss_sum.detach()
     optimizer_step(optimizer, args.grad_clip)
-    total = all_sum(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    return (all_sum(total) / n_all).item()
 
 def train_gaussian(args, d):
     """Train the Gaussian reward model on the pairs of --train, evaluating on --val; returns it."""
@@ -1269,6 +1268,6 @@ if __name__ == "__main__":
     check_least(parser, args, LEAST)
     parser.error(f"--temperature must be > 0, got {args.temperature}") if not args.temperature > 0 else None  # logits/T
     check_unused(parser, args, MODE_ONLY["verifier" if args.mode == "gaussian" else "gaussian"], f"--mode {args.mode}")
-    check_unused(parser, args, ("lora_rank", "lora_alpha", "lora_targets"), "--finetune full") if args.finetune == \
-        "full" else None  # no adapter to shape
+    if args.finetune == "full":  # no adapter to shape
+        check_unused(parser, args, ("lora_rank", "lora_alpha", "lora_targets"), "--finetune full")
     main(args)
