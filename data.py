@@ -115,9 +115,9 @@ def load_image(ref, origin="", verify=False):
     if ref is None or isinstance(ref, str) and not os.path.exists(ref):
         raise DataError(f"{origin}: " + (f"image file not found: {ref}" if ref else "no image (a column missing?)"))
     try:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
-        with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:  # verify() checks no JPEG data,
-            jpeg = verify and img.format == "JPEG" and (img.draft(img.mode, (1, 1)), img.load())  # so decode, 1/8 size
-            return None if jpeg else img.verify() if verify else ImageOps.exif_transpose(img).convert("RGB")
+        with Image.open(ref if isinstance(ref, str) else io.BytesIO(ref)) as img:  # verify() checks a PNG's data,
+            decoded = verify and img.format != "PNG" and (img.draft(img.mode, (1, 1)), img.load())  # decode others
+            return None if decoded else img.verify() if verify else ImageOps.exif_transpose(img).convert("RGB")
     except Exception as e:
         what = "corrupt" if verify else "cannot decode"
         raise DataError(f"{origin}: {what} image {ref if isinstance(ref, str) else '<bytes>'}: {e}") from e
@@ -125,7 +125,7 @@ def load_image(ref, origin="", verify=False):
 def _rows(path, split=None, config=None):
     """Yield (origin, row) from a .json(l) file or, via `datasets`, parquet, a save_to_disk folder or a hub name."""
     if os.path.isfile(path) and path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a BOM (Windows editors) is no part of row 1
             text = f.read()
         if path.endswith(".json") and text.lstrip().startswith("["):
             try:
@@ -317,7 +317,7 @@ def parse_ranking(ranking, k, origin=""):
     """Ranking text -> ranks (0 = best): a chain "A>B=C" or relations "A>B, B=C" (or their list), complete, no cycle."""
     text = ",".join(ranking) if isinstance(ranking, (list, tuple)) else str(ranking)
     ge, gt = np.eye(k, dtype=bool), np.zeros((k, k), dtype=bool)  # i >= j and i > j, by the relations given
-    for chain in filter(None, re.split(r"[,;\s]+", text.strip().upper())):
+    for chain in filter(None, re.split(r"[,;\s]+", re.sub(r"\s*([<>=])\s*", r"\1", text).strip().upper())):
         toks = re.split(r"([<>=])", chain)
         if any(len(n) != 1 or not "A" <= n < chr(65 + k) for n in toks[0::2]):
             raise DataError(f"{origin}: bad ranking {ranking!r} for {k} candidates")
@@ -512,8 +512,7 @@ def print0(*args, **kwargs):
     print(*args, **kwargs, flush=True) if int(os.environ.get("RANK", 0)) == 0 else None
 
 def leave_distributed():
-    """End a finished worker: wait for the others (one may still write or read), destroy the process group, exit
-    without the shutdown where gloo threads can abort."""
+    """End a finished worker: wait for the others (one may still write), destroy the group, exit (gloo may abort)."""
     import torch.distributed as tdist
     if tdist.is_available() and tdist.is_initialized():
         tdist.barrier()
@@ -535,6 +534,7 @@ def atomic_dir(final, write, link=None, own=()):
     final = final.rstrip("/")
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True) if os.path.exists(final) else None  # a killed save's half-deleted .old
     os.makedirs(tmp)
     write(tmp)
     os.replace(final, old) if os.path.exists(final) else None

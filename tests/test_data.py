@@ -136,6 +136,31 @@ def test_editreward_json_paths_from_the_working_directory(tmp_path, monkeypatch)
     assert rgb(data.load_pairs("data/v.json")[0].preferred) == (0, 0, 255)
 
 
+def test_a_file_saved_with_a_bom_reads_its_first_row(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark: it is no part of row 1 (a .jsonl's first row was lost, a
+    .json array was read as lines)."""
+    write_png(tmp_path / "ok.png", (10, 20, 30))
+    rows = [{"id": i, "instruction": "make it red", "source": "ok.png", "preferred": "ok.png", "rejected": "ok.png"}
+            for i in "ab"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    (tmp_path / "p.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    for name in ("p.jsonl", "p.json"):
+        assert [p.id for p in data.load_pairs(str(tmp_path / name), disentangle=False)] == ["a", "b"]
+
+
+def test_a_truncated_image_of_any_format_is_found_at_load(tmp_path):
+    """verify() checks the pixel data of a PNG only: a BMP, TIFF or GIF cut short passed the load's check and failed
+    hours into a run. Every format is decoded at the check (a JPEG at 1/8 size)."""
+    for fmt in ("BMP", "TIFF", "GIF", "JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, fmt)
+        (tmp_path / f"cut.{fmt}").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        (tmp_path / f"ok.{fmt}").write_bytes(buf.getvalue())
+        assert data.load_image(str(tmp_path / f"ok.{fmt}"), verify=True) is None
+        with pytest.raises(DataError, match=f"corrupt image .*cut.{fmt}"):
+            data.load_image(str(tmp_path / f"cut.{fmt}"), "row 1", verify=True)
+
+
 def test_a_jsonl_string_may_hold_unicode_line_separators(tmp_path):
     """json.dumps(ensure_ascii=False) writes U+2028, U+0085 and the like raw inside strings: one row each still,
     numbered by its line."""
@@ -371,6 +396,11 @@ def test_a_checkpoint_folder_swapped_in_keeps_the_other_files_there(tmp_path):
     os.symlink("ckpt_1", tmp_path / "ckpt.tmp")  # the link a run killed while re-pointing `ckpt` left behind
     data.atomic_dir(str(tmp_path / "ckpt_2"), lambda d: None, link=str(tmp_path / "ckpt"))
     assert os.readlink(tmp_path / "ckpt") == "ckpt_2"
+    (tmp_path / "rm.old").mkdir()  # a save killed while deleting the checkpoint before (hours of a 7B model's GBs)
+    (tmp_path / "rm.old" / "optimizer.pt").write_text("half deleted")
+    data.atomic_dir(str(final), lambda d: open(os.path.join(d, "w.txt"), "w").write("3"))  # failed: .old not empty
+    assert (final / "w.txt").read_text() == "3" and not (final / "optimizer.pt").exists()
+    assert (final / "train.log").exists() and not (tmp_path / "rm.old").exists()
 
 
 def test_parse_ranking_by_hand():
@@ -379,6 +409,7 @@ def test_parse_ranking_by_hand():
     assert data.parse_ranking("A=B", 2) == [0, 0]
     assert data.parse_ranking("C>A=B>D", 4) == [1, 1, 0, 2]
     assert data.parse_ranking(["A<B", "B>C", "A=C"], 3) == [1, 0, 1]
+    assert data.parse_ranking("B > A = C", 3) == data.parse_ranking("B>A, A=C", 3) == [1, 0, 1]  # spaces
     for bad in ["A>B>A", "A>B", "A>B, C>B", "A>E>B>C", "A?B>C"]:
         with pytest.raises(DataError, match="row 7"):
             data.parse_ranking(bad, 3, origin="row 7")
