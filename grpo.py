@@ -27,8 +27,8 @@ the LoRA targets. Unlike it: the step at sigma = 1, each group's own std (its ed
 
 A log line a step (stdout). In --out_dir: eval_*.png sheets, history.json, sft/ (the warmed-up editor), ckpt/ (the
 latest checkpoint): pytorch_lora_weights.safetensors (with LoRA) for `pipeline.load_lora_weights(ckpt)`,
-trainable.safetensors (every trained tensor; --train_modules' load with `transformer.load_state_dict(...,
-strict=False)`, LoRA's keys are peft's), optimizer.pt, state.json, NFT's old_policy.safetensors (--resume).
+trainable.safetensors (every trained tensor: --train_modules' load with `transformer.load_state_dict(...,
+strict=False)` after load_lora_weights), optimizer.pt, state.json, NFT's old_policy.safetensors (--resume).
 """
 import argparse
 import contextlib
@@ -422,10 +422,8 @@ def oracle_score(p, img):
 
 def gather(t):
     """all_gather of equal-shape tensors along dim 0 (identity without torchrun)."""
-    if not dist.is_initialized():
-        return t
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t.contiguous())
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())] if dist.is_initialized() else [t]
+    dist.all_gather(out, t.contiguous()) if dist.is_initialized() else None
     return torch.cat(out)
 
 # ----------------------------------------------------------------------------- the run's steps
@@ -556,7 +554,8 @@ def save_checkpoint(out_dir, step, editor, opt, history, args, ddp, old):
             json.dump({"step": step, "history": history, "args": vars(args)}, f)
     if ddp.master:
         atomic_dir(os.path.join(out_dir, f"ckpt_{step:06d}"), write, link=os.path.join(out_dir, "ckpt"))
-        atomic_write(os.path.join(out_dir, "history.json"), lambda f: json.dump(history, f))  # to follow a long run
+        atomic_write(os.path.join(out_dir, "history.json"), lambda f: json.dump(json.loads(json.dumps(history),
+                     parse_constant=lambda c: None), f))  # to follow a long run; NaN (no oracle): null, strict JSON
 
 def load_checkpoint(ckpt, named, args, old=None):
     """Copy a checkpoint's trained tensors (and NFT's old policy) into unsharded ones -> (step, history, opt state)."""
@@ -602,9 +601,9 @@ def update(editor, opt, named, ref, batches, adv, sigmas, sde_steps, args):
         clipped.append(clip[adv[lo:hi] != 0].float())
     grad_norm = optimizer_step(opt, [q for _, q in named], args.grad_clip, reduce=not args.fsdp)
     ratio = torch.cat(ratios) if sum(map(len, ratios)) else torch.ones(1)  # every group dropped
-    return {"kl": float(torch.stack(kls).mean()) if kls else 0.0, "clip": float(torch.cat(clipped).mean().nan_to_num()),
-            "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
-            "grad_norm": grad_norm}
+    kl = float(gather(torch.stack(kls).mean()[None]).mean()) if kls else 0.0  # every rank's; clip, ratio: rank 0's
+    return {"kl": kl, "clip": float(torch.cat(clipped).mean().nan_to_num()), "ratio_mean": float(ratio.mean()),
+            "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()), "grad_norm": grad_norm}
 
 def nft_update(editor, opt, named, old, batches, adv, sigmas, args, gen):
     """DiffusionNFT's step (NVlabs/DiffusionNFT, scripts/train_nft_sd3.py): each clean edit x0, fresh-noised to a random

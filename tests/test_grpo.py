@@ -368,6 +368,25 @@ def test_in_bf16_with_checkpointing_the_first_updates_ratios_are_exactly_one(toy
     assert stats["ratio_min"] == stats["ratio_max"] == 1.0 and stats["clip"] == 0 and stats["grad_norm"] > 0
 
 
+def test_the_logged_kl_is_every_ranks_and_history_is_strict_json(toy, tmp_path, monkeypatch):
+    """The step's kl is the mean over ranks (it was rank 0's: it changed with the number of GPUs). history.json, for
+    people and their tools, holds null where a real run has no oracle (NaN is no JSON: strict readers refused it)."""
+    editor, args = editor_for(toy, "--beta", "0.1", "--lora_rank", "0", "--train_modules", "context_embedder")
+    named, ref = grpo.setup_trainable(editor, args)
+    prompts, sigmas = load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2], editor.sigmas(args.num_steps)
+    _, batches = grpo.rollout(editor, prompts, [1, 2], sigmas, {0, 1}, args, torch.Generator().manual_seed(0))
+    seen = []  # this rank's kl, and a second rank's 1.0 above it
+    monkeypatch.setattr(grpo, "gather", lambda t: seen.append(float(t)) or torch.cat([t, t + 1]))
+    stats = grpo.update(editor, torch.optim.SGD([q for _, q in named], lr=0.0), named, ref, batches,
+                        torch.tensor([1.0, -1.0], dtype=torch.float64), sigmas, {0, 1}, args)
+    assert len(seen) == 1 and stats["kl"] == pytest.approx(seen[0] + 0.5)
+    monkeypatch.undo()
+    out = str(tmp_path / "run")
+    grpo.main(grpo.parse_args(FAST + paths(toy) + ["--reward", "rm:tiny", "--steps", "1", "--out_dir", out]))
+    h = json.loads(open(os.path.join(out, "history.json")).read(), parse_constant=lambda c: pytest.fail(c))
+    assert h["eval"][0]["oracle"] is None and h["eval"][0]["reward"] is not None
+
+
 def test_qwen_edit_path_true_cfg_and_small_condition(toy):
     editor, _ = editor_for(toy, "--editor", "tiny-qwen", "--guidance", "4")
     cond = editor.condition(load_prompts(os.path.join(toy, "rl_train.jsonl"))[:2])
