@@ -909,8 +909,8 @@ def load_editreward(cls, file, defaults, overrides, device):
 # --- training, both modes -----------------------------------------------------------------------------------------
 MIN_LR = 0.1  # the cosine schedule ends at this fraction of the peak lr
 STEP_SEED_STRIDE = 1000  # torch seed of a step: seed + STEP_SEED_STRIDE * step + rank (dropout and MC noise)
-RESUME_FREE = ("resume", "max_steps", "eval_interval", "log_interval", "micro_batch", "out_dir", "device", "val",
-               "val_max")  # how long, how often to evaluate, memory: --resume may change these, no other flag
+RESUME_FREE = ("resume", "max_steps", "lr_decay_steps", "eval_interval", "log_interval", "micro_batch", "out_dir",
+               "device", "val", "val_max")  # how long, how often to evaluate, memory: --resume may change these
 
 def save_checkpoint(out_dir, rm, optimizer, step, args=None):
     """Weights, the model's flags as JSON, the optimizer state and the run's flags (for --resume), written
@@ -936,9 +936,13 @@ def resume_state(args, device="cpu"):
         if os.path.exists(path):  # a new run's first checkpoint replaces the old run's: said up front
             print0(f"warning: {args.out_dir} holds another run's checkpoint; without --resume this run replaces it")
         print0(f"--resume: no checkpoint in {args.out_dir} yet, from step 0") if args.resume else None
+        args.lr_decay_steps = args.lr_decay_steps or args.max_steps  # saved as it is: --resume keeps the schedule
         return None
     state = torch.load(path, map_location=device, weights_only=True)  # on the device: GBs of AdamW
-    check_resume(args.out_dir, state.get("args", {}), vars(args), RESUME_FREE)
+    # the cosine's length is the run's own (more --max_steps go on at its floor) unless --lr_decay_steps says otherwise
+    saved = state.get("args", {})
+    args.lr_decay_steps = args.lr_decay_steps or saved.get("lr_decay_steps") or saved.get("max_steps", args.max_steps)
+    check_resume(args.out_dir, saved, vars(args), RESUME_FREE)
     return state
 
 epoch_order = functools.lru_cache(maxsize=4)(lambda n, seed, epoch: np.random.default_rng([seed, epoch]).permutation(n))

@@ -298,6 +298,18 @@ def test_resume_reproduces_uninterrupted_run(toy, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_with_more_steps_keeps_the_runs_lr_schedule(toy, tmp_path):
+    """--max_steps may grow on --resume; the cosine's length (--lr_decay_steps 0: the run's --max_steps) stays the
+    run's, so the lr goes on at the schedule's floor. It was re-derived from the new --max_steps: the lr jumped up."""
+    flags = ["--model=tiny", f"--train={toy}/pairs_train.jsonl", f"--val={toy}/pairs_val.jsonl", "--batch_size=4",
+             "--micro_batch=2", "--log_interval=1", "--eval_interval=4", "--warmup_steps=1", "--lora_rank=4",
+             "--head_hidden=32", "--val_max=4", f"--out_dir={tmp_path}/b"]
+    out = run(flags + ["--max_steps=4"]) + run(flags + ["--max_steps=6", "--resume"])
+    lr = {int(m[1]): float(m[2]) for m in re.finditer(r"^step (\d+)/\d+ \|.*?\| lr (\S+)", out, re.M)}
+    peak = R.parser.get_default("lr")
+    assert lr[5] == lr[6] == pytest.approx(R.MIN_LR * peak) and lr[4] > lr[5]
+
+
 def test_resume_goes_on_with_the_runs_own_flags_and_starts_fresh_before_a_checkpoint(tiny, tmp_path, capsys):
     """Before the first checkpoint --resume starts at step 0 (a job killed early is simply rerun); after it, a flag
     that changes the training (--lr would come back from the optimizer state, unseen) is an error, and how long
