@@ -949,7 +949,7 @@ epoch_order = functools.lru_cache(maxsize=4)(lambda n, seed, epoch: np.random.de
 
 def step_indices(step, n, batch_size, rank, world_size, seed):
     """This rank's item indices at `step`, a pure function of it (a seeded permutation per epoch): resuming needs no
-    loader state, and ranks never overlap."""
+    loader state; each epoch gives every item once over the ranks (a step across two epochs may hold an item twice)."""
     per_rank = batch_size // world_size
     start = step * batch_size + rank * per_rank
     return [int(epoch_order(n, seed, g // n)[g % n]) for g in range(start, start + per_rank)]
